@@ -1,0 +1,308 @@
+"""Typed run configuration: dataclasses loaded from YAML plus ``key.sub=value`` overrides.
+
+Every value is checked when the config is loaded; an error names the field
+(``mask.ratio must be in (0, 1), got 1.5``). The resolved config is saved
+beside each run (``config.yaml``) and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "NoiseConfig",
+    "CIMLEConfig",
+    "MVAEConfig",
+    "MaskConfig",
+    "DataConfig",
+    "OptimConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 28
+    patch_size: int = 7
+    in_chans: int = 1
+    embed_dim: int = 64
+    depth: int = 3
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    decoder_dim: int = 48
+    decoder_depth: int = 1
+    decoder_heads: int = 4
+    norm_pix_loss: bool = False
+
+
+@dataclass
+class NoiseConfig:
+    """How noise z enters the decoder (cIMLE samples, Masked VAE latents)."""
+
+    dim: int = 8
+    scope: Literal["image", "token"] = "image"
+    # decoder block before which z is injected: 0 = decoder input; the blocks
+    # before it run once and are shared by all k samples.
+    block: int = 0
+    injection: Literal["add", "adaln"] = "add"
+
+
+@dataclass
+class CIMLEConfig:
+    k: int = 8
+    chunk: int | None = None  # samples decoded per batched call during selection (None: all k)
+
+
+@dataclass
+class MVAEConfig:
+    beta: float = 0.001
+    lr_factor: float = 1.0  # learning-rate multiplier for the variational encoder
+    depth: int = 1  # transformer blocks in the variational encoder
+
+
+@dataclass
+class MaskConfig:
+    kind: Literal["random", "block", "noise"] = "random"
+    ratio: float = 0.75
+    # filtered-noise masks (ColorMAE): which filter shapes the white noise
+    filter: Literal["red", "blue", "green", "white"] = "green"
+    # block-wise masks (BEiT): smallest block, in patches
+    block_min_patches: int = 4
+
+
+@dataclass
+class DataConfig:
+    name: Literal["mnist", "digits", "synthetic", "imagefolder", "imagenet100"] = "mnist"
+    root: str | None = None  # folder for imagefolder / imagenet100
+    augment: bool = True  # random resized crop + flip (MAE)
+    on_bad_image: Literal["error", "skip"] = "error"
+    num_workers: int = 0
+    val_fraction: float = 0.2  # held-out split for bundled / synthetic data
+    synthetic_classes: int = 10
+    synthetic_per_class: int = 200
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 256
+    blr: float = 1.5e-4  # lr = blr * effective_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_epochs: float = 5.0
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+
+@dataclass
+class Config:
+    objective: Literal["ls", "cimle", "mvae"] = "ls"
+    epochs: int = 10
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    cimle: CIMLEConfig = field(default_factory=CIMLEConfig)
+    mvae: MVAEConfig = field(default_factory=MVAEConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.model.img_size // self.model.patch_size) ** 2
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name} {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field and range checks; raises ConfigError naming the field."""
+    m = cfg.model
+    _check(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
+    for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                 "decoder_dim", "decoder_depth", "decoder_heads"):
+        value = getattr(m, name)
+        _check(value >= 1, f"model.{name}", f"must be >= 1, got {value}")
+    _check(m.img_size % m.patch_size == 0, "model.img_size",
+           f"({m.img_size}) must be divisible by model.patch_size ({m.patch_size})")
+    _check(m.embed_dim % m.num_heads == 0, "model.embed_dim",
+           f"({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads})")
+    _check(m.decoder_dim % m.decoder_heads == 0, "model.decoder_dim",
+           f"({m.decoder_dim}) must be divisible by model.decoder_heads ({m.decoder_heads})")
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
+    _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
+
+    _check(cfg.noise.dim >= 1, "noise.dim", f"must be >= 1, got {cfg.noise.dim}")
+    _check(0 <= cfg.noise.block <= m.decoder_depth, "noise.block",
+           f"must be in [0, model.decoder_depth={m.decoder_depth}], got {cfg.noise.block}")
+    _check(cfg.cimle.k >= 1, "cimle.k", f"must be >= 1, got {cfg.cimle.k}")
+    _check(cfg.cimle.chunk is None or cfg.cimle.chunk >= 1, "cimle.chunk",
+           f"must be null or >= 1, got {cfg.cimle.chunk}")
+    _check(cfg.mvae.beta >= 0, "mvae.beta", f"must be >= 0, got {cfg.mvae.beta}")
+    _check(cfg.mvae.lr_factor > 0, "mvae.lr_factor", f"must be > 0, got {cfg.mvae.lr_factor}")
+    _check(cfg.mvae.depth >= 1, "mvae.depth", f"must be >= 1, got {cfg.mvae.depth}")
+
+    _check(0.0 < cfg.mask.ratio < 1.0, "mask.ratio", f"must be in (0, 1), got {cfg.mask.ratio}")
+    n = cfg.num_patches
+    masked = round(cfg.mask.ratio * n)
+    _check(1 <= masked <= n - 1, "mask.ratio",
+           f"({cfg.mask.ratio}) masks {masked} of {n} patches; at least one must be masked and one visible")
+    _check(cfg.mask.block_min_patches >= 1, "mask.block_min_patches",
+           f"must be >= 1, got {cfg.mask.block_min_patches}")
+
+    d = cfg.data
+    _check(d.name not in ("imagefolder", "imagenet100") or bool(d.root), "data.root",
+           f"is required for data.name={d.name!r}: the folder that holds the images")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
+    _check(d.synthetic_per_class >= 1, "data.synthetic_per_class", f"must be >= 1, got {d.synthetic_per_class}")
+
+    o = cfg.optim
+    _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
+    _check(o.blr > 0, "optim.blr", f"must be > 0, got {o.blr}")
+    _check(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", f"must be in [0, 1), got {o.beta1}, {o.beta2}")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _check(o.accum_steps >= 1, "optim.accum_steps", f"must be >= 1, got {o.accum_steps}")
+    _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", f"must be null or > 0, got {o.clip_grad}")
+    return cfg
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML value to the annotated type or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return _build(tp, value, name)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{name} must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {name}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(value, hints[key], name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_build(Config, data or {}))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (or defaults when ``path`` is None) and apply ``key.sub=value`` overrides.
+
+    Override values are parsed as YAML, so ``cimle.k=4``, ``optim.clip_grad=null`` and
+    ``mask.kind=block`` all mean what they say.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+        data = loaded or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from study.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

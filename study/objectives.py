@@ -1,0 +1,203 @@
+"""The pretraining objectives, shared by the toy MLPs and the ViT MAE.
+
+Contract (DESIGN.md): every objective reduces to ``least_squares`` on some
+prediction, so the loss code exists once.
+
+* ``least_squares(pred, target, mask)``: mean squared error per element over
+  the elements that ``mask`` selects.
+* ``cimle(predict, target, k=..., noise_shape=...)``: draw k noise samples per
+  example, decode them without gradient, keep the nearest to the target and
+  return ``least_squares`` of the prediction at that noise (with gradient).
+* ``gaussian_kl(mu, logvar, mask)``: KL(N(mu, exp(logvar)) || N(0, I)), the
+  Masked VAE's regulariser.
+
+Shapes: ``target`` is ``(B, *positions, *features)``. ``mask``, when given, is
+``(B, *positions)``: it covers the leading dims of ``target`` and the trailing
+dims it does not cover are feature dims, averaged inside each position. A
+nonzero mask entry means "this position counts" (MAE: the masked patches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["least_squares", "per_example_squared_error", "cimle", "CIMLEResult", "gaussian_kl"]
+
+
+def _check_mask(target: Tensor, mask: Tensor | None, name: str = "target") -> None:
+    if mask is None:
+        return
+    if mask.ndim == 0 or mask.ndim > target.ndim:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but must cover the leading dims of "
+            f"{name} {tuple(target.shape)} (batch first, feature dims left out)"
+        )
+    if tuple(mask.shape) != tuple(target.shape[: mask.ndim]):
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match the leading dims of "
+            f"{name} shape {tuple(target.shape)}; expected {tuple(target.shape[: mask.ndim])}"
+        )
+
+
+def _check_pred(pred: Tensor, target: Tensor) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"prediction shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
+        )
+
+
+def _error_per_position(pred: Tensor, target: Tensor, mask_ndim: int) -> Tensor:
+    """Squared error averaged over the feature dims that follow the first ``mask_ndim`` dims."""
+    err = (pred - target).pow(2)
+    feature_dims = tuple(range(mask_ndim, target.ndim))
+    return err.mean(dim=feature_dims) if feature_dims else err
+
+
+def least_squares(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error per element; with ``mask``, only over the selected positions.
+
+    The normalisation is global (sum of selected errors / number of selected
+    elements), as in the MAE, so examples with more masked positions weigh more.
+    """
+    _check_pred(pred, target)
+    if mask is None:
+        return (pred - target).pow(2).mean()
+    _check_mask(target, mask)
+    err = _error_per_position(pred, target, mask.ndim)  # [B, *positions]
+    weight = mask.to(err.dtype)
+    total = weight.sum()
+    if total <= 0:
+        raise ValueError("mask selects no element: the loss is undefined")
+    return (err * weight).sum() / total
+
+
+def per_example_squared_error(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error of each example over its selected elements: shape ``(B,)``.
+
+    This is the distance cIMLE minimises when it picks a sample. Rows whose mask
+    selects nothing get distance 0 (every sample is equally near).
+    """
+    _check_pred(pred, target)
+    batch = target.shape[0]
+    if mask is None:
+        return (pred - target).pow(2).reshape(batch, -1).mean(dim=1)
+    _check_mask(target, mask)
+    err = _error_per_position(pred, target, mask.ndim).reshape(batch, -1)
+    weight = mask.to(err.dtype).reshape(batch, -1)
+    return (err * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
+
+
+@dataclass
+class CIMLEResult:
+    """What one cIMLE step produced.
+
+    loss:      scalar, differentiable: ``least_squares`` at the chosen noise.
+    z:         ``(B, *noise_shape)`` the chosen noise per example.
+    distances: ``(B, k)`` distance of every sample to the target (no gradient).
+    index:     ``(B,)`` which of the k samples was chosen.
+    pred:      the prediction at the chosen noise (with gradient), shaped like target.
+    """
+
+    loss: Tensor
+    z: Tensor
+    distances: Tensor
+    index: Tensor
+    pred: Tensor
+
+
+def _as_shape(noise_shape: int | Sequence[int]) -> tuple[int, ...]:
+    shape = (noise_shape,) if isinstance(noise_shape, int) else tuple(noise_shape)
+    if not all(isinstance(d, int) and d >= 1 for d in shape):
+        raise ValueError(f"noise_shape must be positive ints, got {noise_shape!r}")
+    return shape
+
+
+def cimle(
+    predict: Callable[[Tensor], Tensor],
+    target: Tensor,
+    *,
+    k: int,
+    noise_shape: int | Sequence[int],
+    mask: Tensor | None = None,
+    chunk: int | None = None,
+    generator: torch.Generator | None = None,
+    vectorize: bool = True,
+) -> CIMLEResult:
+    """Conditional IMLE: min over k noise samples of the squared error, per example.
+
+    ``predict(z)`` maps noise ``(B, *noise_shape)`` to a prediction shaped like
+    ``target``. Selection runs without gradient; with ``vectorize`` the samples
+    are decoded ``chunk`` at a time (all k when ``chunk`` is None) through
+    ``torch.func.vmap``, so ``predict`` never sees more than B rows yet the work
+    is batched. Work that ``predict`` closes over (the encoder, shared decoder
+    blocks) is therefore done once, not k times. ``vectorize=False`` decodes one
+    sample per call, for a ``predict`` that vmap cannot trace.
+
+    The noise is drawn as one ``(k, B, *noise_shape)`` tensor from
+    ``generator``, so chunking changes the batching but not the samples.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+    shape = _as_shape(noise_shape)
+    _check_mask(target, mask)
+    batch = target.shape[0]
+
+    gen_device = generator.device if generator is not None else target.device
+    noise = torch.randn((k, batch, *shape), generator=generator, device=gen_device, dtype=target.dtype)
+    noise = noise.to(target.device)  # [k, B, *noise_shape]
+
+    with torch.no_grad():
+        step = k if chunk is None else min(chunk, k)
+        if vectorize:
+            decode = torch.func.vmap(predict, randomness="different")
+        parts = []
+        for start in range(0, k, step):
+            z = noise[start : start + step]  # [c, B, *noise_shape]
+            if vectorize:
+                preds = decode(z)  # [c, B, ...]
+            else:
+                preds = torch.stack([predict(zi) for zi in z])
+            if preds.shape[1:] != target.shape:
+                raise ValueError(
+                    f"predict(z) returned shape {tuple(preds.shape[1:])}, expected target shape {tuple(target.shape)}"
+                )
+            c = preds.shape[0]
+            dist = per_example_squared_error(
+                preds.reshape(c * batch, *target.shape[1:]),
+                target.detach().repeat(c, *([1] * (target.ndim - 1))),
+                None if mask is None else mask.repeat(c, *([1] * (mask.ndim - 1))),
+            )
+            parts.append(dist.reshape(c, batch))
+        distances = torch.cat(parts).t().contiguous()  # [B, k]
+        index = distances.argmin(dim=1)  # [B]
+
+    chosen = noise[index, torch.arange(batch, device=noise.device)]  # [B, *noise_shape]
+    pred = predict(chosen)
+    _check_pred(pred, target)
+    loss = least_squares(pred, target, mask)
+    return CIMLEResult(loss=loss, z=chosen, distances=distances, index=index, pred=pred)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dim, averaged over positions.
+
+    ``mu`` and ``logvar`` are ``(B, *positions, d)``; ``mask`` (optional) is
+    ``(B, *positions)`` and selects the positions that count.
+    """
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu shape {tuple(mu.shape)} and logvar shape {tuple(logvar.shape)} differ")
+    if mu.ndim < 2:
+        raise ValueError(f"mu must be (B, ..., d), got shape {tuple(mu.shape)}")
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)  # [B, *positions]
+    if mask is None:
+        return kl.mean()
+    if tuple(mask.shape) != tuple(kl.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(kl.shape)}")
+    weight = mask.to(kl.dtype)
+    return (kl * weight).sum() / weight.sum().clamp_min(1.0)
