@@ -121,6 +121,8 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    # after these (1-based) epochs also keep a model-only copy in snapshots/ (efficiency curves)
+    snapshot_epochs: list[int] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     cimle: CIMLEConfig = field(default_factory=CIMLEConfig)
@@ -146,6 +148,8 @@ def validate(cfg: Config) -> Config:
     """Cross-field and range checks; raises ConfigError naming the field."""
     m = cfg.model
     _check(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
+    bad = [e for e in cfg.snapshot_epochs if not 1 <= e <= cfg.epochs]
+    _check(not bad, "snapshot_epochs", f"must lie in [1, epochs={cfg.epochs}], got {bad}")
     for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                  "decoder_dim", "decoder_depth", "decoder_heads"):
         value = getattr(m, name)
@@ -207,6 +211,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
         return _build(tp, value, name)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

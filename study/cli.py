@@ -1,0 +1,104 @@
+"""One command line for the study: ``python -m study <command> ...``.
+
+    pretrain     train one configuration into a run folder (resumable)
+    submit       the same on SLURM through submitit (GPU configs)
+    sweep        run a grid of configurations through the papermill run notebook
+    build-in100  make the ImageNet-100 folder as symlinks into a local ImageNet-1k
+
+Every command that takes a config accepts ``--set key.sub=value`` overrides;
+invalid values fail before any work with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from study.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML file, e.g. experiments/configs/cpu-small.yaml (default: the built-in cpu-small values)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set objective=cimle --set cimle.k=8 (repeatable)")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from study.train import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from study.launch import submit
+
+    cfg = load_config(args.config, args.overrides)
+    job = submit(cfg, args.out, nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                 timeout_min=args.timeout_min, slurm_folder=args.slurm_folder)
+    print(f"submitted job {job.job_id}; logs in {args.slurm_folder}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from study.sweep import load_sweep, run_sweep
+
+    summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, report=not args.no_report)
+    return 1 if summary["failed"] or summary.get("report_error") else 0
+
+
+def _cmd_build_in100(args: argparse.Namespace) -> int:
+    from study.imagenet100 import main as build_main
+
+    return build_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain one configuration")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.jsonl, config.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch print")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--timeout-min", type=int, default=72 * 60)
+    p.add_argument("--slurm-folder", default="slurm_logs/%j")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
+    p.add_argument("sweep", help="sweep file, e.g. experiments/sweeps/mask_strength_cpu.yaml")
+    p.add_argument("--parallel", type=int, default=None, help="points run at once (default: the file's)")
+    p.add_argument("--no-report", action="store_true", help="skip the report notebook")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("build-in100", help="build ImageNet-100 as symlinks from a local ImageNet-1k",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_build_in100)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+import pytest
+
+from study.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.num_patches == 16
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("objective: cimle\nmask:\n  kind: block\n  ratio: 0.9\ncimle:\n  k: 4\n")
+    cfg = load_config(path, ["cimle.k=2", "optim.clip_grad=1.0", "mask.kind=noise", "cimle.chunk=null"])
+    assert cfg.objective == "cimle"
+    assert cfg.cimle.k == 2
+    assert cfg.mask.kind == "noise" and cfg.mask.ratio == 0.9
+    assert cfg.optim.clip_grad == 1.0 and cfg.cimle.chunk is None
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["objective=mvae", "mvae.beta=0.5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("mask.ratio=1.5", "mask.ratio"),
+        ("mask.ratio=0", "mask.ratio"),
+        ("mask.ratio=1.0", "mask.ratio"),
+        ("cimle.k=0", "cimle.k"),
+        ("cimle.k=2.5", "cimle.k"),
+        ("model.img_size=30", "model.img_size"),
+        ("objective=mse", "objective"),
+        ("mask.kind=checker", "mask.kind"),
+        ("epochs=0", "epochs"),
+        ("noise.block=5", "noise.block"),
+        ("data.name=imagenet100", "data.root"),
+        ("optim.batch_size=true", "optim.batch_size"),
+        ("mask.ratio=0.99", "mask.ratio"),  # 16 patches: masks all of them
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="ratoi"):
+        load_config(None, ["mask.ratoi=0.5"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["objective"])
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"cpu-small", "synthetic", "in100-vit-t", "in1k-vit-b"}
+    for path in configs:
+        load_config(path)
+
+
+def test_list_fields():
+    assert load_config(None, ["epochs=10", "snapshot_epochs=[2, 5]"]).snapshot_epochs == [2, 5]
+    with pytest.raises(ConfigError, match="snapshot_epochs"):
+        load_config(None, ["epochs=10", "snapshot_epochs=[20]"])
+    with pytest.raises(ConfigError, match=r"snapshot_epochs\[0\]"):
+        load_config(None, ["snapshot_epochs=[a]"])
