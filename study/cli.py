@@ -50,12 +50,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] or summary.get("report_error") else 0
 
 
-def _cmd_build_in100(args: argparse.Namespace) -> int:
-    from study.imagenet100 import main as build_main
-
-    return build_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,14 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("build-in100", help="build ImageNet-100 as symlinks from a local ImageNet-1k",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_build_in100)
+    # parsed by study.imagenet100 itself (see main): listed here for --help
+    sub.add_parser("build-in100", help="build ImageNet-100 as symlinks from a local ImageNet-1k (--src, --dst)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build-in100"]:
+        from study.imagenet100 import main as build_in100
+
+        return build_in100(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

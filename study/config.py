@@ -98,6 +98,8 @@ class DataConfig:
     val_fraction: float = 0.2  # held-out split for bundled / synthetic data
     synthetic_classes: int = 10
     synthetic_per_class: int = 200
+    synthetic_mean_shift: float = 0.0  # 0: classes differ only in their modes; 1: also in their mean
+    synthetic_noise_std: float = 0.1
 
 
 @dataclass
@@ -188,6 +190,10 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     _check(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
     _check(d.synthetic_per_class >= 1, "data.synthetic_per_class", f"must be >= 1, got {d.synthetic_per_class}")
+
+    _check(0.0 <= d.synthetic_mean_shift <= 1.0, "data.synthetic_mean_shift",
+           f"must be in [0, 1], got {d.synthetic_mean_shift}")
+    _check(d.synthetic_noise_std >= 0, "data.synthetic_noise_std", f"must be >= 0, got {d.synthetic_noise_std}")
 
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")

