@@ -1,6 +1,7 @@
 """One command line for the study: ``python -m study <command> ...``.
 
     pretrain     train one configuration into a run folder (resumable)
+    evaluate     k-NN, linear probe, finetuning, samples of a checkpoint -> results table
     submit       the same on SLURM through submitit (GPU configs)
     sweep        run a grid of configurations through the papermill run notebook
     build-in100  make the ImageNet-100 folder as symlinks into a local ImageNet-1k
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch print")
     p.set_defaults(func=_cmd_pretrain)
+
+    from study.evaluation.run import add_arguments as add_evaluate_arguments, run_from_args as evaluate_from_args
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint (k-NN, linear probe, finetune, samples)")
+    add_evaluate_arguments(p)
+    p.set_defaults(func=evaluate_from_args)
 
     p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
     _add_config_args(p)

@@ -7,12 +7,13 @@ beside each run (``config.yaml``) and inside every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -309,12 +310,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
         data = loaded or {}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """A copy of the raw config mapping ``data`` with ``key.sub=value`` items applied (values parsed as YAML)."""
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return config_from_dict(data)
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -324,7 +324,7 @@ def ids_from_mask(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``torch.gather(torch.cat([visible, masked], 1), 1, ids_restore[..., None].expand(-1, -1, D))``
     puts tokens back in patch order, where ``visible = gather(x, ids_keep)`` and
     ``masked = gather(x, ids_masked)``. Same convention as
-    :func:`study.models.mae.mask_indices`.
+    :func:`study.models.mae.mask_indices` (which wraps this one).
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = masked), got {getattr(mask, 'dtype', type(mask))}")

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +50,16 @@ def test_existing_run_needs_resume(tmp_path):
         pretrain(tiny("epochs=1", "cimle.k=2"), tmp_path, resume=True, progress=False)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Bitwise equality across processes needs the same reduction order: one thread everywhere."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {**os.environ, "OMP_NUM_THREADS": "1"}
+    torch.set_num_threads(previous)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, one_thread):
     epochs = 8
     overrides = TINY + ["objective=cimle", f"epochs={epochs}", "data.synthetic_per_class=120"]
     reference = tmp_path / "reference"
@@ -61,7 +69,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     cmd = [sys.executable, "-m", "study", "pretrain", "--out", str(killed), "--quiet"]
     for item in overrides:
         cmd += ["--set", item]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=one_thread)
     deadline = time.time() + 120
     while not (killed / "checkpoint.pt").exists():
         assert proc.poll() is None, proc.stderr.read().decode()

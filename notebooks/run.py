@@ -1,0 +1,57 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # One run: pretrain one configuration, then evaluate it
+#
+# Executed by `python -m study sweep ...` once per grid point (papermill fills the
+# `parameters` cell). Pretraining resumes if the run folder already holds a
+# checkpoint; the evaluation rows (k-NN, linear probe, ... on the pretrained
+# and the random-init encoder) are appended to the results table in one atomic
+# write at the end, so a point that fails midway adds no rows.
+
+# %% tags=["parameters"]
+config = "experiments/configs/cpu-small.yaml"
+overrides = []  # ["objective=cimle", "mask.ratio=0.9", "seed=0"]
+out = "runs/example"
+results = "results/results.csv"
+protocols = "knn,linear"
+snapshots = False  # also evaluate every snapshots/epoch_*.pt (efficiency curves)
+sweep = ""
+point = ""
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+
+from study.config import load_config
+from study.evaluation.run import evaluate
+from study.results import append_rows
+from study.train import pretrain
+
+cfg = load_config(config, overrides)
+pretrain(cfg, out, resume=True, progress=False)
+metrics = pd.read_json(Path(out) / "metrics.jsonl", lines=True)
+metrics[["epoch", "loss", "images_per_sec", "train_seconds"]].tail()
+
+# %%
+checkpoints = [Path(out) / "checkpoint.pt"]
+if snapshots:
+    checkpoints = sorted((Path(out) / "snapshots").glob("epoch_*.pt")) + checkpoints
+rows = []
+for i, checkpoint in enumerate(checkpoints):
+    # the random-init baseline does not depend on the snapshot: evaluate it once
+    rows += evaluate(checkpoint, protocols, results=None, random_baseline=(i == len(checkpoints) - 1),
+                     progress=False)
+for r in rows:
+    r.update(sweep=sweep, point=point)
+append_rows(results, rows)
+pd.DataFrame(rows)[["encoder", "epochs", "metric", "value"]]

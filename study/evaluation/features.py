@@ -1,0 +1,132 @@
+"""Frozen feature extraction, with an in-memory cache and an optional on-disk one.
+
+k-NN and the linear probe both read the same frozen features; they are computed
+once per (checkpoint, encoder kind, split, pool) and reused. The on-disk cache
+(``FeatureCache(directory)``) is keyed by a hash of the checkpoint file's
+identity (resolved path, size, modification time), the encoder kind
+("pretrained" / "random"), the model and data config, the seed, the split and
+the pool, so a rewritten checkpoint or a changed dataset never hits a stale entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+__all__ = ["POOLS", "FeatureCache", "extract_features", "feature_key", "checkpoint_identity"]
+
+POOLS = ("cls", "mean")
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, pool: str = "cls", batch_size: int = 256,
+                     device: str | torch.device = "cpu", num_workers: int = 0, precision: str = "fp32",
+                     progress: bool = True, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """``encoder.features(imgs, pool)`` over ``dataset`` in order, in eval mode.
+
+    Returns ``(features [N, D] float32 on CPU, labels [N] int64)``. The encoder's
+    train/eval mode is restored afterwards.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+    device = torch.device(device)
+    was_training = encoder.training
+    encoder.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    try:
+        for imgs, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            with _autocast(device, precision):
+                f = encoder.features(imgs.to(device, non_blocking=True), pool=pool)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y, dtype=torch.int64))
+    finally:
+        encoder.train(was_training)
+    if not feats:
+        raise ValueError(f"{desc}: the dataset is empty")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def checkpoint_identity(path: str | Path | None) -> dict:
+    """What makes a checkpoint file the same file: resolved path, size, mtime."""
+    if path is None:
+        return {"path": None}
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def feature_key(*, checkpoint: str | Path | None, encoder: str, split: str, pool: str, config: dict) -> dict:
+    """The cache key of one feature matrix (a JSON-able dict).
+
+    ``config`` is the run config as a dict; only the parts that change the
+    features (model, data, seed) enter the key.
+    """
+    return {
+        "checkpoint": checkpoint_identity(checkpoint) if encoder == "pretrained" else None,
+        "encoder": encoder,
+        "split": split,
+        "pool": pool,
+        "model": config.get("model"),
+        "data": config.get("data"),
+        "seed": config.get("seed"),
+    }
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """Features by key: always in memory; also on disk when ``directory`` is given."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: dict) -> Path | None:
+        return None if self.directory is None else self.directory / f"features_{_digest(key)}.pt"
+
+    def get(self, key: dict, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        digest = _digest(key)
+        if digest in self.memory:
+            self.hits += 1
+            return self.memory[digest]
+        path = self.path(key)
+        if path is not None and path.is_file():
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                if stored.get("key_digest") == digest:
+                    self.hits += 1
+                    self.memory[digest] = (stored["features"], stored["labels"])
+                    return self.memory[digest]
+            except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+                pass
+        self.misses += 1
+        value = compute()
+        self.memory[digest] = value
+        if path is not None:
+            from study.io import atomic_write
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"key_digest": digest, "key": json.dumps(key, sort_keys=True, default=str),
+                       "features": value[0], "labels": value[1]}
+            atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        return value

@@ -1,0 +1,127 @@
+"""Figures and tables of the papermill studies, drawn only from the tidy results table.
+
+* mask strength: linear probe and k-NN accuracy against the mask ratio, per
+  dataset and mask kind, LS vs cIMLE (vs Masked VAE), mean and 95% interval
+  over seeds, with the random-init encoder as a dashed baseline;
+* efficiency: the same metrics against pretraining epochs and wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure
+
+__all__ = ["mask_strength_figure", "mask_strength_table", "efficiency_figure", "efficiency_table"]
+
+METRICS = {"linear_top1": "linear probe top-1", "knn_top1": "k-NN top-1"}
+
+
+def _accuracy_rows(table: pd.DataFrame) -> pd.DataFrame:
+    missing = {"metric", "value", "objective", "encoder", "seed"} - set(table.columns)
+    if missing:
+        raise ValueError(f"results table lacks columns {sorted(missing)}")
+    rows = table[table.metric.isin(list(METRICS))].copy()
+    if rows.empty:
+        raise ValueError(f"results table has no rows with metric in {list(METRICS)}")
+    rows["objective"] = rows.objective.map(OBJECTIVE_LABELS).fillna(rows.objective)
+    rows["metric"] = rows.metric.map(METRICS)
+    rows["panel"] = rows.dataset.astype(str) + " / " + rows.mask_kind.astype(str)
+    return rows
+
+
+def _mean_std(frame: pd.DataFrame, index: list[str]) -> pd.DataFrame:
+    stats = frame.groupby(index + ["objective", "metric"]).value.agg(["mean", "std", "count"]).reset_index()
+    stats["cell"] = [f"{100 * m:.1f} ± {100 * (0 if pd.isna(s) else s):.1f} (n={n})"
+                     for m, s, n in zip(stats["mean"], stats["std"], stats["count"])]
+    return stats.pivot_table(index=index, columns=["metric", "objective"], values="cell", aggfunc="first")
+
+
+def mask_strength_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy in percent, mean ± std over seeds, per dataset, mask kind and ratio."""
+    rows = _accuracy_rows(table)
+    pretrained = rows[rows.encoder == "pretrained"]
+    baseline = rows[rows.encoder == "random"].assign(objective="random init")
+    return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_kind", "mask_ratio"])
+
+
+def mask_strength_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "mask_strength") -> list[Path]:
+    rows = _accuracy_rows(table)
+    pretrained = rows[rows.encoder == "pretrained"]
+    baseline = rows[rows.encoder == "random"]
+    panels = sorted(rows.panel.unique())
+    metrics = list(METRICS.values())
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels), 3.4 * len(metrics)),
+                             squeeze=False, sharex=True)
+    for col, panel in enumerate(panels):
+        for row, metric in enumerate(metrics):
+            ax = axes[row, col]
+            data = pretrained[(pretrained.panel == panel) & (pretrained.metric == metric)]
+            sns.lineplot(data=data, x="mask_ratio", y="value", hue="objective", palette=OBJECTIVE_PALETTE,
+                         errorbar=("ci", 95), n_boot=1000, seed=0, marker="o", ax=ax,
+                         legend=(row == 0 and col == 0))
+            base = baseline[(baseline.panel == panel) & (baseline.metric == metric)]
+            if len(base):
+                ax.axhline(base.value.mean(), color="0.5", ls="--", lw=1, label="random init")
+            ax.set_title(panel if row == 0 else "")
+            ax.set_xlabel("mask ratio")
+            ax.set_ylabel(metric if col == 0 else "")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if axes[0, 0].get_legend():
+        axes[0, 0].get_legend().remove()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    paths = save_figure(fig, out_dir, name)
+    plt.close(fig)
+    return paths
+
+
+def efficiency_table(table: pd.DataFrame) -> pd.DataFrame:
+    rows = _accuracy_rows(table)
+    return _mean_std(rows[rows.encoder == "pretrained"], ["dataset", "mask_kind", "mask_ratio", "epochs"])
+
+
+def efficiency_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "efficiency") -> list[Path]:
+    rows = _accuracy_rows(table)
+    pretrained = rows[rows.encoder == "pretrained"]
+    baseline = rows[rows.encoder == "random"]
+    panels = sorted(pretrained.panel.unique())
+    metrics = list(METRICS.values())
+    xs = [("epochs", "pretraining epochs"), ("train_seconds", "pretraining wall-clock (s)")]
+    fig, axes = plt.subplots(len(metrics), len(xs) * len(panels),
+                             figsize=(4.0 * len(xs) * len(panels), 3.4 * len(metrics)), squeeze=False)
+    for p, panel in enumerate(panels):
+        for j, (x, label) in enumerate(xs):
+            col = p * len(xs) + j
+            for row, metric in enumerate(metrics):
+                ax = axes[row, col]
+                data = pretrained[(pretrained.panel == panel) & (pretrained.metric == metric)]
+                if x == "train_seconds":
+                    # seeds differ in wall-clock: draw each seed's curve instead of a band
+                    sns.lineplot(data=data, x=x, y="value", hue="objective", units="seed", estimator=None,
+                                 palette=OBJECTIVE_PALETTE, marker="o", alpha=0.8, ax=ax, legend=False)
+                else:
+                    sns.lineplot(data=data, x=x, y="value", hue="objective", palette=OBJECTIVE_PALETTE,
+                                 errorbar=("ci", 95), n_boot=1000, seed=0, marker="o", ax=ax,
+                                 legend=(row == 0 and col == 0))
+                base = baseline[(baseline.panel == panel) & (baseline.metric == metric)]
+                if len(base):
+                    ax.axhline(base.value.mean(), color="0.5", ls="--", lw=1, label="random init")
+                ratio = ", ".join(f"{r:g}" for r in sorted(data.mask_ratio.unique()))
+                ax.set_title(f"{panel}, ratio {ratio}" if row == 0 else "")
+                ax.set_xlabel(label)
+                ax.set_ylabel(metric if col == 0 else "")
+                ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if axes[0, 0].get_legend():
+        axes[0, 0].get_legend().remove()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    paths = save_figure(fig, out_dir, name)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,230 @@
+"""MAE decoder with a noise input, split at the block where the noise enters.
+
+Names follow the published MAE: ``decoder_embed``, ``mask_token``,
+``decoder_pos_embed`` (fixed sin-cos), ``decoder_blocks``, ``decoder_norm``,
+``decoder_pred``. Noise modules, when the decoder takes noise, are
+``decoder_noise_proj`` ("add") or ``decoder_noise_mod`` ("adaln").
+
+The decoder is two calls so that cIMLE's k samples share everything before the
+noise:
+
+* ``prefix(latent, ids_restore) -> hidden [B, 1+N, Dd]``: embed the encoder's
+  tokens, put the mask token at every masked position, add position
+  embeddings, run blocks ``0 .. j-1``. Runs once per step.
+* ``suffix(hidden, z, mask) -> pred [B, N, p*p*C]``: inject ``z``, run blocks
+  ``j ..``, norm, predict, drop the class token. Runs once per sample batch;
+  it is written so that ``torch.func.vmap`` over ``z`` works.
+
+Noise (``NoiseConfig``): ``scope="image"``: ``z [B, dim]``; ``scope="token"``:
+``z [B, N_mask, dim]``, row i for the i-th masked patch in ascending patch
+order. ``injection="add"``: ``Linear(dim, Dd, bias=False)(z)`` is added to the
+masked positions' hidden states at block j (image scope: the same vector on
+every masked position). ``injection="adaln"``: ``z`` sets a shift and scale
+(zero-initialised linear maps) of every LayerNorm from block j on, including
+``decoder_norm``; image scope modulates every token, token scope only the
+masked positions. ``block == depth`` puts the noise right before
+``decoder_norm`` / ``decoder_pred``: the cheapest point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+
+from study.config import NoiseConfig
+from study.models.encoder import _layer_norm, init_mae_weights
+from study.models.pos_embed import sincos_2d
+
+__all__ = ["MAEDecoder", "DecoderBlock", "VmapSafeAttention", "masked_rank"]
+
+try:  # functorch's marker for tensors seen inside torch.func.vmap
+    from torch._C._functorch import is_batchedtensor as _is_batched
+except ImportError:  # pragma: no cover - older/newer torch without the hook
+    def _is_batched(x: Tensor) -> bool:
+        return False
+
+
+class VmapSafeAttention(Attention):
+    """timm ``Attention`` that leaves ``F.scaled_dot_product_attention`` under vmap.
+
+    On CPU (torch 2.14) SDPA has no vmap batching rule: it works, but through
+    functorch's slow per-sample fallback (with a warning). Inside vmap this
+    class computes softmax(q k^T / sqrt(d)) v explicitly, which batches;
+    outside vmap it is timm's forward unchanged. Same parameters and names.
+    """
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if not _is_batched(x) or attn_mask is not None or is_causal or self.gate is not None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, hd] each
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)  # [B, N, H*hd]
+        x = self.norm(x)
+        return self.proj_drop(self.proj(x))  # [B, N, D]
+
+
+class DecoderBlock(Block):
+    """timm ``Block`` whose LayerNorms can be modulated: ``forward(x, mod)``.
+
+    ``mod``: None, or ``(shift1, scale1, shift2, scale2)``, each broadcastable
+    to ``x [B, 1+N, Dd]``; ``norm(x) * (1 + scale) + shift``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True,
+                         norm_layer=_layer_norm, attn_layer=VmapSafeAttention)
+
+    def forward(self, x: Tensor, mod: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        if mod is None:
+            return super().forward(x)
+        shift1, scale1, shift2, scale2 = mod
+        h = self.norm1(x) * (1 + scale1) + shift1  # [B, 1+N, Dd]
+        x = x + self.drop_path1(self.ls1(self.attn(h)))
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + self.drop_path2(self.ls2(self.mlp(h)))  # [B, 1+N, Dd]
+
+
+def masked_rank(mask: Tensor) -> Tensor:
+    """``[B, N]`` bool -> ``[B, N]`` long: rank of each masked patch among the masked ones of its row
+    (ascending patch order), 0 at visible patches. Rows must mask equally many patches."""
+    return (mask.long().cumsum(dim=1) - 1).clamp_min(0)  # [B, N]
+
+
+class MAEDecoder(nn.Module):
+    """Light transformer decoder over all tokens; optional noise ``z`` entering at block ``noise.block``."""
+
+    def __init__(
+        self,
+        num_patches: int,
+        grid_size: tuple[int, int],
+        patch_dim: int,
+        embed_dim: int,
+        decoder_dim: int = 48,
+        depth: int = 1,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        noise: NoiseConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_patches = num_patches
+        self.depth = depth
+        self.noise = noise
+        if noise is not None and not 0 <= noise.block <= depth:
+            raise ValueError(f"noise.block must be in [0, decoder depth={depth}], got {noise.block}")
+        # where the split prefix | suffix falls; without noise everything is prefix
+        self.split = depth if noise is None else noise.block
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))  # [1, 1, Dd]
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_2d(decoder_dim, grid_size, cls_token=True)[None], requires_grad=False
+        )  # [1, 1+N, Dd]
+        self.decoder_blocks = nn.ModuleList(DecoderBlock(decoder_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.decoder_norm = _layer_norm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(init_mae_weights)
+
+        # noise modules last, so that a decoder with and without noise draws the
+        # same initial weights for everything else from the same seed
+        self.decoder_noise_proj = None
+        self.decoder_noise_mod = None
+        if noise is not None:
+            if noise.injection == "add":
+                self.decoder_noise_proj = nn.Linear(noise.dim, decoder_dim, bias=False)
+                nn.init.xavier_uniform_(self.decoder_noise_proj.weight)
+            elif noise.injection == "adaln":
+                # one map per modulated block (4 vectors) and one for decoder_norm (2)
+                widths = [4 * decoder_dim] * (depth - noise.block) + [2 * decoder_dim]
+                self.decoder_noise_mod = nn.ModuleList(nn.Linear(noise.dim, w) for w in widths)
+                for lin in self.decoder_noise_mod:
+                    nn.init.zeros_(lin.weight)
+                    nn.init.zeros_(lin.bias)
+            else:
+                raise ValueError(f"noise.injection must be 'add' or 'adaln', got {noise.injection!r}")
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token", "decoder_pos_embed"}
+
+    def noise_shape(self, num_masked: int) -> tuple[int, ...]:
+        """Shape of one example's ``z``: ``(dim,)`` or ``(N_mask, dim)``."""
+        if self.noise is None:
+            raise ValueError("this decoder takes no noise")
+        return (self.noise.dim,) if self.noise.scope == "image" else (num_masked, self.noise.dim)
+
+    # ------------------------------------------------------------------ passes
+
+    def prefix(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+        """``latent [B, 1+N_vis, D]`` (cls first, visible in ``ids_keep`` order), ``ids_restore [B, N]``
+        -> ``hidden [B, 1+N, Dd]`` after blocks ``0 .. split-1``."""
+        x = self.decoder_embed(latent)  # [B, 1+N_vis, Dd]
+        batch, length, dim = x.shape
+        n = ids_restore.shape[1]
+        fill = self.mask_token.to(x.dtype).expand(batch, n + 1 - length, dim)  # [B, N_mask, Dd]
+        patches = torch.cat([x[:, 1:], fill], dim=1)  # [B, N, Dd] visible then masked
+        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, dim))  # [B, N, Dd] patch order
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # [B, 1+N, Dd]
+        for blk in self.decoder_blocks[: self.split]:
+            x = blk(x)  # [B, 1+N, Dd]
+        return x
+
+    def _spread(self, values: Tensor, mask: Tensor) -> Tensor:
+        """Per-token values ``[B, N_mask, W]`` -> ``[B, 1+N, W]`` at the masked positions, 0 elsewhere."""
+        rank = masked_rank(mask)  # [B, N]
+        out = torch.gather(values, 1, rank[..., None].expand(-1, -1, values.shape[-1]))  # [B, N, W]
+        out = out * mask[..., None].to(out.dtype)  # [B, N, W]
+        return F.pad(out, (0, 0, 1, 0))  # [B, 1+N, W] zero at cls
+
+    def _check_z(self, z: Tensor, mask: Tensor) -> None:
+        # the number of masked tokens is not checked here (it would cost a device sync)
+        ndim = 2 if self.noise.scope == "image" else 3
+        if z.ndim != ndim or z.shape[0] != mask.shape[0] or z.shape[-1] != self.noise.dim:
+            want = "[B, dim]" if ndim == 2 else "[B, N_mask, dim]"
+            raise ValueError(
+                f"z has shape {tuple(z.shape)}, expected {want} with B={mask.shape[0]}, dim={self.noise.dim} "
+                f"(noise scope {self.noise.scope!r})"
+            )
+
+    def suffix(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        """``hidden [B, 1+N, Dd]``, ``z [B, dim] | [B, N_mask, dim] | None``, ``mask [B, N]`` (True = masked)
+        -> ``pred [B, N, p*p*C]``. ``z=None``: no noise (least squares)."""
+        x = hidden
+        mods: list[Tensor | None] = [None] * (self.depth - self.split + 1)
+        if z is not None:
+            if self.noise is None:
+                raise ValueError("this decoder was built without noise (objective 'ls'); pass z=None")
+            self._check_z(z, mask)
+            z = z.to(x.dtype)
+            token = self.noise.scope == "token"
+            if self.decoder_noise_proj is not None:  # add
+                delta = self.decoder_noise_proj(z)  # [B, Dd] | [B, N_mask, Dd]
+                if token:
+                    delta = self._spread(delta, mask)  # [B, 1+N, Dd]
+                else:
+                    delta = F.pad(mask.to(x.dtype), (1, 0))[..., None] * delta[:, None, :]  # [B, 1+N, Dd]
+                x = x + delta
+            else:  # adaln
+                mods = []
+                for lin in self.decoder_noise_mod:
+                    m = lin(z)  # [B, W] | [B, N_mask, W]
+                    m = self._spread(m, mask) if token else m[:, None, :]  # [B, 1+N | 1, W]
+                    mods.append(m)
+        for i, blk in enumerate(self.decoder_blocks[self.split :]):
+            m = mods[i]
+            x = blk(x, None if m is None else tuple(m.chunk(4, dim=-1)))  # [B, 1+N, Dd]
+        if mods[-1] is None:
+            x = self.decoder_norm(x)
+        else:
+            shift, scale = mods[-1].chunk(2, dim=-1)
+            x = self.decoder_norm(x) * (1 + scale) + shift  # [B, 1+N, Dd]
+        return self.decoder_pred(x)[:, 1:]  # [B, N, p*p*C]
+
+    def forward(self, latent: Tensor, ids_restore: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        return self.suffix(self.prefix(latent, ids_restore), z, mask)

@@ -1,0 +1,151 @@
+"""study.objectives: least squares, cIMLE selection and gradients, masks, argument errors, Gaussian KL."""
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from study.objectives import cimle, gaussian_kl, least_squares
+
+B, N, D, DZ = 5, 3, 4, 2
+
+
+def linear_predict(weight, bias):
+    """predict(z) = z @ W + b reshaped to [B, N, D]: parameters whose gradient is easy to trace."""
+    return lambda z: (z @ weight + bias).reshape(z.shape[0], N, D)  # z [B, DZ] -> [B, N, D]
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    weight = torch.randn(DZ, N * D, requires_grad=True)
+    bias = torch.randn(N * D, requires_grad=True)
+    target = torch.randn(B, N, D)
+    return weight, bias, target
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_least_squares_is_mean_per_element():
+    pred, target = torch.zeros(2, 3), torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 2.0]])
+    assert least_squares(pred, target).item() == pytest.approx((1 + 4 + 9 + 4) / 6)
+
+
+def test_cimle_with_k1_is_least_squares_at_the_drawn_noise(problem):
+    weight, bias, target = problem
+    predict = linear_predict(weight, bias)
+    res = cimle(predict, target, k=1, noise_shape=DZ, generator=gen(3))
+    drawn = torch.randn((1, B, DZ), generator=gen(3))[0]  # cimle draws (k, B, *noise_shape) from the generator
+    torch.testing.assert_close(res.z, drawn)
+    assert torch.all(res.index == 0)
+    torch.testing.assert_close(res.loss, least_squares(predict(drawn), target))
+
+
+def test_chosen_sample_is_the_row_minimum(problem):
+    weight, bias, target = problem
+    predict = linear_predict(weight, bias)
+    mask = torch.tensor([[1, 0, 1]] * B)
+    res = cimle(predict, target, k=7, noise_shape=DZ, mask=mask, generator=gen())
+    assert res.distances.shape == (B, 7) and not res.distances.requires_grad
+    rows = torch.arange(B)
+    torch.testing.assert_close(res.distances[rows, res.index], res.distances.min(dim=1).values)
+    # the distance of each sample really is its masked squared error
+    noise = torch.randn((7, B, DZ), generator=gen())
+    torch.testing.assert_close(res.z, noise[res.index, rows])
+    for j in range(7):
+        err = (predict(noise[j]) - target).pow(2).mean(-1)  # [B, N]
+        expected = (err * mask).sum(1) / mask.sum(1)
+        torch.testing.assert_close(res.distances[:, j], expected.detach())
+    torch.testing.assert_close(res.loss, least_squares(predict(res.z), target, mask))
+
+
+def test_gradient_flows_only_through_the_chosen_sample(problem):
+    weight, bias, target = problem
+    res = cimle(linear_predict(weight, bias), target, k=6, noise_shape=DZ, generator=gen(1))
+    got = torch.autograd.grad(res.loss, [weight, bias])
+    ref_loss = least_squares(linear_predict(weight, bias)(res.z.detach()), target)
+    want = torch.autograd.grad(ref_loss, [weight, bias])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # with W's gradient z^T (dL/dpred), only the chosen rows of noise can appear in it
+    assert res.z.requires_grad is False
+
+
+@pytest.mark.parametrize("chunk,vectorize", [(1, True), (3, True), (None, False), (2, False)])
+def test_chunking_and_vectorize_do_not_change_the_result(problem, chunk, vectorize):
+    weight, bias, target = problem
+    predict = linear_predict(weight, bias)
+    ref = cimle(predict, target, k=5, noise_shape=DZ, generator=gen(2))
+    res = cimle(predict, target, k=5, noise_shape=DZ, generator=gen(2), chunk=chunk, vectorize=vectorize)
+    assert torch.equal(res.index, ref.index)
+    torch.testing.assert_close(res.distances, ref.distances)
+    torch.testing.assert_close(res.z, ref.z)
+    torch.testing.assert_close(res.loss, ref.loss)
+
+
+def test_same_seed_same_result_other_seed_differs(problem):
+    weight, bias, target = problem
+    predict = linear_predict(weight, bias)
+    a = cimle(predict, target, k=4, noise_shape=DZ, generator=gen(5))
+    b = cimle(predict, target, k=4, noise_shape=DZ, generator=gen(5))
+    c = cimle(predict, target, k=4, noise_shape=DZ, generator=gen(6))
+    assert torch.equal(a.z, b.z) and torch.equal(a.distances, b.distances) and a.loss.item() == b.loss.item()
+    assert not torch.equal(a.z, c.z)
+
+
+def test_mask_weights_the_right_elements():
+    # target [B=2, N=3, D=2]; errors per element chosen by hand
+    target = torch.zeros(2, 3, 2)
+    pred = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]],
+                         [[0.0, 2.0], [4.0, 0.0], [1.0, 1.0]]])
+    mask = torch.tensor([[1, 0, 1], [0, 1, 0]])  # [B, N]
+    # selected positions: (0,0): 1,1 ; (0,2): 9,9 ; (1,1): 16,0  -> 36 / 6 elements
+    assert least_squares(pred, target, mask).item() == pytest.approx(36 / 6)
+    assert least_squares(pred, target, mask.bool()).item() == pytest.approx(36 / 6)
+    # a full-shape mask [B, N, D] selects single elements
+    full = torch.zeros(2, 3, 2)
+    full[1, 1, 0] = 1
+    assert least_squares(pred, target, full).item() == pytest.approx(16.0)
+    # cimle distances use the same per-example masking: row 0 -> (2 + 18)/4, row 1 -> 16/2
+    res = cimle(lambda z: pred + 0 * z.sum(-1)[:, None, None], target, k=2, noise_shape=1, mask=mask,
+                generator=gen())
+    torch.testing.assert_close(res.distances, torch.tensor([[5.0, 5.0], [8.0, 8.0]]))
+
+
+def test_bad_arguments_raise_clear_errors(problem):
+    weight, bias, target = problem
+    predict = linear_predict(weight, bias)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        cimle(predict, target, k=0, noise_shape=DZ)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        cimle(predict, target, k=2.0, noise_shape=DZ)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        cimle(predict, target, k=True, noise_shape=DZ)
+    with pytest.raises(ValueError, match="chunk must be None or an int >= 1"):
+        cimle(predict, target, k=2, noise_shape=DZ, chunk=0)
+    with pytest.raises(ValueError, match="noise_shape must be positive ints"):
+        cimle(predict, target, k=2, noise_shape=0)
+    with pytest.raises(ValueError, match=r"predict\(z\) returned shape \(5, 12\), expected target shape \(5, 3, 4\)"):
+        cimle(lambda z: z @ weight + bias, target, k=2, noise_shape=DZ)
+    with pytest.raises(ValueError, match=r"mask shape \(5, 4\) does not match the leading dims"):
+        cimle(predict, target, k=2, noise_shape=DZ, mask=torch.ones(B, 4))
+    with pytest.raises(ValueError, match=r"mask has shape \(5, 3, 4, 1\) but must cover the leading dims"):
+        least_squares(target, target, torch.ones(B, N, D, 1))
+    with pytest.raises(ValueError, match=r"prediction shape \(5, 3\) does not match target shape \(5, 3, 4\)"):
+        least_squares(torch.zeros(B, N), target)
+    with pytest.raises(ValueError, match="mask selects no element"):
+        least_squares(target, target, torch.zeros(B, N))
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    ref = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)  # [4, 3]
+    torch.testing.assert_close(gaussian_kl(mu, logvar), ref.mean())
+    mask = torch.tensor([[1, 0, 1]] * 4)
+    torch.testing.assert_close(gaussian_kl(mu, logvar, mask), ref[:, [0, 2]].mean())
+    # closed form in one dimension: KL(N(1, e) || N(0, 1)) = (1 + e - 1 - 1) / 2
+    torch.testing.assert_close(gaussian_kl(torch.ones(1, 1), torch.ones(1, 1)), torch.tensor((torch.e - 1) / 2))
+    with pytest.raises(ValueError, match="mu shape .* and logvar shape .* differ"):
+        gaussian_kl(mu, logvar[..., :2])

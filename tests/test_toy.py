@@ -1,0 +1,97 @@
+"""The toy: analytic floor, shared means at s = 1, hidden class signal, and the script end to end."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from toy.conditionals import ToyConfig, ToyTask
+import toy.regression_to_mean as rtm
+from toy.regression_to_mean import CSV_NAME, SUMMARY_NAME, energy_distance, linear_probe_accuracy, main
+from study.figures.toy import FIGURE_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ToyTask()
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.3, 1.0])
+def test_bayes_floor_matches_monte_carlo(task, s):
+    batch = task.sample(100_000, s, gen(1))
+    mc = (batch.y - task.class_means(s)[batch.c]).pow(2).mean().item()  # E||y - E[y|x]||^2 / dy
+    assert mc == pytest.approx(task.bayes_floor(s), rel=0.01)
+    # and no constant does better at s = 1: the floor is what LS can reach
+    if s == 1.0:
+        assert batch.y.pow(2).mean().item() == pytest.approx(task.bayes_floor(s), rel=0.01)
+
+
+def test_class_means_equal_at_s1_and_differ_at_s0(task):
+    def empirical_means(s):
+        batch = task.sample(80_000, s, gen(2))
+        return torch.stack([batch.y[batch.c == c].mean(0) for c in range(task.config.n_classes)])  # [C, dy]
+
+    at1, at0 = empirical_means(1.0), empirical_means(0.0)
+    assert torch.cdist(at1, at1).max() < 0.1  # mode radii are <= 2: 0.1 is a few standard errors
+    assert torch.cdist(at0, at0).fill_diagonal_(float("inf")).min() > 2.0  # |m_c - m_c'| = 2 sqrt(2)
+    # ... while the distributions differ at s = 1: per-class second moments along each mode direction
+    batch = task.sample(80_000, 1.0, gen(3))
+    spread = torch.stack([(batch.y[batch.c == c] @ task.mode_dirs.t()).pow(2).mean(0) for c in range(4)])
+    assert torch.allclose(spread.diagonal(), task.radii.pow(2) + 0.01, rtol=0.05)
+
+
+def test_class_is_hidden_from_random_projections_but_linearly_decodable(task):
+    train, test = task.sample(800, 1.0, gen(4), balanced=True), task.sample(800, 1.0, gen(5), balanced=True)
+    full = linear_probe_accuracy(train.x, train.c, test.x, test.c, 4)
+    proj = torch.randn(task.config.dx, 8, generator=gen(6))
+    random8 = linear_probe_accuracy(train.x @ proj, train.c, test.x @ proj, test.c, 4)
+    assert full > 0.99  # x determines c exactly, linearly
+    assert random8 < 0.45  # chance is 0.25
+
+
+def test_energy_distance_is_near_zero_for_equal_distributions():
+    a, b = torch.randn(500, 3, generator=gen(7)), torch.randn(500, 3, generator=gen(8))
+    assert abs(energy_distance(a, b).item()) < 0.02
+    assert energy_distance(a, b + 1.0).item() > 0.5
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="dy must be >= 2 \\* n_classes"):
+        ToyConfig(dy=4)
+    with pytest.raises(ValueError, match="mask strength s must be in"):
+        ToyTask().sample(8, 1.5, gen())
+
+
+def test_script_end_to_end_and_plot_only(tmp_path, monkeypatch):
+    for name, size in [("PROBE_TRAIN", 200), ("PROBE_TEST", 200), ("TEST_SIZE", 200), ("ENERGY_SAMPLES", 50),
+                       ("MEAN_SAMPLES", 4)]:  # small evaluation sets: this test checks plumbing, not numbers
+        monkeypatch.setattr(rtm, name, size)
+    out, figs = tmp_path / "results", tmp_path / "figures"
+    frame = main(["--steps", "20", "--seeds", "1", "--strengths", "0", "1", "--k", "3",
+                  "--out", str(out), "--figures", str(figs), "--no-progress"])
+    table = pd.read_csv(out / CSV_NAME)
+    assert {"objective", "k", "mask_strength", "seed", "metric", "value"} <= set(table.columns)
+    assert {"test_loss", "bayes_floor", "probe_accuracy", "probe_accuracy_untrained",
+            "energy_distance"} <= set(table.metric)
+    assert set(table.objective) == {"ls", "cimle"} and set(table.mask_strength) == {0.0, 1.0}
+    assert len(table) == len(frame) and table.value.notna().all()
+    assert "acceptance:" in (out / SUMMARY_NAME).read_text()
+    pngs = {fmt: (figs / f"{FIGURE_NAME}.{fmt}").read_bytes() for fmt in ("png", "pdf")}
+
+    # --plot-only redraws from the CSV, no training, byte-identical; also as a file-path script
+    for fmt in pngs:
+        (figs / f"{FIGURE_NAME}.{fmt}").unlink()
+    subprocess.run([sys.executable, str(ROOT / "toy" / "regression_to_mean.py"), "--plot-only",
+                    "--out", str(out), "--figures", str(figs)], check=True, cwd=tmp_path, capture_output=True)
+    for fmt, data in pngs.items():
+        assert (figs / f"{FIGURE_NAME}.{fmt}").read_bytes() == data
+

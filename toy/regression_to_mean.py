@@ -1,0 +1,341 @@
+"""Regression to the mean on a toy with a known answer: least squares vs cIMLE.
+
+For every mask strength s, seed and objective, the same encoder/decoder MLPs
+are trained on fresh samples of :class:`toy.conditionals.ToyTask` and measured:
+
+* ``test_loss``: the objective's own loss on a held-out, class-balanced test
+  set (LS: least squares of f(h, 0); cIMLE: the cIMLE loss at the same k);
+* ``mean_pred_loss``: least squares of the model's predictive mean (LS: f(h, 0);
+  cIMLE: the average of ``MEAN_SAMPLES`` samples), comparable with the floor;
+* ``bayes_floor``: the analytic E||y - E[y|x]||^2 / dy;
+* ``probe_accuracy`` / ``probe_accuracy_untrained``: a linear probe of h(x)
+  for the class, trained encoder / the same encoder at initialisation;
+* ``energy_distance``: model samples f(h(x), z) against true samples of
+  p(y | c), per class, averaged over classes.
+
+Least squares uses the decoder with z = 0 (the deterministic predictor it is
+after); it is recorded with k = 1, the cIMLE setting in which selection
+disappears. Both objectives go through :mod:`study.objectives`.
+
+    python toy/regression_to_mean.py --quick            # < 2 min on 2 cores
+    python toy/regression_to_mean.py                    # default grid, < 15 min
+    python toy/regression_to_mean.py --plot-only        # redraw figures from the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a file: make `toy` and `study` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from study.io import atomic_write_text
+from study.objectives import cimle, least_squares
+from study.results import read_results, write_results
+from toy.conditionals import ToyConfig, ToyTask
+from toy.models import Decoder, Encoder
+
+__all__ = ["TrainSettings", "train_one", "evaluate", "run_grid", "summarize", "acceptance", "main"]
+
+CSV_NAME = "toy_results.csv"
+SUMMARY_NAME = "summary.txt"
+OBJECTIVES = ("ls", "cimle")
+MEAN_SAMPLES = 64  # samples averaged for cIMLE's predictive mean
+ENERGY_SAMPLES = 400  # model and true samples per class for the energy distance
+PROBE_TRAIN, PROBE_TEST = 2000, 2000
+TEST_SIZE = 4000
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1200
+    batch_size: int = 256
+    lr: float = 2e-3
+    warmup: int = 100
+    k: int = 8
+    dh: int = 8  # representation dim
+    dz: int = 4  # noise dim
+    width: int = 64
+    depth: int = 2
+
+
+@dataclass
+class Trained:
+    encoder: Encoder
+    decoder: Decoder
+    untrained_encoder: Encoder
+
+
+# ---- training ---------------------------------------------------------------
+
+def _lr_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warmup then cosine decay to 0: the decay lets LS settle onto its floor."""
+    if step < settings.warmup:
+        return (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _objective_loss(objective: str, encoder: Encoder, decoder: Decoder, x, y, k: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    h = encoder(x)  # [B, dh], computed once and shared by the k decodes
+    if objective == "ls":
+        return least_squares(decoder.mean_input(h), y)
+    if objective == "cimle":
+        return cimle(lambda z: decoder(h, z), y, k=k, noise_shape=decoder.dz, generator=generator).loss
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def train_one(task: ToyTask, s: float, objective: str, seed: int, settings: TrainSettings) -> Trained:
+    """Train encoder + decoder on fresh samples (no finite training set, so no overfitting).
+
+    The seed fixes the initialisation and the data stream, identically for both
+    objectives, so LS and cIMLE start from the same encoder (paired comparison).
+    """
+    torch.manual_seed(seed)
+    cfg = task.config
+    encoder = Encoder(cfg.dx, settings.dh, settings.width, settings.depth)
+    decoder = Decoder(settings.dh, settings.dz, cfg.dy, settings.width, settings.depth)
+    untrained = copy.deepcopy(encoder)
+    data_gen = torch.Generator().manual_seed(10_000 + seed)
+    noise_gen = torch.Generator().manual_seed(20_000 + seed)
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, settings))
+    for _ in range(settings.steps):
+        batch = task.sample(settings.batch_size, s, data_gen)
+        loss = _objective_loss(objective, encoder, decoder, batch.x, batch.y, settings.k, noise_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return Trained(encoder.eval(), decoder.eval(), untrained.eval())
+
+
+# ---- evaluation -------------------------------------------------------------
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Energy distance 2 E|A-B| - E|A-A'| - E|B-B'| (Szekely & Rizzo; dcor's convention).
+
+    This is the squared form (zero iff the distributions agree). The within-sample
+    terms leave out the diagonal (U-statistics), so the estimate is unbiased and
+    can dip slightly below 0 when the distributions match.
+    """
+    n, m = len(a), len(b)  # a: [n, d], b: [m, d]
+    ab = torch.cdist(a, b).mean()
+    aa = torch.cdist(a, a).sum() / (n * (n - 1))
+    bb = torch.cdist(b, b).sum() / (m * (m - 1))
+    return 2 * ab - aa - bb
+
+
+def linear_probe_accuracy(train_h, train_c, test_h, test_c, n_classes: int, steps: int = 200) -> float:
+    """Multinomial logistic regression on standardised features, full-batch LBFGS.
+
+    A small L2 penalty keeps the problem well posed when the classes separate.
+    """
+    mean, std = train_h.mean(0), train_h.std(0).clamp_min(1e-6)
+    tr, te = (train_h - mean) / std, (test_h - mean) / std  # [N, dh]
+    weight = torch.zeros(tr.shape[1], n_classes, requires_grad=True)
+    bias = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(tr @ weight + bias, train_c) + 1e-4 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((te @ weight + bias).argmax(1) == test_c).float().mean())
+
+
+def _probe(encoder: Encoder, task: ToyTask, s: float, seed: int) -> float:
+    """Probe accuracy on probe data of its own; the same seed gives every encoder the same data."""
+    gen = torch.Generator().manual_seed(40_000 + seed)
+    train = task.sample(PROBE_TRAIN, s, gen, balanced=True)
+    test = task.sample(PROBE_TEST, s, gen, balanced=True)
+    with torch.no_grad():  # frozen features: the probe's gradient must not reach the encoder
+        train_h, test_h = encoder(train.x), encoder(test.x)  # [N, dh]
+    return linear_probe_accuracy(train_h, train.c, test_h, test.c, task.config.n_classes)
+
+
+@torch.no_grad()
+def _sample_model(model: Trained, objective: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One model sample per context row: f(h, z) for cIMLE, the deterministic f(h, 0) for LS."""
+    h = model.encoder(x)  # [N, dh]
+    if objective == "ls":
+        return model.decoder.mean_input(h)
+    z = torch.randn(len(x), model.decoder.dz, generator=gen)  # [N, dz]
+    return model.decoder(h, z)  # [N, dy]
+
+
+@torch.no_grad()
+def _predictive_mean(model: Trained, objective: str, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if objective == "ls":
+        return _sample_model(model, objective, x, gen)
+    return torch.stack([_sample_model(model, objective, x, gen) for _ in range(MEAN_SAMPLES)]).mean(0)
+
+
+def evaluate(model: Trained, task: ToyTask, s: float, objective: str, seed: int,
+             settings: TrainSettings) -> dict[str, float]:
+    """Every metric for one trained model, on data drawn from an evaluation stream of its own."""
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    test = task.sample(TEST_SIZE, s, gen, balanced=True)
+    with torch.no_grad():
+        test_loss = _objective_loss(objective, model.encoder, model.decoder, test.x, test.y, settings.k, gen)
+        mean_loss = least_squares(_predictive_mean(model, objective, test.x, gen), test.y)
+    energies = []
+    for c in range(task.config.n_classes):
+        labels = torch.full((ENERGY_SAMPLES,), c, dtype=torch.long)
+        model_y = _sample_model(model, objective, task.sample_x(labels, gen), gen)  # [n, dy]
+        true_y = task.sample_y(labels, s, gen)  # [n, dy]
+        energies.append(energy_distance(model_y, true_y))
+    return {
+        "test_loss": float(test_loss),
+        "mean_pred_loss": float(mean_loss),
+        "bayes_floor": task.bayes_floor(s),
+        "probe_accuracy": _probe(model.encoder, task, s, seed),
+        "probe_accuracy_untrained": _probe(model.untrained_encoder, task, s, seed),
+        "energy_distance": float(torch.stack(energies).mean()),
+    }
+
+
+def run_grid(strengths: Sequence[float], seeds: Sequence[int], settings: TrainSettings,
+             task: ToyTask | None = None, progress: bool = True) -> pd.DataFrame:
+    """Train and evaluate every (s, seed, objective); return the tidy table."""
+    task = task or ToyTask()
+    jobs = [(s, seed, obj) for s in strengths for seed in seeds for obj in OBJECTIVES]
+    rows = []
+    bar = tqdm(jobs, desc="toy", disable=not progress, file=sys.stderr)
+    for s, seed, obj in bar:
+        bar.set_postfix_str(f"{obj} s={s:g} seed={seed}")
+        start = time.perf_counter()
+        model = train_one(task, s, obj, seed, settings)
+        metrics = evaluate(model, task, s, obj, seed, settings)
+        metrics["train_seconds"] = time.perf_counter() - start
+        base = {"objective": obj, "k": settings.k if obj == "cimle" else 1, "mask_strength": s, "seed": seed,
+                "steps": settings.steps, "n_classes": task.config.n_classes, "dh": settings.dh, "dz": settings.dz}
+        rows += [{**base, "metric": name, "value": value} for name, value in metrics.items()]
+    return pd.DataFrame(rows)
+
+
+# ---- reporting --------------------------------------------------------------
+
+SUMMARY_METRICS = ("test_loss", "mean_pred_loss", "bayes_floor", "probe_accuracy", "probe_accuracy_untrained",
+                   "energy_distance")
+
+
+def summarize(frame: pd.DataFrame) -> str:
+    """mean +- std over seeds, one row per (objective, s)."""
+    frame = frame[frame.metric.isin(SUMMARY_METRICS)]
+    stats = frame.groupby(["objective", "mask_strength", "metric"])["value"].agg(["mean", "std"])
+    stats["cell"] = [f"{m:.3f} +- {0.0 if pd.isna(sd) else sd:.3f}" for m, sd in zip(stats["mean"], stats["std"])]
+    table = stats["cell"].unstack("metric")[[m for m in SUMMARY_METRICS if m in set(frame.metric)]]
+    n_seeds = frame.groupby(["objective", "mask_strength"]).seed.nunique().min()
+    return f"mean +- std over {n_seeds} seed(s)\n" + table.to_string()
+
+
+def acceptance(frame: pd.DataFrame) -> list[tuple[str, bool]]:
+    """The toy's claims, checked on seed means; only for strengths present in the table."""
+    mean = frame.groupby(["objective", "mask_strength", "metric"])["value"].mean()
+    strengths = set(frame.mask_strength)
+    checks = []
+    if 1.0 in strengths:
+        ls = lambda m: mean[("ls", 1.0, m)]  # noqa: E731
+        ci = lambda m: mean[("cimle", 1.0, m)]  # noqa: E731
+        gap = abs(ls("test_loss") - ls("bayes_floor")) / ls("bayes_floor")
+        checks += [
+            (f"s=1: LS test loss {ls('test_loss'):.4f} within 2% of floor {ls('bayes_floor'):.4f} "
+             f"(gap {100 * gap:.2f}%)", gap <= 0.02),
+            (f"s=1: LS probe {ls('probe_accuracy'):.3f} <= untrained {ls('probe_accuracy_untrained'):.3f} + 0.10",
+             ls("probe_accuracy") <= ls("probe_accuracy_untrained") + 0.10),
+            (f"s=1: cIMLE probe {ci('probe_accuracy'):.3f} >= 0.90", ci("probe_accuracy") >= 0.90),
+            (f"s=1: cIMLE energy {ci('energy_distance'):.4f} <= 0.25 x LS {ls('energy_distance'):.4f}",
+             ci("energy_distance") <= 0.25 * ls("energy_distance")),
+        ]
+    if 0.0 in strengths:
+        for obj in OBJECTIVES:
+            acc = mean[(obj, 0.0, "probe_accuracy")]
+            checks.append((f"s=0: {obj} probe {acc:.3f} >= 0.90", acc >= 0.90))
+    return checks
+
+
+def report(frame: pd.DataFrame) -> str:
+    lines = [summarize(frame), "", "acceptance:"]
+    lines += [f"  [{'PASS' if ok else 'FAIL'}] {text}" for text, ok in acceptance(frame)]
+    return "\n".join(lines) + "\n"
+
+
+# ---- command line -----------------------------------------------------------
+
+QUICK = dict(strengths=[0.0, 0.5, 1.0], seeds=3, steps=600)
+DEFAULT = dict(strengths=[0.0, 0.25, 0.5, 0.75, 0.9, 1.0], seeds=5, steps=1200)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"small grid: {QUICK}")
+    p.add_argument("--strengths", type=float, nargs="+", help=f"mask strengths in [0, 1] (default {DEFAULT['strengths']})")
+    p.add_argument("--seeds", type=int, help=f"number of seeds, 0..N-1 (default {DEFAULT['seeds']})")
+    p.add_argument("--steps", type=int, help=f"training steps per run (default {DEFAULT['steps']})")
+    p.add_argument("--k", type=int, default=TrainSettings.k, help="cIMLE samples per example")
+    p.add_argument("--out", type=Path, default=Path("results/toy"), help="folder for the CSV and summary")
+    p.add_argument("--figures", type=Path, default=Path("figures"), help="folder for the figure files")
+    p.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSV in --out; no training")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else DEFAULT
+    for name in ("strengths", "seeds", "steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    if any(not 0.0 <= s <= 1.0 for s in args.strengths):
+        p.error(f"--strengths must lie in [0, 1], got {args.strengths}")
+    if args.seeds < 1 or args.steps < 1 or args.k < 1:
+        p.error("--seeds, --steps and --k must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    from study.figures.toy import plot_toy  # matplotlib only where figures are drawn
+
+    args = parse_args(argv)
+    # restored afterwards: callers in the same process (tests, notebooks) keep their setting
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        csv = args.out / CSV_NAME
+        if args.plot_only:
+            frame = read_results(csv)
+        else:
+            settings = TrainSettings(steps=args.steps, k=args.k)
+            start = time.perf_counter()
+            frame = run_grid(args.strengths, list(range(args.seeds)), settings, progress=not args.no_progress)
+            write_results(csv, frame)
+            text = report(frame) + f"\nsettings: {asdict(settings)}\ntask: {asdict(ToyConfig())}\n"
+            text += f"wall time: {time.perf_counter() - start:.1f} s\n"
+            atomic_write_text(args.out / SUMMARY_NAME, text)
+            print(text)
+        paths = plot_toy(frame, args.figures)
+        print("wrote", csv, *paths)
+        return frame
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+if __name__ == "__main__":
+    main()
