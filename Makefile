@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 
-.PHONY: setup test figures toy experiments clean-venv
+.PHONY: setup test figures toy experiments bench clean-venv
 
 setup: $(STAMP)
 
@@ -21,11 +21,21 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Every figure, from the stored results (no training).
+# Every figure, from the stored (committed) results: no training.
 figures: $(STAMP)
-	@test -f results/toy/toy_results.csv || $(BIN)/python toy/regression_to_mean.py --quick --out results/toy --figures figures
-	$(BIN)/python toy/regression_to_mean.py --plot-only --out results/toy --figures figures
-	$(BIN)/python -m study.figures.masks --out figures
+	$(BIN)/python -m study.figures --results results --out figures
+
+# The CPU studies (papermill sweeps) that write results/*.csv; points already
+# done under runs/ are skipped, so an interrupted `make experiments` resumes.
+experiments: $(STAMP)
+	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml
+	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml
+	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml
+
+# Training-step benchmarks (needs the bench extra: transformers).
+bench: $(STAMP)
+	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev,bench]'
+	$(BIN)/python -m study bench --config experiments/configs/cpu-small.yaml --out results/bench/cpu-small.json
 
 # The full toy (more seeds, finer grid; < 15 minutes on 2 cores).
 toy: $(STAMP)

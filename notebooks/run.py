@@ -53,5 +53,6 @@ for i, checkpoint in enumerate(checkpoints):
                      progress=False)
 for r in rows:
     r.update(sweep=sweep, point=point)
-append_rows(results, rows)
+# a rerun of this point replaces its rows rather than adding a second copy
+append_rows(results, rows, replace={"sweep": sweep, "point": point} if point else None)
 pd.DataFrame(rows)[["encoder", "epochs", "metric", "value"]]

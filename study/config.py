@@ -252,6 +252,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 4e-3 (no dot) as a string; accept what Python reads as a finite number
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

@@ -48,12 +48,22 @@ def write_results(path: str | Path, rows: Iterable[Mapping] | pd.DataFrame) -> P
     return path
 
 
-def append_rows(path: str | Path, rows: Iterable[Mapping]) -> Path:
-    """Append rows (dicts with at least ``metric`` and ``value``); new columns are added."""
+def append_rows(path: str | Path, rows: Iterable[Mapping], replace: Mapping | None = None) -> Path:
+    """Append rows (dicts with at least ``metric`` and ``value``); new columns are added.
+
+    ``replace`` (e.g. ``{"sweep": "mask_strength_cpu", "point": "..."}``) first drops
+    the rows that match all its items, so rerunning a sweep point replaces its
+    rows instead of adding a second copy.
+    """
     path = Path(path)
     new = _frame(rows)
     with _locked(path):
         old = pd.read_csv(path) if path.exists() and path.stat().st_size else None
+        if old is not None and replace:
+            same = pd.Series(True, index=old.index)
+            for key, value in replace.items():
+                same &= (old[key].astype(str) == str(value)) if key in old.columns else False
+            old = old[~same]
         frame = new if old is None else pd.concat([old, new], ignore_index=True, sort=False)
         atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
     return path

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -152,6 +153,10 @@ def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
     return point.slug, None, time.time() - start
 
 
+def _limit_threads(threads: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True, progress: bool = True) -> dict:
     """Run the missing points, then the report notebook; returns a summary dict (also printed)."""
     from tqdm.auto import tqdm
@@ -172,8 +177,11 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
                 failures[slug] = error
             bar.update(1)
     else:
-        # each point runs its own kernel; spawn keeps the workers free of the parent's threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # each point runs its own kernel; spawn keeps the workers free of the parent's threads, and the
+        # cores are split between workers (kernels inherit OMP_NUM_THREADS) instead of oversubscribed
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_limit_threads, initargs=(threads,)) as pool:
             futures = [pool.submit(_run_point, sweep, p) for p in todo]
             for fut in as_completed(futures):
                 slug, error, sec = fut.result()

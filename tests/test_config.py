@@ -80,3 +80,10 @@ def test_list_fields():
         load_config(None, ["epochs=10", "snapshot_epochs=[20]"])
     with pytest.raises(ConfigError, match=r"snapshot_epochs\[0\]"):
         load_config(None, ["snapshot_epochs=[a]"])
+
+
+def test_exponent_without_dot_is_a_number_and_words_are_not():
+    # YAML 1.1 reads "4e-3" as a string; users write it that way on the command line
+    assert load_config(None, ["optim.blr=4e-3"]).optim.blr == pytest.approx(4e-3)
+    with pytest.raises(ConfigError, match="optim.blr"):
+        load_config(None, ["optim.blr=fast"])

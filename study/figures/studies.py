@@ -3,20 +3,22 @@
 * mask strength: linear probe and k-NN accuracy against the mask ratio, per
   dataset and mask kind, LS vs cIMLE (vs Masked VAE), mean and 95% interval
   over seeds, with the random-init encoder as a dashed baseline;
-* efficiency: the same metrics against pretraining epochs and wall-clock seconds.
+* efficiency: the same metrics against pretraining epochs and wall-clock seconds;
+* noise block: cIMLE with noise at the decoder input vs at its last block.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import pandas as pd
-import seaborn as sns
+from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure  # first: selects Agg
 
-from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
 
-__all__ = ["mask_strength_figure", "mask_strength_table", "efficiency_figure", "efficiency_table"]
+__all__ = ["mask_strength_figure", "mask_strength_table", "efficiency_figure", "efficiency_table",
+           "noise_block_figure", "noise_block_table"]
 
 METRICS = {"linear_top1": "linear probe top-1", "knn_top1": "k-NN top-1"}
 
@@ -122,6 +124,43 @@ def efficiency_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "eff
         axes[0, 0].get_legend().remove()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    paths = save_figure(fig, out_dir, name)
+    plt.close(fig)
+    return paths
+
+
+def noise_block_table(table: pd.DataFrame) -> pd.DataFrame:
+    rows = _accuracy_rows(table)
+    pretrained = rows[rows.encoder == "pretrained"]
+    baseline = rows[rows.encoder == "random"].drop_duplicates(["seed", "metric"]).assign(
+        objective="random init", noise_block="-")
+    return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_ratio", "noise_block"])
+
+
+def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "noise_block") -> list[Path]:
+    """Accuracy per seed and mean with 95% interval, for each decoder block where the noise enters."""
+    rows = _accuracy_rows(table)
+    pretrained = rows[rows.encoder == "pretrained"].copy()
+    depth = int(pretrained.decoder_depth.max())
+    pretrained["where"] = [f"block {b}" + (" (input)" if b == 0 else " (last)" if b == depth - 1 else "")
+                           for b in pretrained.noise_block.astype(int)]
+    baseline = rows[rows.encoder == "random"]
+    metrics = list(METRICS.values())
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    order = sorted(pretrained["where"].unique())
+    for ax, metric in zip(axes[0], metrics):
+        data = pretrained[pretrained.metric == metric]
+        sns.pointplot(data=data, x="where", y="value", order=order, errorbar=("ci", 95), n_boot=1000, seed=0,
+                      color=OBJECTIVE_PALETTE["cIMLE"], linestyle="none", capsize=0.1, ax=ax)
+        sns.stripplot(data=data, x="where", y="value", order=order, color="0.3", size=4, jitter=0.1, ax=ax)
+        base = baseline[baseline.metric == metric]
+        if len(base):
+            ax.axhline(base.value.mean(), color="0.5", ls="--", lw=1, label="random init")
+            ax.legend(frameon=False, fontsize=8)
+        ratio = ", ".join(f"{r:g}" for r in sorted(data.mask_ratio.unique()))
+        ax.set(title=f"{metric} (cIMLE, ratio {ratio})", xlabel="noise enters decoder at", ylabel="accuracy")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     paths = save_figure(fig, out_dir, name)
     plt.close(fig)
     return paths

@@ -1,0 +1,95 @@
+"""Every figure of the study, redrawn from the stored results (no training): ``make figures``.
+
+    python -m study.figures [--results results] [--out figures]
+
+* toy: ``results/toy/toy_results.csv`` (written by ``toy/regression_to_mean.py``)
+* masks: drawn from the mask generators (fixed seeds)
+* mask strength, efficiency, noise block: ``results/<sweep>.csv`` (``make experiments``)
+* samples: the small committed checkpoints ``results/checkpoints/*.pt``
+
+A figure whose stored results are missing is reported and skipped (exit
+status 1 at the end), so one missing table does not hide the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from study.figures.common import save_figure  # noqa: F401  (sets the Agg backend before pyplot loads)
+
+STUDIES = {
+    "mask_strength_cpu": "mask_strength",
+    "efficiency_cpu": "efficiency",
+    "noise_block_cpu": "noise_block",
+}
+SAMPLE_OBJECTIVES = ("ls", "cimle", "mvae")
+
+
+def _toy(results: Path, out: Path) -> list[Path]:
+    from study.figures.toy import plot_toy
+    from study.results import read_results
+
+    return plot_toy(read_results(results / "toy" / "toy_results.csv"), out)
+
+
+def _masks(results: Path, out: Path) -> list[Path]:
+    from study.figures.masks import plot_mask_examples
+
+    return plot_mask_examples(out)
+
+
+def _study(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
+    def draw(results: Path, out: Path) -> list[Path]:
+        from study.figures import studies
+        from study.results import read_results
+
+        table = read_results(results / f"{sweep}.csv")
+        return getattr(studies, f"{kind}_figure")(table, out, name=sweep)
+
+    return draw
+
+
+def _samples(results: Path, out: Path) -> list[Path]:
+    from study.figures.samples import draw_all
+
+    checkpoints = [results / "checkpoints" / f"synthetic_{obj}.pt" for obj in SAMPLE_OBJECTIVES]
+    missing = [str(p) for p in checkpoints if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
+    return draw_all(checkpoints, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.figures", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results", help="folder of stored results (default: results)")
+    parser.add_argument("--out", default="figures", help="folder for PNG + PDF files (default: figures)")
+    args = parser.parse_args(argv)
+    results, out = Path(args.results), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    jobs: dict[str, Callable[[Path, Path], list[Path]]] = {"toy": _toy, "masks": _masks}
+    jobs.update({sweep: _study(sweep, kind) for sweep, kind in STUDIES.items()})
+    jobs["samples"] = _samples
+    skipped = []
+    for name, draw in jobs.items():
+        start = time.perf_counter()
+        try:
+            paths = draw(results, out)
+        except FileNotFoundError as exc:
+            skipped.append(name)
+            print(f"{name:18s} SKIPPED: {exc}", file=sys.stderr)
+            continue
+        print(f"{name:18s} {time.perf_counter() - start:5.1f} s  " + " ".join(str(p) for p in paths))
+    if skipped:
+        print(f"skipped {len(skipped)} figure(s) for lack of stored results: {', '.join(skipped)} "
+              "(toy: make toy; studies: make experiments)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
