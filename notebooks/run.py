@@ -19,10 +19,12 @@
 
 # %% tags=["parameters"]
 config = "experiments/configs/cpu-small.yaml"
-overrides = []  # ["objective=cimle", "mask.ratio=0.9", "seed=0"]
+# --set style overrides, e.g. ["objective=cimle", "mask.ratio=0.9", "seed=0"]
+overrides = []
 out = "runs/example"
 results = "results/results.csv"
 protocols = "knn,linear"
+pools = "cls,mean"  # frozen features: class token and mean of patch tokens (each gets its rows)
 snapshots = False  # also evaluate every snapshots/epoch_*.pt (efficiency curves)
 sweep = ""
 point = ""
@@ -47,12 +49,13 @@ checkpoints = [Path(out) / "checkpoint.pt"]
 if snapshots:
     checkpoints = sorted((Path(out) / "snapshots").glob("epoch_*.pt")) + checkpoints
 rows = []
-for i, checkpoint in enumerate(checkpoints):
-    # the random-init baseline does not depend on the snapshot: evaluate it once
-    rows += evaluate(checkpoint, protocols, results=None, random_baseline=(i == len(checkpoints) - 1),
-                     progress=False)
+for pool in pools.split(","):
+    for i, checkpoint in enumerate(checkpoints):
+        # the random-init baseline does not depend on the snapshot: evaluate it once
+        rows += evaluate(checkpoint, protocols, results=None, pool=pool,
+                         random_baseline=(i == len(checkpoints) - 1), progress=False, verbose=False)
 for r in rows:
     r.update(sweep=sweep, point=point)
 # a rerun of this point replaces its rows rather than adding a second copy
 append_rows(results, rows, replace={"sweep": sweep, "point": point} if point else None)
-pd.DataFrame(rows)[["encoder", "epochs", "metric", "value"]]
+pd.DataFrame(rows)[["encoder", "pool", "epochs", "metric", "value"]]

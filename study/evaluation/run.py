@@ -1,7 +1,16 @@
 """The ``evaluate`` command: probe a checkpoint with k-NN, linear probe and finetuning.
 
     python -m study evaluate --checkpoint runs/x/checkpoint.pt --protocols knn,linear,finetune \
-        [--results results/results.csv] [--pool cls|mean] [--preset auto|cpu|gpu]
+        [--results results/results.csv] [--pool cls|mean] [--preset auto|cpu|gpu] [--figures figures]
+
+Two more protocols look at the decoder's completions (this project's
+checkpoints only, full or weights-only ``{model, config, epoch,
+train_seconds}``): ``samples`` (:mod:`study.evaluation.samples`: a figure
+``<figures>/samples_<objective>.{png,pdf}`` and ``sample_diversity``) and
+``completion`` (:mod:`study.evaluation.context_completion`: the
+Context-Completion analog on synthetic data, ``cc_precision``, ``cc_recall``,
+``cc_null_rate``, ``cc_empty_rate``, ``oracle_accuracy``). Their
+``encoder = "random"`` rows use the whole seeded random-init model.
 
 Checkpoint formats (detected by keys):
 
@@ -52,7 +61,8 @@ from study.evaluation.linear_probe import (LinearProbeSettings, cpu_threads, lin
 __all__ = ["PROTOCOLS", "DEFAULT_RESULTS", "evaluate", "parse_protocols", "load_for_evaluation",
            "add_arguments", "run_from_args"]
 
-PROTOCOLS = ("knn", "linear", "finetune")
+PROTOCOLS = ("knn", "linear", "finetune", "samples", "completion")
+DEFAULT_FIGURES = "figures"
 DEFAULT_RESULTS = "results/results.csv"
 ENCODERS = ("pretrained", "random")
 
@@ -194,7 +204,7 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
              finetune_cfg: FinetuneSettings | None = None, random_baseline: bool = True,
              device: str | None = None, batch_size: int | None = None, feature_cache: str | Path | None = None,
              cache: FeatureCache | None = None, finetune_max_steps: int | None = None, threads: int | None = None,
-             progress: bool = True, verbose: bool = True) -> list[dict]:
+             progress: bool = True, verbose: bool = True, figures: str | Path | None = DEFAULT_FIGURES) -> list[dict]:
     """Evaluate ``checkpoint`` with ``protocols``; append and return the result rows.
 
     ``results=None`` returns the rows without writing. ``preset`` picks the
@@ -204,6 +214,7 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
     100-epoch GPU finetune of a baseline already in the table). ``threads``
     sets torch's CPU threads for the call (the linear probe always trains on
     one CPU thread). ``finetune_max_steps`` cuts finetuning short (smoke tests).
+    ``figures``: folder for the ``samples`` figure (None: no figure).
     """
     with cpu_threads(threads):
         return _evaluate(checkpoint, protocols, results, config=config, overrides=overrides, pool=pool,
@@ -211,16 +222,24 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
                          finetune_cfg=finetune_cfg,
                          random_baseline=random_baseline, device=device, batch_size=batch_size,
                          feature_cache=feature_cache, cache=cache, finetune_max_steps=finetune_max_steps,
-                         progress=progress, verbose=verbose)
+                         progress=progress, verbose=verbose, figures=figures)
 
 
 def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k, knn_temperature, preset, linear,
               finetune_cfg, random_baseline, device, batch_size, feature_cache, cache, finetune_max_steps,
-              progress, verbose) -> list[dict]:
+              progress, verbose, figures=DEFAULT_FIGURES) -> list[dict]:
     protos = parse_protocols(protocols)
     if pool not in POOLS:
         raise EvaluationError(f"pool must be one of {list(POOLS)}, got {pool!r}")
     cfg, state, fmt = load_for_evaluation(checkpoint, config, overrides)
+    decoder_protos = [p for p in protos if p in ("samples", "completion")]
+    if decoder_protos and fmt != "study":
+        raise EvaluationError(f"{', '.join(decoder_protos)} need the decoder: only this project's checkpoints (with a "
+                              "config) are supported, not the encoder-only facebookresearch format")
+    if "completion" in protos:
+        from study.evaluation.context_completion import check_synthetic
+
+        check_synthetic(cfg)
     dev = _resolve_device(device, cfg)
     if preset == "auto":
         preset = "gpu" if dev.type == "cuda" else "cpu"
@@ -292,6 +311,20 @@ def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k,
             row("finetune", enc_name, "finetune_top1", res.top1, ft_pool, extra)
             row("finetune", enc_name, "finetune_seconds", res.seconds, ft_pool, extra)
 
+    if decoder_protos:
+        from study.evaluation.context_completion import completion_protocol
+        from study.evaluation.samples import build_models, samples_protocol
+
+        models = build_models(cfg, state, fmt, which)
+        for protocol in decoder_protos:
+            if protocol == "samples":
+                out = samples_protocol(cfg, models, figures=figures, device=dev)
+            else:
+                out = completion_protocol(cfg, models, device=dev)
+            for r in out:
+                extra = {key: v for key, v in r.items() if key not in ("encoder", "metric", "value")}
+                row(protocol, r["encoder"], r["metric"], r["value"], None, extra)
+
     if results is not None and rows:
         from study.results import append_rows
 
@@ -306,9 +339,14 @@ def _print_summary(rows: list[dict], checkpoint, results) -> None:
     for r in rows:
         if r["metric"].endswith("_top1") and r["metric"] != "linear_train_top1":
             table.setdefault(r["metric"], {})[r["encoder"]] = r["value"]
+        elif r["metric"] == "sample_diversity" or r["metric"].startswith(("cc_", "oracle_accuracy")):
+            table.setdefault(r["metric"], {})[r["encoder"]] = r["value"]
     print(f"evaluation of {checkpoint}" + (f" -> {results}" if results is not None else ""))
     for metric, vals in table.items():
-        parts = "  ".join(f"{enc} {100 * v:.2f}%" for enc, v in vals.items())
+        if metric == "sample_diversity":
+            parts = "  ".join(f"{enc} {v:.4g}" for enc, v in vals.items())
+        else:
+            parts = "  ".join(f"{enc} {100 * v:.2f}%" for enc, v in vals.items())
         print(f"  {metric:<15} {parts}")
 
 
@@ -343,6 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the random-init baseline rows (they are on by default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--figures", default=DEFAULT_FIGURES,
+                        help=f"folder for the samples protocol's figure (default {DEFAULT_FIGURES})")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -363,7 +403,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                  pool=args.pool, knn_k=args.knn_k, knn_temperature=args.knn_temperature, preset=dev_preset,
                  linear=linear, finetune_cfg=finetune_cfg, random_baseline=not args.no_random_baseline,
                  device=args.device, batch_size=args.batch_size, feature_cache=args.feature_cache,
-                 threads=args.threads, progress=not args.quiet, verbose=not args.quiet)
+                 threads=args.threads, progress=not args.quiet, verbose=not args.quiet, figures=args.figures)
     except (EvaluationError, ConfigError, FileNotFoundError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

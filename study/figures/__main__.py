@@ -54,13 +54,15 @@ def _study(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
 
 
 def _samples(results: Path, out: Path) -> list[Path]:
-    from study.figures.samples import draw_all
+    from study.evaluation.linear_probe import cpu_threads
+    from study.figures.samples import redraw
 
     checkpoints = [results / "checkpoints" / f"synthetic_{obj}.pt" for obj in SAMPLE_OBJECTIVES]
     missing = [str(p) for p in checkpoints if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
-    return draw_all(checkpoints, out)
+    with cpu_threads(1):  # one reduction order on every machine: byte-identical figures
+        return redraw(checkpoints, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,10 +33,14 @@ def _accuracy_rows(table: pd.DataFrame) -> pd.DataFrame:
     rows["objective"] = rows.objective.map(OBJECTIVE_LABELS).fillna(rows.objective)
     rows["metric"] = rows.metric.map(METRICS)
     rows["panel"] = rows.dataset.astype(str) + " / " + rows.mask_kind.astype(str)
+    if "pool" in rows.columns and rows["pool"].nunique() > 1:
+        rows["panel"] += " / " + rows["pool"].astype(str) + " features"
     return rows
 
 
 def _mean_std(frame: pd.DataFrame, index: list[str]) -> pd.DataFrame:
+    if "pool" in frame.columns:
+        index = index + ["pool"]
     stats = frame.groupby(index + ["objective", "metric"]).value.agg(["mean", "std", "count"]).reset_index()
     stats["cell"] = [f"{100 * m:.1f} ± {100 * (0 if pd.isna(s) else s):.1f} (n={n})"
                      for m, s, n in zip(stats["mean"], stats["std"], stats["count"])]
@@ -132,7 +136,7 @@ def efficiency_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "eff
 def noise_block_table(table: pd.DataFrame) -> pd.DataFrame:
     rows = _accuracy_rows(table)
     pretrained = rows[rows.encoder == "pretrained"]
-    baseline = rows[rows.encoder == "random"].drop_duplicates(["seed", "metric"]).assign(
+    baseline = rows[rows.encoder == "random"].drop_duplicates([c for c in ("seed", "metric", "pool") if c in rows.columns]).assign(
         objective="random init", noise_block="-")
     return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_ratio", "noise_block"])
 
@@ -144,21 +148,24 @@ def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "no
     depth = int(pretrained.decoder_depth.max())
     pretrained["where"] = [f"block {b}" + (" (input)" if b == 0 else " (last)" if b == depth - 1 else "")
                            for b in pretrained.noise_block.astype(int)]
-    baseline = rows[rows.encoder == "random"]
-    metrics = list(METRICS.values())
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    baseline = rows[rows.encoder == "random"].copy()
+    if "pool" not in pretrained.columns:
+        pretrained["pool"] = baseline["pool"] = "cls"
+    panels = [(m, p) for p in sorted(pretrained["pool"].unique()) for m in METRICS.values()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     order = sorted(pretrained["where"].unique())
-    for ax, metric in zip(axes[0], metrics):
-        data = pretrained[pretrained.metric == metric]
+    for ax, (metric, pool) in zip(axes[0], panels):
+        data = pretrained[(pretrained.metric == metric) & (pretrained["pool"] == pool)]
         sns.pointplot(data=data, x="where", y="value", order=order, errorbar=("ci", 95), n_boot=1000, seed=0,
                       color=OBJECTIVE_PALETTE["cIMLE"], linestyle="none", capsize=0.1, ax=ax)
-        sns.stripplot(data=data, x="where", y="value", order=order, color="0.3", size=4, jitter=0.1, ax=ax)
-        base = baseline[baseline.metric == metric]
+        sns.stripplot(data=data, x="where", y="value", order=order, color="0.3", size=4, jitter=False, ax=ax)
+        base = baseline[(baseline.metric == metric) & (baseline["pool"] == pool)]
         if len(base):
             ax.axhline(base.value.mean(), color="0.5", ls="--", lw=1, label="random init")
             ax.legend(frameon=False, fontsize=8)
         ratio = ", ".join(f"{r:g}" for r in sorted(data.mask_ratio.unique()))
-        ax.set(title=f"{metric} (cIMLE, ratio {ratio})", xlabel="noise enters decoder at", ylabel="accuracy")
+        ax.set(title=f"{metric}, {pool} (cIMLE, ratio {ratio})", xlabel="noise enters decoder at",
+               ylabel="accuracy")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     paths = save_figure(fig, out_dir, name)

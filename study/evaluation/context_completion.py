@@ -1,0 +1,273 @@
+"""Context-Completion (Masked VAE paper, Sec. 4) on the synthetic images, where the answer is known.
+
+The paper masks a COCO object, draws ``k`` inpaintings, runs a detector on the
+inpainted region and compares the classes found (``Q``) with the classes that
+co-occurrence statistics make plausible given the visible context (``P``).
+On :mod:`study.synthetic_images` both sides are known by construction:
+
+* ``P`` (plausible): every patch of an image of class ``c`` shows one of the
+  two modes ``2c`` / ``2c + 1`` (``+P_c`` / ``-P_c``), each with probability
+  1/2, independently of what is visible. So the plausible set under any masked
+  patch is exactly ``{2c, 2c + 1}``.
+* ``Q`` (found): an *oracle* names the mode a completed patch shows, or
+  rejects it as showing no mode (the detector finding no object).
+
+The oracle (:func:`train_oracle`)
+    A multinomial logistic regression on flattened patches, trained (L-BFGS,
+    small L2) on the generator's own noisy patches
+    (:meth:`SyntheticImageGenerator.sample_patches`, ``ORACLE_TRAIN`` of them)
+    and scored on ``ORACLE_TEST`` fresh ones: ``oracle_accuracy`` (and its
+    agreement with the Bayes rule :meth:`~SyntheticImageGenerator.nearest_mode`).
+
+The rejection rule
+    A completed patch ``x`` classified as mode ``m`` is *accepted* iff
+    ``||x - mode_m|| <= radius`` with
+    ``radius = max(REJECT_FRACTION * d_mean, q_clean)``, where ``d_mean`` is the
+    distance from a mode to its class's conditional mean patch (the least-squares
+    optimum; ``amplitude * sqrt(C p^2)`` since patterns have unit RMS) and
+    ``q_clean`` the ``CLEAN_QUANTILE`` quantile of the distance of held-out clean
+    noisy patches to their own mode (the noise floor, about
+    ``noise_std * sqrt(C p^2)``). With ``REJECT_FRACTION = 0.5`` a patch is
+    accepted when it is closer to the mode than half the way from the
+    conditional mean: the conditional mean itself (what least squares predicts)
+    is rejected, a clean noisy patch is accepted. Both are checked on held-out
+    data and reported: ``oracle_clean_null_rate`` (clean patches rejected,
+    should be 0) and ``oracle_mean_null_rate`` (noisy conditional-mean patches
+    rejected, should be 1).
+
+Metrics (following the paper's Sec. 4.1.4, with one "instance" per masked patch)
+    For image ``i`` and masked patch ``j``, with ``k`` completions:
+    ``Q_ij`` = set of accepted modes among the ``k`` completed patches,
+    ``P_i = {2c, 2c + 1}``.
+
+    * ``precision_ij = |Q_ij & P_i| / |Q_ij|``, 0 when ``Q_ij`` is empty (the
+      paper's convention);
+    * ``recall_ij = |Q_ij & P_i| / |P_i|`` (fraction of the two plausible modes
+      found among the ``k`` completions);
+    * ``null_ij`` = fraction of the ``k`` completed patches the oracle rejects;
+    * ``empty_ij`` = 1 if ``Q_ij`` is empty (the paper's "Null": nothing found
+      after ``k`` samples).
+
+    Each is averaged over the image's masked patches, then over images:
+    ``cc_precision``, ``cc_recall``, ``cc_null_rate``, ``cc_empty_rate``.
+    Least squares gives one output repeated ``k`` times (``model.sample``):
+    its recall is at most 1/2 by construction, and 0 when it predicts the
+    conditional mean.
+
+Run as the ``completion`` protocol of ``python -m study evaluate`` (synthetic
+checkpoints only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "REJECT_FRACTION", "CLEAN_QUANTILE", "ORACLE_TRAIN", "ORACLE_TEST", "ORACLE_SEED",
+    "PatchOracle", "train_oracle", "to_generator_layout", "completion_metrics", "context_completion",
+    "completion_protocol", "check_synthetic", "synthetic_generator",
+]
+
+REJECT_FRACTION = 0.5
+CLEAN_QUANTILE = 0.999
+ORACLE_TRAIN = 20_000
+ORACLE_TEST = 10_000
+ORACLE_SEED = 0
+ORACLE_L2 = 1e-4
+
+
+@dataclass
+class PatchOracle:
+    """A trained patch classifier over the generator's ``2K`` modes plus the rejection radius."""
+
+    generator: object  # SyntheticImageGenerator
+    weight: Tensor  # [2K, D]
+    bias: Tensor  # [2K]
+    radius: float
+    accuracy: float  # held-out accuracy on clean noisy patches
+    bayes_agreement: float  # held-out agreement with nearest_mode
+    clean_null_rate: float  # held-out clean patches rejected
+    mean_null_rate: float  # noisy conditional-mean patches rejected
+
+    def predict(self, patches: Tensor) -> Tensor:
+        """Mode id ``[...]`` of patches ``[..., C, p, p]``."""
+        flat = patches.reshape(-1, self.weight.shape[1]).float()
+        return (flat @ self.weight.T + self.bias).argmax(dim=1).reshape(patches.shape[:-3])
+
+    def classify(self, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mode ids [...], accepted [...] bool)``: accepted = within ``radius`` of the named mode."""
+        modes = self.predict(patches)
+        templates = self.generator.modes[modes]  # [..., C, p, p]
+        dist = (patches.float() - templates).flatten(-3).norm(dim=-1)
+        return modes, dist <= self.radius
+
+
+def check_synthetic(cfg) -> None:
+    """Refuse (``EvaluationError``) a config whose data is not the synthetic images."""
+    from study.evaluation.run import EvaluationError
+
+    if cfg.data.name != "synthetic":
+        raise EvaluationError(f"Context-Completion needs a checkpoint trained on data.name=synthetic (the plausible "
+                              f"content under a mask is known only there); this one has data.name="
+                              f"{cfg.data.name!r}")
+
+
+def synthetic_generator(cfg, dataset=None):
+    """The :class:`SyntheticImageGenerator` behind a synthetic config's data (from its validation split)."""
+    check_synthetic(cfg)
+    if dataset is None:
+        from study.data import build_eval_datasets
+
+        dataset = build_eval_datasets(cfg)[1]
+    return dataset.generator
+
+
+def train_oracle(generator, *, n_train: int = ORACLE_TRAIN, n_test: int = ORACLE_TEST, seed: int = ORACLE_SEED,
+                 reject_fraction: float = REJECT_FRACTION, clean_quantile: float = CLEAN_QUANTILE,
+                 l2: float = ORACLE_L2) -> PatchOracle:
+    """Fit the oracle on the generator's noisy patches; deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = generator.sample_patches(n_train, g)
+    xt, yt = generator.sample_patches(n_test, g)
+    m = 2 * generator.num_classes
+    d = x[0].numel()
+    x, xt = x.reshape(n_train, d).double(), xt.reshape(n_test, d).double()
+    w = torch.zeros(m, d, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(m, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    weight, bias = w.detach().float(), b.detach().float()
+    pred = (xt.float() @ weight.T + bias).argmax(dim=1)
+    accuracy = float((pred == yt).float().mean())
+    test_patches = xt.float().reshape(n_test, *generator.modes.shape[1:])
+    bayes = float((pred == generator.nearest_mode(test_patches)).float().mean())
+
+    modes = generator.modes  # [2K, C, p, p]
+    labels = torch.arange(generator.num_classes).repeat_interleave(2)
+    d_mean = float((modes - generator.class_mean_patch(labels)).flatten(1).norm(dim=1).min())
+    clean_dist = (test_patches - modes[yt]).flatten(1).norm(dim=1)
+    q_clean = float(torch.quantile(clean_dist, clean_quantile))
+    radius = max(reject_fraction * d_mean, q_clean)
+    oracle = PatchOracle(generator, weight, bias, radius, accuracy, bayes, 0.0, 0.0)
+    _, acc = oracle.classify(test_patches)
+    oracle.clean_null_rate = float(1 - acc.float().mean())
+    cls = yt // 2
+    mean_patches = generator.class_mean_patch(cls) + generator.noise_std * torch.randn(
+        test_patches.shape, generator=g)
+    _, acc = oracle.classify(mean_patches)
+    oracle.mean_null_rate = float(1 - acc.float().mean())
+    return oracle
+
+
+def to_generator_layout(patches: Tensor, patch_size: int, in_chans: int) -> Tensor:
+    """Model patches ``[..., p*p*C]`` (flattened as (row, col, channel)) -> ``[..., C, p, p]``."""
+    return patches.unflatten(-1, (patch_size, patch_size, in_chans)).movedim(-1, -3)
+
+
+def completion_metrics(oracle: PatchOracle, completions: Tensor, mask: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Per-image Context-Completion metrics.
+
+    ``completions [k, B, N, C, p, p]`` (pixel space; only masked positions are
+    read), ``mask [B, N]`` bool (the same count per row), ``labels [B]`` class
+    ids. Returns per-image tensors ``[B]``: ``precision``, ``recall``,
+    ``null_rate``, ``empty_rate`` (see the module docstring)."""
+    k, b = completions.shape[:2]
+    if completions.shape[1:3] != mask.shape or labels.shape != (b,):
+        raise ValueError(f"completions [k, B, N, C, p, p], mask [B, N], labels [B]; got "
+                         f"{tuple(completions.shape)}, {tuple(mask.shape)}, {tuple(labels.shape)}")
+    nm = int(mask[0].sum())
+    if not bool((mask.sum(1) == nm).all()) or nm == 0:
+        raise ValueError("every image must mask the same, non-zero number of patches")
+    slots = completions[:, mask].reshape(k, b, nm, *completions.shape[3:])  # [k, B, Nm, C, p, p]
+    modes, accepted = oracle.classify(slots)  # [k, B, Nm]
+    m = 2 * oracle.generator.num_classes
+    hits = torch.nn.functional.one_hot(modes, m).bool() & accepted[..., None]  # [k, B, Nm, M]
+    found = hits.any(dim=0)  # [B, Nm, M]: Q_ij
+    plausible = torch.zeros(b, m, dtype=torch.bool)
+    plausible[torch.arange(b), 2 * labels] = True
+    plausible[torch.arange(b), 2 * labels + 1] = True
+    n_found = found.sum(-1).float()  # [B, Nm]
+    tp = (found & plausible[:, None]).sum(-1).float()
+    precision = torch.where(n_found > 0, tp / n_found.clamp_min(1), torch.zeros_like(tp))
+    recall = tp / plausible.sum(-1, keepdim=True).float()
+    null = 1 - accepted.float().mean(dim=0)  # [B, Nm]
+    empty = (n_found == 0).float()
+    return {"precision": precision.mean(1), "recall": recall.mean(1), "null_rate": null.mean(1),
+            "empty_rate": empty.mean(1)}
+
+
+def context_completion(model, cfg, oracle: PatchOracle, *, k: int | None = None, n_images: int | None = None,
+                       seed: int | None = None, dataset=None, device="cpu") -> dict[str, float]:
+    """Mean Context-Completion metrics of ``model`` on fixed validation images with fixed masks
+    (``cfg.mask``; :func:`study.evaluation.samples.fixed_batch`): ``k`` completions per image
+    (default ``min(cimle.k, 8)``; least squares repeats its one output)."""
+    from study.evaluation import samples as S
+
+    if dataset is None:
+        from study.data import build_eval_datasets
+
+        dataset = build_eval_datasets(cfg)[1]
+    seed = S.SEED if seed is None else seed
+    k = S.num_samples(cfg) if k is None else int(k)
+    batch = S.fixed_batch(cfg, len(dataset) if n_images is None else n_images, seed, dataset)
+    model.to(device)
+    patches = S.model_samples(model, batch, k, seed, device)  # [k, B, N, D] pixel space
+    model.cpu()
+    comp = to_generator_layout(patches, cfg.model.patch_size, cfg.model.in_chans)
+    res = completion_metrics(oracle, comp, batch.mask, batch.labels)
+    out = {name: float(v.mean()) for name, v in res.items()}
+    out.update(k=k, images=int(batch.images.shape[0]))
+    return out
+
+
+def completion_protocol(cfg, models: dict, *, device="cpu", k: int | None = None, n_images: int | None = None,
+                        seed: int | None = None) -> list[dict]:
+    """Rows for the ``completion`` protocol: oracle quality once, ``cc_*`` per model in ``models``."""
+    from study.data import build_eval_datasets
+
+    check_synthetic(cfg)
+    dataset = build_eval_datasets(cfg)[1]
+    generator = synthetic_generator(cfg, dataset)
+    t0 = time.perf_counter()
+    oracle = train_oracle(generator)
+    oracle_seconds = time.perf_counter() - t0
+    base = {"cc_radius": oracle.radius, "cc_reject_fraction": REJECT_FRACTION, "oracle_train": ORACLE_TRAIN,
+            "oracle_test": ORACLE_TEST}
+    rows = []
+    for metric, value in (("oracle_accuracy", oracle.accuracy), ("oracle_bayes_agreement", oracle.bayes_agreement),
+                          ("oracle_clean_null_rate", oracle.clean_null_rate),
+                          ("oracle_mean_null_rate", oracle.mean_null_rate), ("oracle_seconds", oracle_seconds)):
+        rows.append({"encoder": "pretrained", "metric": metric, "value": value, **base})
+    for enc_name, model in models.items():
+        t0 = time.perf_counter()
+        res = context_completion(model, cfg, oracle, k=k, n_images=n_images, seed=seed, dataset=dataset,
+                                 device=device)
+        extra = {**base, "cc_k": res["k"], "cc_images": res["images"]}
+        for name in ("precision", "recall", "null_rate", "empty_rate"):
+            rows.append({"encoder": enc_name, "metric": f"cc_{name}", "value": res[name], **extra})
+        rows.append({"encoder": enc_name, "metric": "completion_seconds", "value": time.perf_counter() - t0,
+                     **extra})
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - quick look at the oracle
+    from study.config import load_config
+
+    _cfg = load_config("experiments/configs/synthetic.yaml")
+    _o = train_oracle(synthetic_generator(_cfg))
+    print(f"accuracy {_o.accuracy:.4f} bayes {_o.bayes_agreement:.4f} radius {_o.radius:.3f} "
+          f"clean null {_o.clean_null_rate:.4f} mean null {_o.mean_null_rate:.4f} "
+          f"noise floor {_o.generator.noise_std * math.sqrt(_o.generator.modes[0].numel()):.3f}")

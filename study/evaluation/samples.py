@@ -1,0 +1,224 @@
+"""Samples of a checkpoint's decoder: completed images, sample diversity, the ``samples`` protocol.
+
+For a checkpoint, a fixed-seed set of evaluation images (the validation split)
+and one fixed mask per image (the checkpoint's own mask kind and ratio) are
+completed by the model:
+
+* ``ls``: its single reconstruction (``MaskedAutoencoder.sample`` repeats it);
+* ``cimle``: ``k`` samples with ``z ~ N(0, I)``, ``k = min(cimle.k, 8)``;
+* ``mvae``: ``k`` samples from the prior, ``z ~ N(0, I)`` per masked token (the
+  variational encoder is not used, as at test time); ``k`` as for cimle.
+
+Masked patches of a completion are the model's (de-normalised to pixels when
+``norm_pix_loss``, with the true patches' statistics, as MAE's visualisation
+does); visible patches are pasted from the input.
+
+``sample_diversity``: for each image, the mean over the ``k (k - 1) / 2`` pairs
+of completions of the Euclidean (L2) distance between the two completions
+restricted to the masked patches (all their pixels and channels, pixel space
+of the model's input, i.e. after the dataset's normalisation), then the mean
+over images. Identical samples give exactly 0, which is what a least-squares
+model gives: it is computed, never assumed. It is computed on
+``DIVERSITY_IMAGES`` images (the figure shows the first ``SHOWN_IMAGES`` of
+them).
+
+Figures (per checkpoint and the LS / cIMLE / Masked VAE comparison) are drawn
+by :mod:`study.figures.samples`; the ``samples`` protocol of
+``python -m study evaluate`` writes ``samples_<objective>.{png,pdf}`` into
+``--figures`` and a ``sample_diversity`` row for the pretrained model and for
+the randomly initialised model of the same seed (``encoder = "random"``: the
+whole model, encoder and decoder, at its seeded initialisation).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MAX_SAMPLES", "SHOWN_IMAGES", "DIVERSITY_IMAGES", "SEED",
+    "SampleBatch", "fixed_batch", "num_samples", "completed_patches", "model_samples", "completed_images",
+    "sample_diversity",
+    "build_models", "load_models", "samples_protocol",
+]
+
+MAX_SAMPLES = 8  # cap on k for figures and diversity
+SHOWN_IMAGES = 4  # images (rows) in a figure
+DIVERSITY_IMAGES = 64  # images the diversity is averaged over
+SEED = 0  # images, masks and sample noise are drawn from generators seeded from this
+
+
+@dataclass
+class SampleBatch:
+    """Fixed evaluation images with one mask each."""
+
+    images: Tensor  # [B, C, H, W] model input (dataset-normalised)
+    labels: Tensor  # [B] int64
+    mask: Tensor  # [B, N] bool, True = masked
+    indices: Tensor  # [B] indices into the validation split
+
+    def head(self, n: int) -> "SampleBatch":
+        return SampleBatch(self.images[:n], self.labels[:n], self.mask[:n], self.indices[:n])
+
+
+def fixed_batch(cfg, n: int, seed: int = SEED, dataset=None) -> SampleBatch:
+    """``n`` validation images picked by a seeded permutation, and seeded masks of ``cfg.mask``.
+
+    The same ``(cfg data/model/mask, n, seed)`` always gives the same batch.
+    ``dataset``: the validation split (default: ``build_eval_datasets(cfg)[1]``).
+    """
+    from study.masking import build_mask_generator
+
+    if dataset is None:
+        from study.data import build_eval_datasets
+
+        dataset = build_eval_datasets(cfg)[1]
+    n = min(int(n), len(dataset))
+    if n < 1:
+        raise ValueError("need at least one image")
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    items = dataset.__getitems__(idx.tolist()) if hasattr(dataset, "__getitems__") else [dataset[i] for i in idx]
+    images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
+    labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+    grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
+    mask = build_mask_generator(cfg.mask, grid)(n, generator=torch.Generator().manual_seed(seed + 1))
+    return SampleBatch(images, labels, mask, idx)
+
+
+def num_samples(cfg, cap: int = MAX_SAMPLES) -> int:
+    """Samples drawn per image: ``min(cimle.k, cap)``, at least 2 (the diversity needs a pair).
+
+    Least squares draws as many as the others (its outputs are all the same); figures show one."""
+    return max(2, min(int(cfg.cimle.k), int(cap)))
+
+
+@torch.no_grad()
+def completed_patches(model, images: Tensor, mask: Tensor, n: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+    """``n`` completions in the model's patch layout ``[n, B, N, p*p*C]``, pixel space (de-normalised):
+    masked patches from the model, visible ones pasted from ``images``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        imgs = images.to(device)
+        m = mask.to(device)
+        pred = model.sample(imgs, m, n, generator=generator)  # [n, B, N, D]
+        pred = model.denormalize_pred(pred.float(), imgs)
+        target = model.patchify(imgs).float()  # [B, N, D]
+        out = torch.where(m[None, :, :, None], pred, target[None])
+    finally:
+        model.train(was_training)
+    return out.cpu()
+
+
+def model_samples(model, batch: SampleBatch, k: int, seed: int = SEED, device=None) -> Tensor:
+    """:func:`completed_patches` of ``batch`` with noise from a generator seeded by ``seed``
+    (the draw that the ``samples`` protocol and :mod:`study.figures.samples` share)."""
+    return completed_patches(model, batch.images, batch.mask, k, torch.Generator().manual_seed(seed + 2), device)
+
+
+def completed_images(model, patches: Tensor) -> Tensor:
+    """``[..., B, N, p*p*C]`` -> ``[..., B, C, H, W]`` (``model.unpatchify``)."""
+    lead = patches.shape[:-2]
+    imgs = model.unpatchify(patches.reshape(-1, *patches.shape[-2:]))  # [prod(lead), C, H, W]
+    return imgs.reshape(*lead, *imgs.shape[1:])
+
+
+def sample_diversity(samples: Tensor, mask: Tensor) -> float:
+    """Mean pairwise L2 distance between samples on the masked patches.
+
+    ``samples [k, B, N, D]`` (k >= 2), ``mask [B, N]`` bool. For each image the
+    mean over pairs ``i < j`` of ``||s_i - s_j||_2`` over the masked patches'
+    values, then the mean over images. Exactly 0 for identical samples."""
+    if samples.ndim != 4 or samples.shape[1:3] != mask.shape:
+        raise ValueError(f"samples must be [k, B, N, D] with mask [B, N], got {tuple(samples.shape)} and "
+                         f"{tuple(mask.shape)}")
+    k = samples.shape[0]
+    if k < 2:
+        raise ValueError("sample diversity needs at least 2 samples")
+    x = samples.double() * mask[None, :, :, None].to(torch.float64)  # visible patches contribute 0
+    x = x.flatten(2).transpose(0, 1)  # [B, k, N*D]
+    i, j = torch.triu_indices(k, k, 1)
+    d = (x[:, i] - x[:, j]).pow(2).sum(-1).sqrt()  # [B, pairs]
+    return float(d.mean())
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _seed_all(seed: int) -> None:
+    from study.evaluation.run import _seed_all as seed_all
+
+    seed_all(seed)
+
+
+def build_models(cfg, state: dict, fmt: str, which: Sequence[str] = ("pretrained",)) -> dict:
+    """Whole models (encoder and decoder) for ``which`` in ("pretrained", "random").
+
+    "random" is the model of ``cfg`` initialised after seeding with ``cfg.seed``
+    (the same draw the pretraining loop starts from; its encoder is the
+    random-init baseline of the other protocols). Needs this project's
+    checkpoint format: a facebookresearch MAE checkpoint carries no decoder
+    that this code loads."""
+    from study.evaluation.run import EvaluationError
+    from study.models import build_model
+
+    if fmt != "study":
+        raise EvaluationError("samples / completion need the decoder: only this project's checkpoints (with a "
+                              "config) are supported, not the encoder-only facebookresearch format")
+    out = {}
+    for name in which:
+        if name not in ("pretrained", "random"):
+            raise ValueError(f"unknown model {name!r}")
+        _seed_all(cfg.seed)
+        model = build_model(cfg)
+        if name == "pretrained":
+            model.load_state_dict(state["model"])
+        out[name] = model.eval()
+    return out
+
+
+def load_models(checkpoint: str | Path, which: Sequence[str] = ("pretrained",), overrides: Sequence[str] = ()):
+    """``(cfg, state, {name: model})`` of a checkpoint (full ``checkpoint.pt`` or a weights-only copy)."""
+    from study.evaluation.run import load_for_evaluation
+
+    cfg, state, fmt = load_for_evaluation(checkpoint, None, overrides)
+    return cfg, state, build_models(cfg, state, fmt, which)
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def samples_protocol(cfg, models: dict, *, figures: str | Path | None = "figures", device="cpu",
+                     n_images: int = DIVERSITY_IMAGES, n_shown: int = SHOWN_IMAGES, seed: int = SEED,
+                     max_samples: int = MAX_SAMPLES, name: str | None = None) -> list[dict]:
+    """Diversity rows for each model in ``models`` and, for "pretrained", the figure.
+
+    Returns ``[{"encoder", "metric", "value", **settings}]``: ``sample_diversity``
+    and ``samples_seconds`` per model. The figure ``<name or samples_<objective>>``
+    goes to ``figures`` (skipped when None)."""
+    batch = fixed_batch(cfg, n_images, seed)
+    k = num_samples(cfg, max_samples)
+    extra = {"samples_k": k, "samples_images": int(batch.images.shape[0]), "samples_seed": seed}
+    rows = []
+    for enc_name, model in models.items():
+        t0 = time.perf_counter()
+        model.to(device)
+        patches = model_samples(model, batch, k, seed, device)
+        div = sample_diversity(patches, batch.mask)
+        if enc_name == "pretrained" and figures is not None:
+            from study.figures.samples import plot_samples
+
+            plot_samples(model, batch.head(n_shown), patches[:, :n_shown], figures,
+                         name or f"samples_{cfg.objective}", dataset_name=cfg.data.name)
+        model.cpu()
+        seconds = time.perf_counter() - t0
+        rows.append({"encoder": enc_name, "metric": "sample_diversity", "value": div, **extra})
+        rows.append({"encoder": enc_name, "metric": "samples_seconds", "value": seconds, **extra})
+    return rows
