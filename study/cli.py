@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
     p.set_defaults(func=_cmd_sweep)
 
+    from study.bench import add_arguments as add_bench_arguments
+    from study.bench import run_from_args as bench_from_args
+
+    p = sub.add_parser("bench", help="time training steps: ls, cimle at each k, mvae vs transformers' ViTMAE")
+    _add_config_args(p)
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_from_args)
+
     # parsed by study.imagenet100 itself (see main): listed here for --help
     sub.add_parser("build-in100", help="build ImageNet-100 as symlinks from a local ImageNet-1k (--src, --dst)")
     return parser

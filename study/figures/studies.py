@@ -51,7 +51,10 @@ def mask_strength_table(table: pd.DataFrame) -> pd.DataFrame:
     """Accuracy in percent, mean ± std over seeds, per dataset, mask kind and ratio."""
     rows = _accuracy_rows(table)
     pretrained = rows[rows.encoder == "pretrained"]
+    # every run of a seed evaluates the same random-init encoder: count it once per seed
     baseline = rows[rows.encoder == "random"].assign(objective="random init")
+    baseline = baseline.drop_duplicates([c for c in ("dataset", "mask_kind", "mask_ratio", "seed", "metric", "pool")
+                                         if c in baseline.columns])
     return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_kind", "mask_ratio"])
 
 
