@@ -403,13 +403,18 @@ class _Trainer:
             mask = self.make_mask(imgs.shape[0], generator=self.gen, device=self.device)  # [B, N]
             with _autocast(use, self.device):
                 out = net(imgs, mask, generator=self.gen)
-            scaler.scale(out.loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            return out.loss.detach()
+            return _optimizer_step(out.loss, scaler, opt)
 
         return step
+
+
+def _optimizer_step(loss: Tensor, scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> Tensor:
+    """Backward, (scaled) AdamW step and zero_grad: the part of a training step every variant shares."""
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 class _HFTrainer:
@@ -432,11 +437,7 @@ class _HFTrainer:
         def step() -> Tensor:
             with _autocast(self.cfg, self.device):
                 out = net(pixel_values=imgs)
-            scaler.scale(out.loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            return out.loss.detach()
+            return _optimizer_step(out.loss, scaler, opt)
 
         return step
 

@@ -47,6 +47,18 @@ def _mean_std(frame: pd.DataFrame, index: list[str]) -> pd.DataFrame:
     return stats.pivot_table(index=index, columns=["metric", "objective"], values="cell", aggfunc="first")
 
 
+def _save_with_shared_legend(fig, axes, out_dir: str | Path, name: str) -> list[Path]:
+    """Move the first panel's legend below the grid, save PNG + PDF, close the figure."""
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if axes[0, 0].get_legend():
+        axes[0, 0].get_legend().remove()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    paths = save_figure(fig, out_dir, name)
+    plt.close(fig)
+    return paths
+
+
 def mask_strength_table(table: pd.DataFrame) -> pd.DataFrame:
     """Accuracy in percent, mean ± std over seeds, per dataset, mask kind and ratio."""
     rows = _accuracy_rows(table)
@@ -80,14 +92,7 @@ def mask_strength_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "
             ax.set_xlabel("mask ratio")
             ax.set_ylabel(metric if col == 0 else "")
             ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    if axes[0, 0].get_legend():
-        axes[0, 0].get_legend().remove()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    paths = save_figure(fig, out_dir, name)
-    plt.close(fig)
-    return paths
+    return _save_with_shared_legend(fig, axes, out_dir, name)
 
 
 def efficiency_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -126,14 +131,7 @@ def efficiency_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "eff
                 ax.set_xlabel(label)
                 ax.set_ylabel(metric if col == 0 else "")
                 ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    if axes[0, 0].get_legend():
-        axes[0, 0].get_legend().remove()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    paths = save_figure(fig, out_dir, name)
-    plt.close(fig)
-    return paths
+    return _save_with_shared_legend(fig, axes, out_dir, name)
 
 
 def noise_block_table(table: pd.DataFrame) -> pd.DataFrame:
