@@ -52,6 +52,9 @@ class ModelConfig:
     decoder_depth: int = 1
     decoder_heads: int = 4
     norm_pix_loss: bool = False
+    # position embeddings of encoder and decoder: fixed 2-D sin-cos (MAE) or learned
+    # (ViT; initialised N(0, 0.02^2)); on the 16-token MNIST config learned ones probe better
+    pos_embed: Literal["sincos", "learned"] = "sincos"
 
 
 @dataclass
@@ -74,9 +77,13 @@ class CIMLEConfig:
 
 @dataclass
 class MVAEConfig:
-    beta: float = 0.001
-    lr_factor: float = 1.0  # learning-rate multiplier for the variational encoder
-    depth: int = 1  # transformer blocks in the variational encoder
+    """The Masked VAE as published (papers/masked_vae.txt, section 4): the KL is
+    averaged per latent feature and weighted by beta = 30, and the variational
+    encoder learns at 1/100 of the main learning rate."""
+
+    beta: float = 30.0
+    lr_factor: float = 0.01  # learning-rate multiplier for the variational encoder
+    depth: int | None = None  # transformer blocks in the variational encoder (None: as deep as the encoder)
 
 
 @dataclass
@@ -174,7 +181,8 @@ def validate(cfg: Config) -> Config:
            f"must be null or >= 1, got {cfg.cimle.chunk}")
     _check(cfg.mvae.beta >= 0, "mvae.beta", f"must be >= 0, got {cfg.mvae.beta}")
     _check(cfg.mvae.lr_factor > 0, "mvae.lr_factor", f"must be > 0, got {cfg.mvae.lr_factor}")
-    _check(cfg.mvae.depth >= 1, "mvae.depth", f"must be >= 1, got {cfg.mvae.depth}")
+    _check(cfg.mvae.depth is None or cfg.mvae.depth >= 1, "mvae.depth",
+           f"must be null (as deep as the encoder) or >= 1, got {cfg.mvae.depth}")
 
     _check(0.0 < cfg.mask.ratio < 1.0, "mask.ratio", f"must be in (0, 1), got {cfg.mask.ratio}")
     n = cfg.num_patches

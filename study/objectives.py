@@ -8,8 +8,8 @@ prediction, so the loss code exists once.
 * ``cimle(predict, target, k=..., noise_shape=...)``: draw k noise samples per
   example, decode them without gradient, keep the nearest to the target and
   return ``least_squares`` of the prediction at that noise (with gradient).
-* ``gaussian_kl(mu, logvar, mask)``: KL(N(mu, exp(logvar)) || N(0, I)), the
-  Masked VAE's regulariser.
+* ``gaussian_kl(mu, logvar, mask, features=...)``: KL(N(mu, exp(logvar)) || N(0, I)),
+  the Masked VAE's regulariser, summed or averaged over the latent features.
 
 Shapes: ``target`` is ``(B, *positions, *features)``. ``mask``, when given, is
 ``(B, *positions)``: it covers the leading dims of ``target`` and the trailing
@@ -20,7 +20,7 @@ nonzero mask entry means "this position counts" (MAE: the masked patches).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -186,17 +186,25 @@ def cimle(
     return CIMLEResult(loss=loss, z=chosen, distances=distances, index=index, pred=pred)
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dim, averaged over positions.
+def gaussian_kl(mu: Tensor, logvar: Tensor, mask: Tensor | None = None, *,
+                features: Literal["sum", "mean"] = "sum") -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per position, averaged over positions.
 
     ``mu`` and ``logvar`` are ``(B, *positions, d)``; ``mask`` (optional) is
-    ``(B, *positions)`` and selects the positions that count.
+    ``(B, *positions)`` and selects the positions that count. ``features``:
+    ``"sum"`` adds the d per-feature terms (the textbook KL of a position),
+    ``"mean"`` averages them, so the result is the mean over all latent features
+    of all positions: the Masked VAE paper's ``beta / (2J) sum_j (...)``, whose
+    beta = 30 is calibrated for that per-feature scale (d times weaker than "sum").
     """
     if mu.shape != logvar.shape:
         raise ValueError(f"mu shape {tuple(mu.shape)} and logvar shape {tuple(logvar.shape)} differ")
     if mu.ndim < 2:
         raise ValueError(f"mu must be (B, ..., d), got shape {tuple(mu.shape)}")
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)  # [B, *positions]
+    if features not in ("sum", "mean"):
+        raise ValueError(f"features must be 'sum' or 'mean', got {features!r}")
+    per_feature = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # [B, *positions, d]
+    kl = per_feature.sum(dim=-1) if features == "sum" else per_feature.mean(dim=-1)  # [B, *positions]
     if mask is None:
         return kl.mean()
     if tuple(mask.shape) != tuple(kl.shape):

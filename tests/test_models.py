@@ -386,3 +386,33 @@ def test_ls_rejects_noise():
     hidden = cim.decoder.prefix(cim.encoder(imgs, ids.keep), ids.restore)
     with pytest.raises(ValueError, match="z has shape"):
         cim.decoder.suffix(hidden, torch.zeros(B, N_MASK, 4), mask)
+
+
+def test_mvae_kl_is_a_per_feature_mean_weighted_by_beta():
+    cfg = tiny_cfg("mvae", dim=6)
+    cfg.mvae = MVAEConfig(beta=30.0, depth=None)
+    model = make_model(cfg)
+    assert len(model.variational_encoder.blocks) == cfg.model.depth  # depth None: as deep as the encoder
+    torch.nn.init.normal_(model.variational_encoder.logvar.weight, std=0.3)  # sigma != 1 somewhere
+    imgs, mask = make_batch()
+    out = model(imgs, mask, generator=gen())
+    mu, logvar = model.variational_encoder(imgs, mask_indices(mask).masked)  # [B, N_mask, 6]
+    per_feature = 0.5 * (mu**2 + logvar.exp() - 1 - logvar)
+    torch.testing.assert_close(out.stats["kl"], per_feature.mean().detach())
+    assert not torch.allclose(out.stats["kl"], per_feature.sum(-1).mean().detach())
+    torch.testing.assert_close(out.loss, out.stats["recon"] + 30.0 * per_feature.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_mvae_published_defaults_reach_the_optimizer():
+    from study.config import load_config
+    from study.train import _param_groups
+
+    cfg = load_config("experiments/configs/cpu-small.yaml", ["objective=mvae"])
+    assert (cfg.mvae.beta, cfg.mvae.lr_factor) == (30.0, 0.01)
+    model = build_model(cfg)
+    groups = _param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        variational = {names[id(p)].startswith("variational_encoder.") for p in group["params"]}
+        assert len(variational) == 1
+        assert group["lr_scale"] == (0.01 if variational.pop() else 1.0)

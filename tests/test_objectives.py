@@ -149,3 +149,9 @@ def test_gaussian_kl_matches_torch_distributions():
     torch.testing.assert_close(gaussian_kl(torch.ones(1, 1), torch.ones(1, 1)), torch.tensor((torch.e - 1) / 2))
     with pytest.raises(ValueError, match="mu shape .* and logvar shape .* differ"):
         gaussian_kl(mu, logvar[..., :2])
+    # the Masked VAE's scale: the mean over every latent feature of every position
+    per_feature = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0))  # [4, 3, 5]
+    torch.testing.assert_close(gaussian_kl(mu, logvar, features="mean"), per_feature.mean())
+    torch.testing.assert_close(gaussian_kl(mu, logvar, mask, features="mean"), per_feature[:, [0, 2]].mean())
+    with pytest.raises(ValueError, match="features must be"):
+        gaussian_kl(mu, logvar, features="max")

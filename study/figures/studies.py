@@ -4,7 +4,9 @@
   dataset and mask kind, LS vs cIMLE (vs Masked VAE), mean and 95% interval
   over seeds, with the random-init encoder as a dashed baseline;
 * efficiency: the same metrics against pretraining epochs and wall-clock seconds;
-* noise block: cIMLE with noise at the decoder input vs at its last block.
+* noise block: cIMLE with noise at the decoder input vs at its last block;
+* paired differences: objective - LS with the same seed, mean and 95% t-interval
+  (``study.statistics``), the comparison that can tell objectives apart.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from study.statistics import paired_differences  # noqa: E402
+
 __all__ = ["mask_strength_figure", "mask_strength_table", "efficiency_figure", "efficiency_table",
-           "noise_block_figure", "noise_block_table"]
+           "noise_block_figure", "noise_block_table", "paired_difference_figure", "paired_difference_table"]
 
 METRICS = {"linear_top1": "linear probe top-1", "knn_top1": "k-NN top-1"}
 
@@ -116,9 +120,7 @@ def efficiency_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "eff
                 ax = axes[row, col]
                 data = pretrained[(pretrained.panel == panel) & (pretrained.metric == metric)]
                 if x == "train_seconds":
-                    # seeds differ in wall-clock: draw each seed's curve instead of a band
-                    sns.lineplot(data=data, x=x, y="value", hue="objective", units="seed", estimator=None,
-                                 palette=OBJECTIVE_PALETTE, marker="o", alpha=0.8, ax=ax, legend=False)
+                    _mean_curve_over_seeds(data, ax)
                 else:
                     sns.lineplot(data=data, x=x, y="value", hue="objective", palette=OBJECTIVE_PALETTE,
                                  errorbar=("ci", 95), n_boot=1000, seed=0, marker="o", ax=ax,
@@ -132,6 +134,16 @@ def efficiency_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "eff
                 ax.set_ylabel(metric if col == 0 else "")
                 ax.grid(alpha=0.3)
     return _save_with_shared_legend(fig, axes, out_dir, name)
+
+
+def _mean_curve_over_seeds(data: pd.DataFrame, ax) -> None:
+    """Seeds differ in wall-clock: one line per objective through (mean seconds, mean accuracy) at
+    each snapshot, with the seeds' std as error bars on both axes (joining raw points zigzags)."""
+    for objective, part in data.groupby("objective", sort=True):
+        stats = part.groupby("epochs").agg(t=("train_seconds", "mean"), t_sd=("train_seconds", "std"),
+                                          v=("value", "mean"), v_sd=("value", "std")).fillna(0.0)
+        ax.errorbar(stats.t, stats.v, xerr=stats.t_sd, yerr=stats.v_sd, marker="o", ms=4, capsize=2,
+                    color=OBJECTIVE_PALETTE.get(objective, "0.3"), label=objective)
 
 
 def noise_block_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -169,6 +181,64 @@ def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "no
                ylabel="accuracy")
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    paths = save_figure(fig, out_dir, name)
+    plt.close(fig)
+    return paths
+
+
+def paired_difference_table(table: pd.DataFrame, baseline: str = "ls") -> pd.DataFrame:
+    """Objective - LS per seed, mean and 95% t-interval in accuracy points; ``*`` where it excludes 0."""
+    diffs = paired_differences(table, baseline)
+    diffs["cell"] = [f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{' *' if ex else ''} (n={n})"
+                     for m, lo, hi, ex, n in zip(diffs.mean_diff, diffs.ci_low, diffs.ci_high, diffs.excludes_zero,
+                                                 diffs.n)]
+    diffs["metric"] = diffs.metric.map(METRICS)
+    diffs["objective"] = diffs.objective.map(OBJECTIVE_LABELS).fillna(diffs.objective) + " - LS"
+    index = [k for k in ("dataset", "mask_kind", "mask_ratio", "epochs") if k in diffs.columns]
+    return diffs.pivot_table(index=index, columns=["pool", "metric", "objective"], values="cell", aggfunc="first")
+
+
+def paired_difference_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "paired_differences",
+                             baseline: str = "ls") -> list[Path]:
+    """Per mask setting: objective - LS (same seed), mean and 95% t-interval over seeds, in accuracy points.
+
+    Filled markers: the interval excludes 0; open markers: no difference detected.
+    """
+    diffs = paired_differences(table, baseline)
+    diffs["label"] = diffs.objective.map(OBJECTIVE_LABELS).fillna(diffs.objective)
+    diffs["setting"] = [f"{kind} {ratio:g}" for kind, ratio in zip(diffs.mask_kind, diffs.mask_ratio)]
+    settings = list(dict.fromkeys(diffs.sort_values(["mask_kind", "mask_ratio"]).setting))
+    pools = sorted(diffs["pool"].unique()) if "pool" in diffs.columns else ["-"]
+    labels = sorted(diffs.label.unique())
+    fig, axes = plt.subplots(len(pools), len(METRICS), figsize=(1.0 * len(settings) + 3.5, 3.0 * len(pools)),
+                             squeeze=False, sharey="row")
+    width = 0.6 / max(len(labels), 1)
+    for r, pool in enumerate(pools):
+        for c, (metric, title) in enumerate(METRICS.items()):
+            ax = axes[r, c]
+            for j, label in enumerate(labels):
+                part = diffs[(diffs.metric == metric) & (diffs.label == label)]
+                if "pool" in part.columns:
+                    part = part[part["pool"] == pool]
+                part = part.set_index("setting").reindex(settings).dropna(subset=["mean_diff"])
+                x = [settings.index(s) + (j - (len(labels) - 1) / 2) * width for s in part.index]
+                y = 100 * part.mean_diff
+                err = [100 * (part.mean_diff - part.ci_low), 100 * (part.ci_high - part.mean_diff)]
+                color = OBJECTIVE_PALETTE.get(label, "0.3")
+                ax.errorbar(x, y, yerr=err, fmt="none", ecolor=color, capsize=3, lw=1.2, label=f"{label} - LS")
+                filled = part.excludes_zero.astype(bool).to_numpy()
+                ax.scatter([xi for xi, f in zip(x, filled) if f], y[filled], color=color, zorder=3)
+                ax.scatter([xi for xi, f in zip(x, filled) if not f], y[~filled], facecolor="white",
+                           edgecolor=color, zorder=3)
+            ax.axhline(0, color="0.3", lw=1)
+            ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
+            ax.set_title(f"{title}, {pool} features" if pool != "-" else title)
+            ax.set_ylabel("difference to LS (points)" if c == 0 else "")
+            ax.grid(alpha=0.3, axis="y")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=max(len(names), 1), frameon=False,
+               title="same seed, mean and 95% t-interval; filled: interval excludes 0", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths = save_figure(fig, out_dir, name)
     plt.close(fig)
     return paths

@@ -28,6 +28,8 @@ masked positions. ``block == depth`` puts the noise right before
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,8 +37,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from study.config import NoiseConfig
-from study.models.encoder import _layer_norm, init_mae_weights
-from study.models.pos_embed import sincos_2d
+from study.models.encoder import _layer_norm, init_mae_weights, position_embedding
 
 __all__ = ["MAEDecoder", "DecoderBlock", "VmapSafeAttention", "masked_rank"]
 
@@ -111,6 +112,7 @@ class MAEDecoder(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         noise: NoiseConfig | None = None,
+        pos_embed: Literal["sincos", "learned"] = "sincos",
     ) -> None:
         super().__init__()
         self.num_patches = num_patches
@@ -123,9 +125,7 @@ class MAEDecoder(nn.Module):
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))  # [1, 1, Dd]
-        self.decoder_pos_embed = nn.Parameter(
-            sincos_2d(decoder_dim, grid_size, cls_token=True)[None], requires_grad=False
-        )  # [1, 1+N, Dd]
+        self.decoder_pos_embed = position_embedding(decoder_dim, grid_size, pos_embed)  # [1, 1+N, Dd]
         self.decoder_blocks = nn.ModuleList(DecoderBlock(decoder_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.decoder_norm = _layer_norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_dim)

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 
 from study.models.pos_embed import sincos_2d
 
-__all__ = ["ViTEncoder", "load_pretrained_encoder", "init_mae_weights"]
+__all__ = ["ViTEncoder", "load_pretrained_encoder", "init_mae_weights", "position_embedding"]
 
 _layer_norm = partial(nn.LayerNorm, eps=1e-6)  # as timm ViT / MAE
 
@@ -47,8 +47,18 @@ def init_patch_embed(proj: nn.Conv2d) -> None:
         nn.init.zeros_(proj.bias)
 
 
+def position_embedding(dim: int, grid_size: tuple[int, int], kind: Literal["sincos", "learned"]) -> nn.Parameter:
+    """``[1, 1+N, dim]`` with the class token's slot first: fixed 2-D sin-cos (MAE) or learned (ViT init)."""
+    if kind == "sincos":
+        return nn.Parameter(sincos_2d(dim, grid_size, cls_token=True)[None], requires_grad=False)
+    if kind == "learned":
+        table = torch.empty(1, 1 + grid_size[0] * grid_size[1], dim)
+        return nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
+    raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {kind!r}")
+
+
 class ViTEncoder(nn.Module):
-    """ViT with a class token and fixed 2-D sin-cos position embeddings.
+    """ViT with a class token and 2-D sin-cos (or learned) position embeddings.
 
     ``forward(imgs, ids_keep)`` embeds all patches, keeps the ``ids_keep`` ones
     (the visible patches, in the given order), prepends the class token and
@@ -65,16 +75,15 @@ class ViTEncoder(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
+        pos_embed: Literal["sincos", "learned"] = "sincos",
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches  # N
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # [1, 1, D]
-        # fixed, stored in the state dict like the published checkpoints
-        self.pos_embed = nn.Parameter(
-            sincos_2d(embed_dim, self.patch_embed.grid_size, cls_token=True)[None], requires_grad=False
-        )  # [1, 1+N, D]
+        # stored in the state dict like the published checkpoints, whether fixed or learned
+        self.pos_embed = position_embedding(embed_dim, self.patch_embed.grid_size, pos_embed)  # [1, 1+N, D]
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth rule (timm)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rates[i],

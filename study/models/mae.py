@@ -10,7 +10,8 @@ One model class for the three objectives (``cfg.objective``):
   ``least_squares`` on it with gradient: the suffix runs k + 1 times.
 * ``"mvae"``: Masked VAE. A variational encoder peeks at the masked patches and
   gives ``mu, logvar [B, N_mask, dim]``; ``z = mu + sigma * eps`` enters the
-  decoder per masked token; ``loss = least_squares + beta * gaussian_kl``.
+  decoder per masked token; ``loss = least_squares + beta * gaussian_kl``, the KL
+  averaged per latent feature (the paper's scale for beta = 30).
   Token scope is forced (the method is defined per masked token), whatever
   ``cfg.noise.scope`` says; ``cfg.noise.block`` / ``injection`` / ``dim`` apply.
 
@@ -88,7 +89,7 @@ class MaskedAutoencoder(nn.Module):
         self.norm_pix_loss = m.norm_pix_loss
 
         self.encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth, m.num_heads,
-                                  m.mlp_ratio, m.drop_path)
+                                  m.mlp_ratio, m.drop_path, m.pos_embed)
         self.num_patches = self.encoder.num_patches
         self.grid_size = tuple(self.encoder.patch_embed.grid_size)
         noise: NoiseConfig | None = None
@@ -98,11 +99,13 @@ class MaskedAutoencoder(nn.Module):
             noise = dataclasses.replace(cfg.noise, scope="token")
         self.noise = noise
         self.decoder = MAEDecoder(self.num_patches, self.grid_size, m.patch_size**2 * m.in_chans, m.embed_dim,
-                                  m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mlp_ratio, noise)
+                                  m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mlp_ratio, noise,
+                                  m.pos_embed)
         self.variational_encoder: VariationalEncoder | None = None
         if self.objective == "mvae":
+            depth = m.depth if cfg.mvae.depth is None else cfg.mvae.depth  # the paper: the encoder's architecture
             self.variational_encoder = VariationalEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim,
-                                                          cfg.mvae.depth, m.num_heads, cfg.noise.dim, m.mlp_ratio)
+                                                          depth, m.num_heads, cfg.noise.dim, m.mlp_ratio)
 
     def no_weight_decay(self) -> set[str]:
         names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -195,7 +198,7 @@ class MaskedAutoencoder(nn.Module):
         z = mu + (0.5 * logvar).exp() * eps.to(mu.dtype)  # [B, N_mask, dim]
         pred = self.decoder.suffix(hidden, z, mask)  # [B, N, p*p*C]
         recon = least_squares(pred, target, mask)
-        kl = gaussian_kl(mu.float(), logvar.float())
+        kl = gaussian_kl(mu.float(), logvar.float(), features="mean")  # per latent feature, as the paper
         loss = recon + self.cfg.mvae.beta * kl
         stats = {"recon": recon.detach(), "kl": kl.detach(), "sigma": (0.5 * logvar.detach().float()).exp().mean()}
         return PretrainOutput(loss, stats)

@@ -1,0 +1,46 @@
+"""Paired differences over seeds: the comparison the studies report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from study.statistics import paired_differences, t_interval
+
+
+def _rows(values: dict[str, list[float]], metric="knn_top1", ratio=0.9, encoder="pretrained"):
+    return [dict(objective=obj, seed=seed, encoder=encoder, metric=metric, value=v, dataset="mnist",
+                 mask_kind="random", mask_ratio=ratio, pool="mean", epochs=40)
+            for obj, vs in values.items() for seed, v in enumerate(vs)]
+
+
+def test_t_interval_matches_scipy():
+    x = np.array([0.01, 0.03, -0.01, 0.02, 0.04])
+    mean, low, high = t_interval(x)
+    ref = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert mean == pytest.approx(x.mean()) and (low, high) == pytest.approx(ref)
+    assert np.isnan(t_interval(np.array([1.0]))[1])
+
+
+def test_pairing_cancels_seed_noise():
+    # seeds differ by a lot, the objective adds a constant 0.02: unpaired bands overlap, pairs do not
+    seed_effect = [0.60, 0.70, 0.80, 0.65, 0.75]
+    table = pd.DataFrame(_rows({"ls": seed_effect, "cimle": [v + 0.02 + 0.001 * i for i, v in enumerate(seed_effect)]}))
+    out = paired_differences(table)
+    (row,) = out.itertuples()
+    assert row.n == 5 and row.mean_diff == pytest.approx(0.022)
+    assert row.excludes_zero and row.ci_low > 0
+
+
+def test_no_difference_is_reported_as_such_and_unpaired_seeds_are_dropped():
+    table = pd.DataFrame(_rows({"ls": [0.8, 0.7, 0.9], "mvae": [0.81, 0.69, 0.9, 0.5]})
+                         + _rows({"ls": [0.1] * 3, "mvae": [0.9] * 3}, encoder="random"))
+    (row,) = paired_differences(table).itertuples()
+    assert row.n == 3 and row.objective == "mvae" and not row.excludes_zero
+
+
+def test_missing_baseline_is_an_error():
+    with pytest.raises(ValueError, match="no 'ls' rows"):
+        paired_differences(pd.DataFrame(_rows({"cimle": [0.5, 0.6]})))
