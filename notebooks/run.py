@@ -26,6 +26,9 @@ results = "results/results.csv"
 protocols = "knn,linear"
 pools = "cls,mean"  # frozen features: class token and mean of patch tokens (each gets its rows)
 snapshots = False  # also evaluate every snapshots/epoch_*.pt (efficiency curves)
+# objectives whose points also evaluate the random-init encoder; it depends only on the seed and
+# the encoder's config, so a sweep over objectives needs it from one of them ("ls") only
+random_baseline_objectives = "ls,cimle,mvae"
 sweep = ""
 point = ""
 
@@ -52,8 +55,9 @@ rows = []
 for pool in pools.split(","):
     for i, checkpoint in enumerate(checkpoints):
         # the random-init baseline does not depend on the snapshot: evaluate it once
-        rows += evaluate(checkpoint, protocols, results=None, pool=pool,
-                         random_baseline=(i == len(checkpoints) - 1), progress=False, verbose=False)
+        last = i == len(checkpoints) - 1
+        rows += evaluate(checkpoint, protocols, results=None, pool=pool, progress=False, verbose=False,
+                         random_baseline=last and cfg.objective in random_baseline_objectives.split(","))
 for r in rows:
     r.update(sweep=sweep, point=point)
 # a rerun of this point replaces its rows rather than adding a second copy

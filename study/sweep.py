@@ -42,7 +42,9 @@ class Sweep:
     results: str = "results/results.csv"
     runs_dir: str = "runs"
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
-    grid: dict[str, list] = field(default_factory=dict)
+    # a mapping {key: [values]} (every combination), or a list of such mappings
+    # (the union of their combinations, e.g. random masks at 4 ratios and block masks at 2)
+    grid: dict[str, list] | list[dict[str, list]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     fixed: dict[str, Any] = field(default_factory=dict)
     parallel: int = 1
@@ -80,22 +82,29 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     data.setdefault("root", str(root))
     if "config" not in data:
         raise ConfigError(f"{path}: 'config' (the base config file) is required")
-    for key, values in data.get("grid", {}).items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: grid.{key} must be a non-empty list")
+    grid = data.get("grid", {})
+    subgrids = grid if isinstance(grid, list) else [grid]
+    for i, sub in enumerate(subgrids):
+        where = f"grid[{i}]" if isinstance(grid, list) else "grid"
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{path}: {where} must be a mapping of key: [values]")
+        for key, values in sub.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: {where}.{key} must be a non-empty list")
     return Sweep(**data)
 
 
 def expand(sweep: Sweep) -> list[Point]:
-    """Every grid combination times every seed; each point's config is validated up front."""
-    keys = list(sweep.grid)
+    """Every grid combination (of each sub-grid) times every seed; each point's config is validated up front."""
     fixed = [f"{k}={_yaml_value(v)}" for k, v in sweep.fixed.items()]
     points = []
-    for values in itertools.product(*(sweep.grid[k] for k in keys)):
-        for seed in sweep.seeds:
-            overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
-            load_config(sweep.path(sweep.config), overrides)  # fail before any work
-            points.append(Point(overrides=overrides, seed=seed))
+    for grid in sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            for seed in sweep.seeds:
+                overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
+                load_config(sweep.path(sweep.config), overrides)  # fail before any work
+                points.append(Point(overrides=overrides, seed=seed))
     return points
 
 

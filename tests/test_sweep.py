@@ -87,3 +87,18 @@ def test_bad_grid_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="mask.ratio"):
         expand(load_sweep(path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_list_of_grids_is_the_union_of_their_combinations(tmp_path):
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text().replace("grid:\n  mask.ratio: [0.5, 0.9]\n",
+                                             "grid:\n  - {mask.kind: [random], mask.ratio: [0.5, 0.9]}\n"
+                                             "  - {mask.kind: [block], mask.ratio: [0.75]}\n"))
+    points = expand(load_sweep(path))
+    kinds = sorted((p.overrides[0], p.overrides[1], p.seed) for p in points)
+    assert kinds == sorted([(f"mask.kind={k}", f"mask.ratio={r}", s)
+                            for k, r in [("random", 0.5), ("random", 0.9), ("block", 0.75)] for s in (0, 1)])
+    assert len({p.slug for p in points}) == 6
+    path.write_text(path.read_text().replace("  - {mask.kind: [block], mask.ratio: [0.75]}\n", "  - [block]\n"))
+    with pytest.raises(ConfigError, match=r"grid\[1\] must be a mapping"):
+        load_sweep(path)

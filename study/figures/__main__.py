@@ -4,7 +4,8 @@
 
 * toy: ``results/toy/toy_results.csv`` (written by ``toy/regression_to_mean.py``)
 * masks: drawn from the mask generators (fixed seeds)
-* mask strength, efficiency, noise block: ``results/<sweep>.csv`` (``make experiments``)
+* mask strength (and its paired differences), efficiency, noise block: ``results/<sweep>.csv``
+  (``make experiments``)
 * samples: the small committed checkpoints ``results/checkpoints/*.pt``
 
 A figure whose stored results are missing is reported and skipped (exit
@@ -23,6 +24,7 @@ from study.figures.common import save_figure  # noqa: F401  (sets the Agg backen
 
 STUDIES = {
     "mask_strength_cpu": "mask_strength",
+    "mask_strength_cpu_paired": "paired_difference",
     "efficiency_cpu": "efficiency",
     "noise_block_cpu": "noise_block",
 }
@@ -47,7 +49,7 @@ def _study(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
         from study.figures import studies
         from study.results import read_results
 
-        table = read_results(results / f"{sweep}.csv")
+        table = read_results(results / f"{sweep.removesuffix('_paired')}.csv")
         return getattr(studies, f"{kind}_figure")(table, out, name=sweep)
 
     return draw
