@@ -14,10 +14,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["paired_differences", "t_interval", "PAIR_KEYS"]
+__all__ = ["paired_differences", "t_interval", "objective_variants", "PAIR_KEYS"]
 
 # columns that, together with the seed, identify the setting two runs must share to be paired
 PAIR_KEYS = ("dataset", "mask_kind", "mask_ratio", "mask_filter", "pool", "epochs", "metric")
+
+
+def objective_variants(table: pd.DataFrame) -> pd.Series:
+    """The objective column, with cIMLE's per-token selection told apart: ``cimle-token``."""
+    objective = table["objective"].astype(str)
+    if "cimle_select" not in table.columns:
+        return objective
+    token = (objective == "cimle") & (table["cimle_select"] == "token")
+    return objective.where(~token, "cimle-token")
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -43,6 +52,7 @@ def paired_differences(table: pd.DataFrame, baseline: str = "ls", *, level: floa
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
     rows = table[(table.encoder == "pretrained") & table.metric.isin(list(metrics))]
+    rows = rows.assign(objective=objective_variants(rows))
     keys = [k for k in PAIR_KEYS if k in rows.columns]
     # missing keys (e.g. no filter for random masks) must still group together
     rows = rows.assign(**{k: rows[k].fillna("-") for k in keys})

@@ -22,7 +22,7 @@ def _table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("kind", ["mask_strength", "efficiency", "noise_block"])
+@pytest.mark.parametrize("kind", ["mask_strength", "efficiency", "noise_block", "paired_difference"])
 def test_study_figure_is_deterministic(tmp_path, kind):
     draw = getattr(studies, f"{kind}_figure")
     first = draw(_table(), tmp_path / "a", name=kind)

@@ -44,3 +44,12 @@ def test_no_difference_is_reported_as_such_and_unpaired_seeds_are_dropped():
 def test_missing_baseline_is_an_error():
     with pytest.raises(ValueError, match="no 'ls' rows"):
         paired_differences(pd.DataFrame(_rows({"cimle": [0.5, 0.6]})))
+
+
+def test_token_selection_is_its_own_objective():
+    rows = _rows({"ls": [0.5, 0.6, 0.7], "cimle": [0.5, 0.6, 0.7]})
+    token = [dict(r, objective="cimle", cimle_select="token", value=r["value"] + 0.1) for r in rows if r["objective"] == "cimle"]
+    table = pd.DataFrame([dict(r, cimle_select="image") for r in rows] + token)
+    out = paired_differences(table).set_index("objective")
+    assert out.loc["cimle", "mean_diff"] == pytest.approx(0.0)
+    assert out.loc["cimle-token", "mean_diff"] == pytest.approx(0.1)

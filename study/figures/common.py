@@ -16,8 +16,9 @@ METADATA = {
     "png": {"Software": None},
     "pdf": {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None},
 }
-OBJECTIVE_LABELS = {"ls": "least squares", "cimle": "cIMLE", "mvae": "Masked VAE"}
-OBJECTIVE_PALETTE = {"least squares": "#d95f02", "cIMLE": "#1b9e77", "Masked VAE": "#7570b3"}
+OBJECTIVE_LABELS = {"ls": "least squares", "cimle": "cIMLE", "cimle-token": "cIMLE (token)", "mvae": "Masked VAE"}
+OBJECTIVE_PALETTE = {"least squares": "#d95f02", "cIMLE": "#1b9e77", "cIMLE (token)": "#66a61e",
+                     "Masked VAE": "#7570b3"}
 
 
 def save_figure(fig, out_dir: str | Path, name: str, formats: tuple[str, ...] = ("png", "pdf"),

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from study.statistics import paired_differences  # noqa: E402
+from study.statistics import objective_variants, paired_differences  # noqa: E402
 
 __all__ = ["mask_strength_figure", "mask_strength_table", "efficiency_figure", "efficiency_table",
            "noise_block_figure", "noise_block_table", "paired_difference_figure", "paired_difference_table"]
@@ -34,6 +34,7 @@ def _accuracy_rows(table: pd.DataFrame) -> pd.DataFrame:
     rows = table[table.metric.isin(list(METRICS))].copy()
     if rows.empty:
         raise ValueError(f"results table has no rows with metric in {list(METRICS)}")
+    rows["objective"] = objective_variants(rows)
     rows["objective"] = rows.objective.map(OBJECTIVE_LABELS).fillna(rows.objective)
     rows["metric"] = rows.metric.map(METRICS)
     rows["panel"] = rows.dataset.astype(str) + " / " + rows.mask_kind.astype(str)
@@ -207,7 +208,12 @@ def paired_difference_figure(table: pd.DataFrame, out_dir: str | Path, name: str
     diffs = paired_differences(table, baseline)
     diffs["label"] = diffs.objective.map(OBJECTIVE_LABELS).fillna(diffs.objective)
     diffs["setting"] = [f"{kind} {ratio:g}" for kind, ratio in zip(diffs.mask_kind, diffs.mask_ratio)]
-    settings = list(dict.fromkeys(diffs.sort_values(["mask_kind", "mask_ratio"]).setting))
+    if "dataset" in diffs.columns and diffs.dataset.nunique() > 1:
+        diffs["setting"] = diffs.dataset.astype(str) + " " + diffs.setting
+    if "epochs" in diffs.columns and diffs.epochs.nunique() > 1:
+        diffs["setting"] += ", " + diffs.epochs.astype(str) + " ep"
+    order = [c for c in ("dataset", "mask_kind", "mask_ratio", "epochs") if c in diffs.columns]
+    settings = list(dict.fromkeys(diffs.sort_values(order).setting))
     pools = sorted(diffs["pool"].unique()) if "pool" in diffs.columns else ["-"]
     labels = sorted(diffs.label.unique())
     fig, axes = plt.subplots(len(pools), len(METRICS), figsize=(1.0 * len(settings) + 3.5, 3.0 * len(pools)),
