@@ -4,6 +4,7 @@
     evaluate     k-NN, linear probe, finetuning, samples of a checkpoint -> results table
     submit       the same on SLURM through submitit (GPU configs)
     sweep        run a grid of configurations through the papermill run notebook
+    export       write a checkpoint's encoder as a timm or transformers model folder
     build-in100  make the ImageNet-100 folder as symlinks into a local ImageNet-1k
 
 Every command that takes a config accepts ``--set key.sub=value`` overrides;
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=None, help="points run at once (default: the file's)")
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
     p.set_defaults(func=_cmd_sweep)
+
+    from study.export import add_arguments as add_export_arguments, run_from_args as export_from_args
+
+    p = sub.add_parser("export", help="export the encoder to timm or transformers (config.json + safetensors)")
+    add_export_arguments(p)
+    p.set_defaults(func=export_from_args)
 
     from study.bench import add_arguments as add_bench_arguments
     from study.bench import run_from_args as bench_from_args
