@@ -1,6 +1,7 @@
 SHELL := /bin/bash
 # `make figures` and `make test` set everything up on first use: a local
-# virtual environment in .venv with the project installed (editable).
+# virtual environment in .venv with the project installed (editable), with the
+# extras the tests exercise (bench: transformers; tensorboard).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -14,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev,bench,tensorboard]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
 	$(BIN)/python -c "import study, toy, torch, torchvision, timm"
 	touch $(STAMP)
 
