@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 
-.PHONY: setup test figures toy experiments bench clean-venv
+.PHONY: setup test figures toy experiments reports bench clean-venv
 
 setup: $(STAMP)
 
@@ -32,6 +32,13 @@ experiments: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml
+
+# The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.
+# `make experiments` rebuilds them too, after its runs.
+reports: $(STAMP)
+	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml --report-only
+	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml --report-only
+	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml --report-only
 
 # Training-step benchmarks (needs the bench extra: transformers).
 bench: $(STAMP)

@@ -48,6 +48,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from study.sweep import load_sweep, run_sweep
 
+    if args.report_only:
+        from study.reports import build_report
+
+        try:
+            print(f"report: {build_report(load_sweep(args.sweep))}")
+        except Exception as exc:  # noqa: BLE001 - a missing table or a failing cell, in one line
+            print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}", file=sys.stderr)
+            return 2 if isinstance(exc, FileNotFoundError) else 1
+        return 0
     summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, report=not args.no_report)
     return 1 if summary["failed"] or summary.get("report_error") else 0
 
@@ -84,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep file, e.g. experiments/sweeps/mask_strength_cpu.yaml")
     p.add_argument("--parallel", type=int, default=None, help="points run at once (default: the file's)")
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
+    p.add_argument("--report-only", action="store_true",
+                   help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
     p.set_defaults(func=_cmd_sweep)
 
     from study.export import add_arguments as add_export_arguments, run_from_args as export_from_args
