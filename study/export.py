@@ -225,12 +225,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _write_weights(path: Path, tensors: dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from study.io import atomic_write
 
-    # transformers refuses safetensors files without the "pt" format tag
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    # transformers refuses safetensors files without the "pt" format tag; bytes written into the
+    # temporary keep its permissions (save_file would recreate it owner-only)
+    data = save(tensors, metadata={"format": "pt"})
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _exported_features(fmt: str, folder: Path, imgs: Tensor) -> dict[str, Tensor]:
