@@ -53,9 +53,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
         try:
             print(f"report: {build_report(load_sweep(args.sweep))}")
-        except Exception as exc:  # noqa: BLE001 - a missing table or a failing cell, in one line
-            print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}", file=sys.stderr)
-            return 2 if isinstance(exc, FileNotFoundError) else 1
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # noqa: BLE001 - a failing report cell, in one line
+            print(f"error: report failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}",
+                  file=sys.stderr)
+            return 1
         return 0
     summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, report=not args.no_report)
     return 1 if summary["failed"] or summary.get("report_error") else 0

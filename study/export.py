@@ -75,7 +75,7 @@ def load_encoder(checkpoint: str | Path, config: str | Path | None = None, overr
 
     try:
         cfg, state, _ = load_for_evaluation(checkpoint, config, overrides)
-    except EvaluationError as exc:
+    except (EvaluationError, RuntimeError) as exc:  # RuntimeError: not a torch file
         raise ExportError(str(exc)) from None
     m = cfg.model
     encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
