@@ -1,20 +1,21 @@
 SHELL := /bin/bash
 # `make figures` and `make test` set everything up on first use: a local
-# virtual environment in .venv with the project installed (editable).
+# virtual environment in .venv with the project installed (editable), with the
+# extras the tests exercise (bench: transformers; tensorboard).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 
-.PHONY: setup test figures toy experiments bench clean-venv
+.PHONY: setup test figures toy experiments reports bench clean-venv
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev,bench,tensorboard]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
 	$(BIN)/python -c "import study, toy, torch, torchvision, timm"
 	touch $(STAMP)
 
@@ -31,6 +32,13 @@ experiments: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml
+
+# The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.
+# `make experiments` rebuilds them too, after its runs.
+reports: $(STAMP)
+	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml --report-only
+	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml --report-only
+	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml --report-only
 
 # Training-step benchmarks (needs the bench extra: transformers).
 bench: $(STAMP)

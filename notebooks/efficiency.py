@@ -21,12 +21,15 @@ sweep = "efficiency_cpu"
 figures = "figures"
 
 # %%
+from IPython.display import Image
+
 from study.figures.studies import efficiency_figure, efficiency_table
 from study.results import read_results
 
 table = read_results(results)
 paths = efficiency_figure(table, figures, name=sweep)
 print("\n".join(str(p) for p in paths))
+Image(filename=str(paths[0]))  # the PNG just written (no dates in it: a rerun embeds the same bytes)
 
 # %%
 summary = efficiency_table(table)

@@ -24,6 +24,8 @@ sweep = "mask_strength_cpu"
 figures = "figures"
 
 # %%
+from IPython.display import Image
+
 from study.figures.studies import (mask_strength_figure, mask_strength_table, paired_difference_figure,
                                    paired_difference_table)
 from study.results import read_results
@@ -31,6 +33,7 @@ from study.results import read_results
 table = read_results(results)
 paths = mask_strength_figure(table, figures, name=sweep)
 print("\n".join(str(p) for p in paths))
+Image(filename=str(paths[0]))  # the PNG just written (no dates in it: a rerun embeds the same bytes)
 
 # %%
 summary = mask_strength_table(table)
@@ -45,6 +48,9 @@ summary
 # %%
 paths = paired_difference_figure(table, figures, name=f"{sweep}_paired")
 print("\n".join(str(p) for p in paths))
+Image(filename=str(paths[0]))
+
+# %%
 paired = paired_difference_table(table)
 print(paired.to_string())
 paired

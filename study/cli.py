@@ -4,6 +4,7 @@
     evaluate     k-NN, linear probe, finetuning, samples of a checkpoint -> results table
     submit       the same on SLURM through submitit (GPU configs)
     sweep        run a grid of configurations through the papermill run notebook
+    export       write a checkpoint's encoder as a timm or transformers model folder
     build-in100  make the ImageNet-100 folder as symlinks into a local ImageNet-1k
 
 Every command that takes a config accepts ``--set key.sub=value`` overrides;
@@ -47,6 +48,19 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from study.sweep import load_sweep, run_sweep
 
+    if args.report_only:
+        from study.reports import build_report
+
+        try:
+            print(f"report: {build_report(load_sweep(args.sweep))}")
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # noqa: BLE001 - a failing report cell, in one line
+            print(f"error: report failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}",
+                  file=sys.stderr)
+            return 1
+        return 0
     summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, report=not args.no_report)
     return 1 if summary["failed"] or summary.get("report_error") else 0
 
@@ -83,7 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep file, e.g. experiments/sweeps/mask_strength_cpu.yaml")
     p.add_argument("--parallel", type=int, default=None, help="points run at once (default: the file's)")
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
+    p.add_argument("--report-only", action="store_true",
+                   help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
     p.set_defaults(func=_cmd_sweep)
+
+    from study.export import add_arguments as add_export_arguments, run_from_args as export_from_args
+
+    p = sub.add_parser("export", help="export the encoder to timm or transformers (config.json + safetensors)")
+    add_export_arguments(p)
+    p.set_defaults(func=export_from_args)
 
     from study.bench import add_arguments as add_bench_arguments
     from study.bench import run_from_args as bench_from_args

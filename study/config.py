@@ -27,6 +27,7 @@ __all__ = [
     "MaskConfig",
     "DataConfig",
     "OptimConfig",
+    "LoggingConfig",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -129,6 +130,12 @@ class OptimConfig:
 
 
 @dataclass
+class LoggingConfig:
+    # also write metrics.jsonl's scalars to <run>/tensorboard/ (needs the tensorboard extra)
+    tensorboard: bool = False
+
+
+@dataclass
 class Config:
     objective: Literal["ls", "cimle", "mvae"] = "ls"
     epochs: int = 10
@@ -145,6 +152,7 @@ class Config:
     mask: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def num_patches(self) -> int:

@@ -1,6 +1,6 @@
 """Sweeps: run a parameterized notebook once per grid point with papermill, then a report notebook.
 
-    python -m study sweep experiments/sweeps/mask_strength_cpu.yaml [--parallel 2] [--only-report]
+    python -m study sweep experiments/sweeps/mask_strength_cpu.yaml [--parallel 2] [--report-only]
 
 A sweep file names a base config, a grid of ``--set`` overrides and seeds.
 Each point gets a folder ``runs/<sweep>/<point>/`` with the pretraining run,
@@ -8,7 +8,9 @@ the executed notebook ``run.ipynb`` and a marker: ``done.json`` or
 ``failed.json`` (with the error). Points already done are skipped, so an
 interrupted sweep resumes where it stopped; a failed point is retried on the
 next invocation, reported in the summary, and never stops the others.
-Notebooks are jupytext percent files in git; executed copies are outputs.
+Notebooks are jupytext percent files in git; executed copies are outputs, except
+the report, which also lands, scrubbed, in the committed ``reports/<sweep>.ipynb``
+(:mod:`study.reports`; ``--report-only`` rebuilds it from the results table alone).
 """
 
 from __future__ import annotations
@@ -203,13 +205,10 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
     summary = {"sweep": sweep.name, "points": len(points), "ran": len(todo), "skipped_done": skipped,
                "failed": failures, "seconds": round(sum(seconds.values()), 1), "report": None}
     if report and sweep.report_notebook:
-        out = base / "report.ipynb"
+        from study.reports import build_report
+
         try:
-            execute_notebook(sweep.path(sweep.report_notebook), out,
-                             {"results": str(sweep.path(sweep.results)), "sweep": sweep.name,
-                              **sweep.report_parameters},
-                             cwd=Path(sweep.root).resolve())
-            summary["report"] = str(out)
+            summary["report"] = str(build_report(sweep))  # reports/<sweep>.ipynb, committed
         except Exception as exc:  # noqa: BLE001
             summary["report_error"] = f"{type(exc).__name__}: {exc}"
     _print_summary(summary)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from study.config import Config, config_from_dict, config_to_dict, save_config
 from study.io import atomic_write, atomic_write_text
+from study.tensorboard_log import open_tensorboard
 
 __all__ = ["pretrain", "TrainingDiverged", "RunExists", "lr_at", "load_checkpoint", "CHECKPOINT"]
 
@@ -228,7 +229,8 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
     train_seconds = 0.0  # cumulative time in the training loop, for efficiency curves
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        diffs = _config_diff(state["config"], config_to_dict(cfg))
+        # logging does not change the run: it may differ on resume
+        diffs = _config_diff({**state["config"], "logging": None}, {**config_to_dict(cfg), "logging": None})
         if diffs:
             raise ValueError(f"--resume with a different config than {ckpt_path}: " + "; ".join(diffs))
         model.load_state_dict(state["model"])
@@ -242,6 +244,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
     elif resume and dd.main:
         print(f"--resume: no checkpoint in {out} yet, starting from scratch")
 
+    tb = open_tensorboard(cfg, out, start_epoch) if dd.main else None  # before any file: a missing extra stops here
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -276,6 +279,8 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
         last_row["train_seconds"] = train_seconds
         if dd.main:
             _append_metrics(out / METRICS, last_row)
+            if tb is not None:
+                tb.log(last_row)
             if epoch + 1 in cfg.snapshot_epochs:
                 _save_checkpoint(out / "snapshots" / f"epoch_{epoch + 1:04d}.pt", {
                     "model": model.state_dict(), "epoch": epoch, "config": config_to_dict(cfg),
@@ -298,6 +303,8 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
             })
         elif dd.world > 1:
             dist.all_gather_object([None] * dd.world, _rng_state(study_gen))
+    if tb is not None:
+        tb.close()
     return last_row
 
 

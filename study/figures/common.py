@@ -8,7 +8,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import seaborn as sns  # noqa: E402
+
 from study.io import atomic_write  # noqa: E402
+
+# One style for every figure, set here rather than left to whichever figure a process drew first
+# (the toy's theme used to carry over into the later figures of `make figures`, not into a report's).
+sns.set_theme(style="whitegrid", context="paper")
 
 __all__ = ["save_figure", "OBJECTIVE_LABELS", "OBJECTIVE_PALETTE"]
 

@@ -1,0 +1,164 @@
+"""Export to timm and transformers: the exported models give the package's features, read back from disk."""
+
+import json
+
+import pytest
+import torch
+
+from study.cli import main
+from study.config import config_to_dict, load_config
+from study.export import ExportError, export, timm_architecture, verify_export
+from study.models import ViTEncoder, build_model, load_pretrained_encoder, sincos_2d
+
+ARCH = ["model.img_size=8", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2"]
+TINY = ["data.name=synthetic", "data.synthetic_classes=3", "data.synthetic_per_class=20", *ARCH,
+        "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2", "mask.ratio=0.5", "noise.dim=4",
+        "objective=cimle"]
+SETS = [a for item in TINY for a in ("--set", item)]
+ATOL = 1e-5
+
+
+@pytest.fixture
+def study_checkpoint(tmp_path):
+    """A cIMLE pretraining model with non-trivial weights, saved as this project's checkpoint."""
+    cfg = load_config(None, TINY)
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    with torch.no_grad():  # norms and biases off their init, so a swapped or dropped one shows
+        for name, p in model.encoder.named_parameters():
+            if p.requires_grad and p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 4}, path)
+    return model.encoder.eval(), path
+
+
+def _images(seed=0, batch=5):
+    return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a, b):
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=ATOL, rtol=0), (a - b).abs().max().item()
+
+
+def _load_timm_by_hand(folder):
+    import timm
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
+    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_timm_export_gives_the_package_features(study_checkpoint, tmp_path, pool):
+    import timm
+
+    encoder, ckpt = study_checkpoint
+    out = tmp_path / "timm"
+    export(ckpt, "timm", out, pool=pool, verify=False)
+    imgs = _images()
+    with torch.no_grad():
+        model = _load_timm_by_hand(out)
+        assert model.num_classes == 0
+        _close(model(imgs), encoder.features(imgs, pool))
+        tokens = model.forward_features(imgs)
+        _close(tokens[:, 0], encoder.features(imgs, "cls"))
+        _close(tokens[:, 1:].mean(1), encoder.features(imgs, "mean"))
+        if "local-dir" in getattr(timm.models._factory, "_MODEL_SOURCES", ()):  # timm >= 1.0.16 reads its folders
+            hub = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+            _close(hub(imgs), encoder.features(imgs, pool))
+
+
+def test_transformers_export_gives_the_package_features(study_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+
+    encoder, ckpt = study_checkpoint
+    out = tmp_path / "hf"
+    export(ckpt, "transformers", out, verify=False)
+    model, info = transformers.ViTModel.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert model.config.layer_norm_eps == 1e-6
+    imgs = _images(1)
+    with torch.no_grad():
+        res = model.eval()(pixel_values=imgs)
+        _close(res.last_hidden_state[:, 0], encoder.features(imgs, "cls"))
+        _close(res.last_hidden_state[:, 1:].mean(1), encoder.features(imgs, "mean"))
+        _close(res.pooler_output, encoder.features(imgs, "cls"))
+
+
+def _facebook_pth(tmp_path, **vit_kwargs):
+    """A published-MAE-style .pth: a timm ViT encoder (fixed sin-cos table) plus decoder keys."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(5)
+    vit = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=0, embed_dim=16, depth=2,
+                            num_heads=2, qkv_bias=True, **vit_kwargs)
+    sd = dict(vit.state_dict())
+    if "pos_embed" in sd and sd["pos_embed"].shape[1] == 5:
+        sd["pos_embed"] = sincos_2d(16, 2, cls_token=True)[None]
+    sd["decoder_embed.weight"] = torch.randn(8, 16)
+    sd["mask_token"] = torch.randn(1, 1, 8)
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": sd, "epoch": 799}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["timm", "transformers"])
+def test_facebookresearch_pth_exports_through_the_cli(tmp_path, fmt, capsys):
+    if fmt == "transformers":
+        pytest.importorskip("transformers")
+    pth = _facebook_pth(tmp_path)
+    ours = ViTEncoder(8, 4, 1, 16, 2, 2).eval()
+    load_pretrained_encoder(ours, pth)
+    out = tmp_path / fmt
+    assert main(["export", "--checkpoint", str(pth), "--format", fmt, "--out", str(out), "--pool", "mean",
+                 *SETS]) == 0
+    assert "read back" in capsys.readouterr().out
+    diffs = verify_export(ours, fmt, out, pool="mean", batch=4, seed=7)
+    assert set(diffs) >= {"cls", "mean"} and max(diffs.values()) <= ATOL, diffs
+
+
+def test_a_changed_export_is_caught(study_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    encoder, ckpt = study_checkpoint
+    out = tmp_path / "timm"
+    assert max(export(ckpt, "timm", out).values()) <= ATOL
+    sd = load_file(out / "model.safetensors")
+    sd["norm.bias"] = sd["norm.bias"] + 0.01  # the final norm feeds every feature
+    save_file(sd, out / "model.safetensors")
+    assert min(verify_export(encoder, "timm", out).values()) > 1e-3
+
+
+def test_architectures_without_an_equivalent_are_refused(tmp_path, capsys):
+    pth = _facebook_pth(tmp_path, init_values=1e-5)  # LayerScale: neither ViTModel nor our encoder has it
+    out = tmp_path / "ls"
+    assert main(["export", "--checkpoint", str(pth), "--format", "timm", "--out", str(out), *SETS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "blocks.0.ls1.gamma" in err and "plain ViT" in err
+    assert not out.exists()
+
+
+def test_bad_requests_are_one_line_errors(study_checkpoint, tmp_path, capsys):
+    _, ckpt = study_checkpoint
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "timm", "--out", str(tmp_path / "notes")]) == 2
+    assert "not an export folder" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--format", "timm",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="format must be one of"):
+        export(ckpt, "onnx", tmp_path / "y")
+
+
+def test_standard_sizes_get_timm_names():
+    vit_t = load_config("experiments/configs/in100-vit-t.yaml")
+    vit_b = load_config("experiments/configs/in1k-vit-b.yaml")
+    assert timm_architecture(vit_t) == "vit_tiny_patch16_224"
+    assert timm_architecture(vit_b) == "vit_base_patch16_224"

@@ -1,0 +1,104 @@
+"""Committed study reports: rebuilt from the results table alone, and a rerun changes only the numbers."""
+
+import json
+import re
+import shutil
+import textwrap
+
+from study.cli import main
+from study.reports import scrub_notebook
+
+REPORT = textwrap.dedent('''\
+    # %% tags=["parameters"]
+    results = ""
+    sweep = ""
+
+    # %%
+    from pathlib import Path
+    import pandas as pd
+    table = pd.read_csv(results)
+    print("read", Path(results).resolve())  # an absolute path in an output, to be made relative
+    table
+''')
+
+
+def _study(root):
+    root.mkdir()
+    (root / "report.py").write_text(REPORT)
+    (root / "base.yaml").write_text("objective: ls\n")
+    (root / "results.csv").write_text("metric,objective,value\nknn_top1,ls,0.5\nknn_top1,cimle,0.75\n")
+    (root / "tiny.yaml").write_text(textwrap.dedent('''\
+        name: tiny
+        config: base.yaml
+        run_notebook: missing.py
+        report_notebook: report.py
+        results: results.csv
+        grid:
+          mask.ratio: [0.5]
+    '''))
+    return root
+
+
+def _without_numbers(text):
+    return re.sub(r"\s+", " ", re.sub(r"\d+(\.\d+)?", "#", text))
+
+
+def _rebuild(root, monkeypatch):
+    monkeypatch.chdir(root)  # the sweep's root is the working directory, as for `make reports`
+    assert main(["sweep", "tiny.yaml", "--report-only"]) == 0
+    return (root / "reports" / "tiny.ipynb").read_text()
+
+
+def test_report_only_is_stable_across_reruns_and_machines(tmp_path, monkeypatch):
+    import nbformat
+
+    first = _rebuild(_study(tmp_path / "a"), monkeypatch)
+    nbformat.validate(nbformat.reads(first, as_version=4))
+    assert str(tmp_path) not in first
+    for volatile in ("papermill", "start_time", "duration", "iopub", "\"execution\"", "\"version\""):
+        assert volatile not in first, volatile
+    assert "read results.csv" in first and "0.75" in first
+    assert [p.name for p in (tmp_path / "a" / "runs" / "tiny").iterdir()] == ["report.ipynb"]  # no point ran
+
+    # the same table elsewhere (another clone, another time): the same bytes
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("reports", "runs"))
+    assert _rebuild(tmp_path / "b", monkeypatch) == first
+
+    # a changed number changes the report only in numbers (and the column widths that fit them)
+    csv = tmp_path / "b" / "results.csv"
+    csv.write_text(csv.read_text().replace("0.75", "0.625"))
+    second = _rebuild(tmp_path / "b", monkeypatch)
+    assert second != first and "0.625" in second
+    assert _without_numbers(second) == _without_numbers(first)
+
+
+def test_report_without_results_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    root = _study(tmp_path / "a")
+    (root / "results.csv").unlink()
+    monkeypatch.chdir(root)
+    assert main(["sweep", "tiny.yaml", "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "run the sweep first" in err
+    assert not (root / "reports").exists()
+
+
+def test_scrub_keeps_content_and_drops_run_details(tmp_path):
+    nb = {
+        "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                     "language_info": {"name": "python", "version": "3.11.9"},
+                     "papermill": {"start_time": "2025-01-01T00:00:00", "input_path": str(tmp_path / "x.ipynb")}},
+        "cells": [{
+            "cell_type": "code", "id": "f3c1a9e0", "execution_count": 1, "source": [f"p = '{tmp_path}/r.csv'"],
+            "metadata": {"tags": ["parameters"], "papermill": {"duration": 1.2},
+                         "execution": {"iopub.status.busy": "2025-01-01T00:00:01"}},
+            "outputs": [{"output_type": "stream", "name": "stdout", "text": [f"read {tmp_path}/r.csv\n"]}],
+        }],
+    }
+    out = scrub_notebook(nb, tmp_path)
+    assert out["metadata"] == {"kernelspec": nb["metadata"]["kernelspec"], "language_info": {"name": "python"}}
+    (cell,) = out["cells"]
+    assert cell["id"] == "cell-0" and cell["metadata"] == {"tags": ["parameters"]}
+    assert cell["source"] == ["p = 'r.csv'"] and cell["outputs"][0]["text"] == ["read r.csv\n"]
+    assert cell["execution_count"] == 1 and nb["cells"][0]["id"] == "f3c1a9e0"  # the input is left alone
+    json.dumps(out)
