@@ -155,13 +155,20 @@ def noise_block_table(table: pd.DataFrame) -> pd.DataFrame:
     return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_ratio", "noise_block"])
 
 
+def _noise_place(block, depth: int) -> str:
+    """A noise_block value (an int, or "head" after the last attention) as an axis label."""
+    if str(block) == "head":
+        return "token-wise head"
+    b = int(block)
+    return f"block {b}" + (" (input)" if b == 0 else " (last)" if b == depth - 1 else "")
+
+
 def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "noise_block") -> list[Path]:
     """Accuracy per seed and mean with 95% interval, for each decoder block where the noise enters."""
     rows = _accuracy_rows(table)
     pretrained = rows[rows.encoder == "pretrained"].copy()
     depth = int(pretrained.decoder_depth.max())
-    pretrained["where"] = [f"block {b}" + (" (input)" if b == 0 else " (last)" if b == depth - 1 else "")
-                           for b in pretrained.noise_block.astype(int)]
+    pretrained["where"] = [_noise_place(b, depth) for b in pretrained.noise_block]
     baseline = rows[rows.encoder == "random"].copy()
     if "pool" not in pretrained.columns:
         pretrained["pool"] = baseline["pool"] = "cls"
