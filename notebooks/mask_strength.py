@@ -18,7 +18,7 @@
 # %% tags=["parameters"]
 results = "results/mask_strength_cpu.csv"
 sweep = "mask_strength_cpu"
-figures = "figures"
+figures = "runs/figures"  # make experiments passes figures (the sweep file's report_parameters)
 
 # %%
 from study.figures.studies import mask_strength_figure, mask_strength_table
