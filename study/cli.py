@@ -43,17 +43,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.local:
-        # exactly one process, in the foreground: the job the SLURM array task would run
+        # exactly one process, in the foreground: what each SLURM task would run, without DDP
         pretrain(cfg, args.out, resume=True, progress=True)
         return 0
     if not slurm_available():
-        raise UserError("submit needs SLURM, and there is no sbatch on this machine; to train here run "
+        raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; to train here run "
                         f"'python -m study pretrain --out {args.out} ...' (one process), 'torchrun "
                         f"--nproc_per_node N -m study pretrain --out {args.out} ...' (N GPUs), or "
                         "'submit --local' (one process, in the foreground)")
     job, folder = submit(cfg, args.out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          partition=args.partition, timeout_min=args.timeout_min, slurm_folder=args.slurm_folder)
-    print(f"submitted job {job.job_id}; logs in {folder}")
+    print(f"submitted job {job.job_id}; logs in {str(folder).replace('%j', str(job.job_id))}")
     return 0
 
 

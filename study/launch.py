@@ -38,7 +38,8 @@ class PretrainJob:
 
 
 def slurm_available() -> bool:
-    return shutil.which("sbatch") is not None
+    """SLURM's client commands are on PATH (submitit needs sbatch to submit and srun in the job)."""
+    return all(shutil.which(cmd) is not None for cmd in ("sbatch", "srun"))
 
 
 def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int = 8, partition: str | None = None,
@@ -50,7 +51,7 @@ def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int =
     from study.run_folder import check_run_folder
 
     if not slurm_available():
-        raise UserError("submit needs SLURM, and there is no sbatch on this machine; run 'python -m study "
+        raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; run 'python -m study "
                         "pretrain' or 'torchrun -m study pretrain' instead")
     check_run_folder(out)
     folder = Path(slurm_folder) if slurm_folder is not None else Path(out) / "slurm" / "%j"

@@ -28,7 +28,7 @@ __all__ = ["append_rows", "check_table", "read_results", "write_results", "Resul
 REQUIRED = ("metric", "value")
 
 
-class ResultsTableError(UserError):
+class ResultsTableError(UserError, ValueError):
     """A results table that rows cannot be appended to; the message names the path and why."""
 
 
@@ -39,10 +39,12 @@ def _read_existing(path: Path) -> pd.DataFrame | None:
     if not path.exists():
         return None
     try:
-        head = path.read_bytes()
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+            blank = not head.strip() and not fh.read(1)
     except OSError as exc:
         raise ResultsTableError(f"cannot read results table {path}: {exc.strerror or exc}") from None
-    if not head.strip():
+    if blank:
         return None
     if b"\0" in head:
         raise ResultsTableError(f"{path} is not a CSV table (binary content); give another --results path")

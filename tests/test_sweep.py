@@ -67,7 +67,10 @@ def test_failure_is_reported_and_restart_runs_only_missing(tmp_path, capsys):
     assert first["ran"] == 4 and len(first["failed"]) == 1
     (failed,) = first["failed"]
     assert "0.9" in failed and "boom" in first["failed"][failed]
-    assert "FAILED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # the console names the cause raised inside the notebook, not only papermill's wrapper
+    assert f"FAILED {failed}: RuntimeError: boom at {failed}" in out, out
+    assert "PapermillExecutionError" not in out
     assert (tmp_path / "runs" / "tiny" / failed / "failed.json").exists()
     assert first["report"] is not None
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3
@@ -87,3 +90,21 @@ def test_bad_grid_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="mask.ratio"):
         expand(load_sweep(path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_unusable_results_table_fails_before_any_point(tmp_path):
+    path = _write_sweep(tmp_path)
+    (tmp_path / "results.csv").mkdir()  # a folder where the table should go
+    with pytest.raises(ValueError, match="is a folder"):
+        run_sweep(load_sweep(path), progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_log_has_a_line_per_point_and_no_bar(tmp_path, capsys):
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text().replace("seeds: [0, 1]", "seeds: [0]"))
+    run_sweep(load_sweep(path), report=False)  # progress on, output captured: not a terminal
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    points = [line for line in captured.out.splitlines() if line.startswith("point ")]
+    assert len(points) == 2 and all(line.endswith(": done") for line in points), captured.out
