@@ -134,3 +134,12 @@ def test_debug_shows_the_traceback_and_plain_run_does_not(tmp_path):
     assert "Traceback" not in plain.stderr and plain.stderr.strip().count("\n") == 0, plain.stderr
     debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True, cwd=ROOT)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_unwritable_samples_figures_folder_fails_before_any_protocol(run, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code = cli_main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--protocols", "knn,samples",
+                     "--results", str(tmp_path / "r.csv"), "--figures", str(afile / "figs")])
+    one_error_line(capsys, code, "--figures")
+    assert not (tmp_path / "r.csv").exists()

@@ -250,6 +250,14 @@ def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k,
         from study.results import check_table
 
         check_table(results)  # now, not after every protocol has run
+    if "samples" in protos and figures is not None:
+        from study.io import writable_folder
+
+        try:
+            writable_folder(figures)
+        except OSError as exc:
+            raise EvaluationError(f"cannot write the samples figure to --figures {figures}: "
+                                  f"{exc.strerror or exc}") from None
     cfg, state, fmt = load_for_evaluation(checkpoint, config, overrides)
     decoder_protos = [p for p in protos if p in ("samples", "completion")]
     if decoder_protos and fmt != "study":
