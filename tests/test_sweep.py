@@ -63,14 +63,18 @@ def test_failure_is_reported_and_restart_runs_only_missing(tmp_path, capsys):
     points = expand(sweep)
     assert len(points) == 4
 
-    first = run_sweep(sweep, progress=False)
+    first = run_sweep(sweep)  # progress on, output captured (not a terminal): one line per point, no bar
     assert first["ran"] == 4 and len(first["failed"]) == 1
     (failed,) = first["failed"]
     assert "0.9" in failed and "boom" in first["failed"][failed]
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     # the console names the cause raised inside the notebook, not only papermill's wrapper
     assert f"FAILED {failed}: RuntimeError: boom at {failed}" in out, out
     assert "PapermillExecutionError" not in out
+    assert "\r" not in out + captured.err
+    points = [line for line in out.splitlines() if line.startswith("point ")]
+    assert len(points) == 4 and sum(line.endswith(": done") for line in points) == 3, out
     assert (tmp_path / "runs" / "tiny" / failed / "failed.json").exists()
     assert first["report"] is not None
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3
@@ -99,12 +103,3 @@ def test_unusable_results_table_fails_before_any_point(tmp_path):
         run_sweep(load_sweep(path), progress=False)
     assert not (tmp_path / "runs").exists()
 
-
-def test_sweep_log_has_a_line_per_point_and_no_bar(tmp_path, capsys):
-    path = _write_sweep(tmp_path)
-    path.write_text(path.read_text().replace("seeds: [0, 1]", "seeds: [0]"))
-    run_sweep(load_sweep(path), report=False)  # progress on, output captured: not a terminal
-    captured = capsys.readouterr()
-    assert "\r" not in captured.out + captured.err
-    points = [line for line in captured.out.splitlines() if line.startswith("point ")]
-    assert len(points) == 2 and all(line.endswith(": done") for line in points), captured.out
