@@ -209,8 +209,11 @@ def _resume_diffs(saved: dict, cfg: Config) -> list[str]:
     try:  # fields added to Config since the checkpoint was written take their defaults
         saved = config_to_dict(config_from_dict(saved))
     except ConfigError:
-        pass
+        saved = dict(saved)
     now = config_to_dict(cfg)
+    for key in ("logging",):  # sections that do not change the run (e.g. the TensorBoard switch) may differ
+        saved.pop(key, None)
+        now.pop(key, None)
     if isinstance(saved.get("epochs"), int) and now["epochs"] > saved["epochs"]:
         now["epochs"] = saved["epochs"]
     return _config_diff(saved, now)
