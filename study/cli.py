@@ -9,7 +9,7 @@
 Every command that takes a config accepts ``--set key.sub=value`` overrides;
 invalid values fail before any work with a message naming the field. A
 mistake the user can fix ends with one line ``error: ...`` and exit status 2;
-``--debug`` (before the command) shows the traceback instead.
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -120,14 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = argv[:1] == ["--debug"]
-    rest = argv[1:] if debug else argv
-    if rest[:1] == ["build-in100"]:
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["build-in100"]:
         from study.imagenet100 import main as build_in100
 
-        return run_command(lambda: build_in100(rest[1:]), debug=debug)
+        return run_command(lambda: build_in100(argv[1:]), debug=debug)
     args = build_parser().parse_args(argv)
-    return run_command(lambda: args.func(args), debug=args.debug)
+    args.debug = debug
+    return run_command(lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ def test_debug_shows_the_traceback_and_plain_run_does_not(tmp_path):
     assert "Traceback" not in plain.stderr and plain.stderr.strip().count("\n") == 0, plain.stderr
     with pytest.raises(ConfigError, match="not valid YAML"):  # --debug lets the exception through
         cli_main(["--debug", *args])
+    with pytest.raises(ConfigError, match="not valid YAML"):  # also after the command
+        cli_main([*args, "--debug"])
 
 
 def test_unwritable_samples_figures_folder_fails_before_any_protocol(run, tmp_path, capsys):
