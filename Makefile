@@ -1,28 +1,32 @@
 SHELL := /bin/bash
 # `make figures` and `make test` set everything up on first use: a local
-# virtual environment in .venv with the project installed (editable), with the
-# extras the tests exercise (bench: transformers; tensorboard).
+# virtual environment in .venv with the project installed (editable) with the
+# extras the tests exercise (bench: transformers; tensorboard), every package at
+# the version in constraints.txt (the versions the tests passed with).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
+CONSTRAINTS := constraints.txt
 
 .PHONY: setup test figures toy experiments reports bench clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev,bench,tensorboard]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/python -m pip install $(PIP_QUIET) -c $(CONSTRAINTS) -e '.[dev,bench,tensorboard]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
 	$(BIN)/python -c "import study, toy, torch, torchvision, timm"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Every figure, from the stored (committed) results: no training.
+# Every figure, from the stored (committed) results: no training. This and
+# `make toy` are the only commands that write the committed figures/ and
+# results/toy/ (they name them); ad-hoc runs default to runs/.
 figures: $(STAMP)
 	$(BIN)/python -m study.figures --results results --out figures
 
@@ -42,7 +46,7 @@ reports: $(STAMP)
 
 # Training-step benchmarks (needs the bench extra: transformers).
 bench: $(STAMP)
-	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev,bench]'
+	$(BIN)/python -m pip install $(PIP_QUIET) -c $(CONSTRAINTS) -e '.[dev,bench]'
 	$(BIN)/python -m study bench --config experiments/configs/cpu-small.yaml --out results/bench/cpu-small.json
 
 # The full toy (more seeds, finer grid; < 15 minutes on 2 cores).

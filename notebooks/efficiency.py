@@ -18,7 +18,7 @@
 # %% tags=["parameters"]
 results = "results/efficiency_cpu.csv"
 sweep = "efficiency_cpu"
-figures = "figures"
+figures = "runs/figures"  # make experiments passes figures (the sweep file's report_parameters)
 
 # %%
 from IPython.display import Image

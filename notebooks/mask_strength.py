@@ -21,7 +21,7 @@
 # %% tags=["parameters"]
 results = "results/mask_strength_cpu.csv"
 sweep = "mask_strength_cpu"
-figures = "figures"
+figures = "runs/figures"  # make experiments passes figures (the sweep file's report_parameters)
 
 # %%
 from IPython.display import Image

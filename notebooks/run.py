@@ -22,7 +22,7 @@ config = "experiments/configs/cpu-small.yaml"
 # --set style overrides, e.g. ["objective=cimle", "mask.ratio=0.9", "seed=0"]
 overrides = []
 out = "runs/example"
-results = "results/results.csv"
+results = "runs/results.csv"
 protocols = "knn,linear"
 pools = "cls,mean"  # frozen features: class token and mean of patch tokens (each gets its rows)
 snapshots = False  # also evaluate every snapshots/epoch_*.pt (efficiency curves)

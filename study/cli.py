@@ -8,7 +8,9 @@
     build-in100  make the ImageNet-100 folder as symlinks into a local ImageNet-1k
 
 Every command that takes a config accepts ``--set key.sub=value`` overrides;
-invalid values fail before any work with a message naming the field.
+invalid values fail before any work with a message naming the field. A
+mistake the user can fix ends with one line ``error: ...`` and exit status 2;
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from study.config import ConfigError, load_config
+from study.config import load_config
+from study.errors import UserError, run_command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,12 +39,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from study.launch import submit
+    from study.launch import slurm_available, submit
+    from study.train import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    job = submit(cfg, args.out, nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
-                 timeout_min=args.timeout_min, slurm_folder=args.slurm_folder)
-    print(f"submitted job {job.job_id}; logs in {args.slurm_folder}")
+    if args.local:
+        # exactly one process, in the foreground: what each SLURM task would run, without DDP
+        pretrain(cfg, args.out, resume=True, progress=True)
+        return 0
+    if not slurm_available():
+        raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; to train here run "
+                        f"'python -m study pretrain --out {args.out} ...' (one process), 'torchrun "
+                        f"--nproc_per_node N -m study pretrain --out {args.out} ...' (N GPUs), or "
+                        "'submit --local' (one process, in the foreground)")
+    job, folder = submit(cfg, args.out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                         partition=args.partition, timeout_min=args.timeout_min, slurm_folder=args.slurm_folder)
+    print(f"submitted job {job.job_id}; logs in {str(folder).replace('%j', str(job.job_id))}")
     return 0
 
 
@@ -68,12 +81,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain one configuration")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.jsonl, config.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint; the config must be the run's, "
+                        "except --set epochs=N with a larger N, which extends the run (the lr schedule is the "
+                        "one of the new length, taken up at the epoch reached)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch print")
     p.set_defaults(func=_cmd_pretrain)
 
@@ -85,12 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
     _add_config_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="run folder (as for pretrain)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--partition", default=None)
     p.add_argument("--timeout-min", type=int, default=72 * 60)
-    p.add_argument("--slurm-folder", default="slurm_logs/%j")
+    p.add_argument("--slurm-folder", default=None,
+                   help="submitit's logs, %%j = job id (default: OUT/slurm/%%j)")
+    p.add_argument("--local", action="store_true",
+                   help="no SLURM: run the job here, as one process in the foreground (resumes a run in --out)")
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
@@ -122,16 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["build-in100"]:
         from study.imagenet100 import main as build_in100
 
-        return build_in100(argv[1:])
+        return run_command(lambda: build_in100(argv[1:]), debug=debug)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    args.debug = debug
+    return run_command(lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from study.errors import UserError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid config value; the message names the field."""
 
 
@@ -127,6 +129,7 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     accum_steps: int = 1
     clip_grad: float | None = None
+    max_loss_growth: float | None = 100.0  # stop when an epoch's loss exceeds this x the first epoch's (null: never)
 
 
 @dataclass
@@ -234,6 +237,8 @@ def validate(cfg: Config) -> Config:
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     _check(o.accum_steps >= 1, "optim.accum_steps", f"must be >= 1, got {o.accum_steps}")
     _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", f"must be null or > 0, got {o.clip_grad}")
+    _check(o.max_loss_growth is None or o.max_loss_growth > 1, "optim.max_loss_growth",
+           f"must be null or > 1, got {o.max_loss_growth}")
     return cfg
 
 
@@ -341,11 +346,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
         data = loaded or {}
     return config_from_dict(apply_overrides(data, overrides))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark is not None else problem
+
+
+def read_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` of a file; a syntax error becomes a ConfigError naming the file and line."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text (YAML) file") from None
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -355,7 +377,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 

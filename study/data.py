@@ -64,6 +64,11 @@ the same array, so ``dataset.num_skipped`` (distinct bad files seen so far) and
 ``dataset.skipped_files`` are exact in the main process after or during an
 epoch; a file once marked bad is not read again. Each process also warns once
 per bad file.
+
+:func:`check_images` decodes every file of both splits once; ``pretrain``
+calls it when a run starts, so that a bad file in the validation split (which
+only ``evaluate`` reads) or in a batch that ``drop_last`` leaves out is found
+before training, not epochs or a whole run later.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from study.errors import UserError
+
 if TYPE_CHECKING:
     from study.config import Config
 
@@ -92,6 +99,8 @@ __all__ = [
     "TensorImageDataset",
     "build_datasets",
     "build_eval_datasets",
+    "check_images",
+    "DataError",
     "dataset_channels",
     "eval_transform",
     "train_transform",
@@ -112,8 +121,12 @@ CROP_RATIO = (3 / 4, 4 / 3)
 _CHANNELS = {"mnist": 1, "digits": 1, "imagefolder": 3, "imagenet100": 3}
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+class DataError(UserError, FileNotFoundError):
+    """An image folder that is missing, empty or laid out wrongly; the message names it and the layout wanted."""
 
 
 # =========================================================================== bundled data
@@ -361,7 +374,8 @@ class RobustImageFolder(Dataset):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
+            raise DataError(f"image folder {root} does not exist; set data.root to a folder of class folders "
+                            "(<root>/<class>/<image>, or <root>/train/<class>/... and <root>/val/<class>/...)")
         wanted = sorted(classes) if classes is not None else None
 
         class _Folder(ImageFolder):
@@ -374,7 +388,10 @@ class RobustImageFolder(Dataset):
                     raise FileNotFoundError(f"{directory} lacks {len(missing)} of {len(wanted)} class folders: {shown}")
                 return list(wanted), {c: i for i, c in enumerate(wanted)}
 
-        folder = _Folder(str(root), loader=lambda p: p)  # we decode ourselves
+        try:
+            folder = _Folder(str(root), loader=lambda p: p)  # we decode ourselves
+        except FileNotFoundError as exc:  # no class folders, or class folders without image files
+            raise DataError(f"image folder {root}: {exc} (expected <root>/<class>/<image>)") from None
         self.root = root
         self.classes = folder.classes
         self.class_to_idx = folder.class_to_idx
@@ -423,6 +440,14 @@ class RobustImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def unreadable(self, num_workers: int = 0) -> list[tuple[int, str]]:
+        """Decode every file once; returns ``(index, reason)`` of those that fail."""
+        from torch.utils.data import DataLoader
+
+        probe = _DecodeProbe(self)
+        loader = DataLoader(probe, batch_size=64, num_workers=num_workers, collate_fn=list)
+        return [(i, reason) for batch in loader for i, reason in batch if reason is not None]
+
     def __getitem__(self, index: int):
         n = len(self.samples)
         for step in range(n):
@@ -445,6 +470,52 @@ class RobustImageFolder(Dataset):
                 img = self.transform(img)
             return img, target
         raise BadImageError(f"no readable image in {self.root} ({n} files, all failed to decode)")
+
+
+class _DecodeProbe(Dataset):
+    """Item i: ``(i, None)`` if file i of ``folder`` decodes, else ``(i, "ErrorType: message")``."""
+
+    def __init__(self, folder: RobustImageFolder) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i: int):
+        try:
+            self.folder._load(self.folder.samples[i][0])
+        except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the file is unreadable
+            return i, f"{type(exc).__name__}: {exc}"
+        return i, None
+
+
+def check_images(splits: dict[str, Dataset], num_workers: int = 0) -> int:
+    """Decode every image of the image-folder datasets in ``splits`` (``{"train": ds, "val": ds}``;
+    in-memory datasets have nothing to check).
+
+    ``on_bad_image="error"``: a :class:`BadImageError` naming the unreadable
+    files. ``"skip"``: they are marked bad (never read again, counted in
+    ``num_skipped``) with one warning. Returns how many were found.
+    """
+    found = 0
+    for split, ds in splits.items():
+        if not isinstance(ds, RobustImageFolder):
+            continue
+        bad = ds.unreadable(num_workers)
+        found += len(bad)
+        if not bad:
+            continue
+        shown = "; ".join(f"{ds.samples[i][0]} ({reason.splitlines()[0]})" for i, reason in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        where = f"the {split} split ({len(ds)} images of {ds.root})"
+        if ds.on_bad_image == "error":
+            raise BadImageError(f"{len(bad)} unreadable image(s) in {where}: {shown}{more}; remove them or set "
+                                "data.on_bad_image=skip")
+        for i, _ in bad:
+            ds._bad[i] = 1
+            ds._warned.add(i)
+        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {where}: {shown}{more}", stacklevel=2)
+    return found
 
 
 # =========================================================================== the entry points

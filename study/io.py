@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "remove_stale_temps", "writable_folder"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -41,3 +41,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
 
     atomic_write(path, _write)
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.XXXX.tmp``) that a killed writer left in ``folder``.
+
+    Call it only where no other process is writing, e.g. when a run starts.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def writable_folder(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it (OSError if not)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    return folder

@@ -1,16 +1,20 @@
 """SLURM submission through submitit: one task per GPU, DDP set up from SLURM's variables.
 
 On preemption or timeout submitit requeues the job, which resumes from the
-run's last checkpoint (``pretrain(..., resume=True)``).
+run's last checkpoint (``pretrain(..., resume=True)``). Without ``sbatch`` there
+is nothing to submit to: :func:`submit` refuses rather than let submitit fall
+back to its local executor, which would start one detached training process
+per requested GPU on this machine.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from study.config import Config
 
-__all__ = ["submit", "PretrainJob"]
+__all__ = ["submit", "slurm_available", "PretrainJob"]
 
 
 class PretrainJob:
@@ -33,14 +37,28 @@ class PretrainJob:
         return submitit.helpers.DelayedSubmission(PretrainJob(self.cfg, self.out))
 
 
+def slurm_available() -> bool:
+    """SLURM's client commands are on PATH (submitit needs sbatch to submit and srun in the job)."""
+    return all(shutil.which(cmd) is not None for cmd in ("sbatch", "srun"))
+
+
 def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int = 8, partition: str | None = None,
-           timeout_min: int = 72 * 60, slurm_folder: str = "slurm_logs/%j", cluster: str | None = None):
+           timeout_min: int = 72 * 60, slurm_folder: str | Path | None = None):
+    """Submit the run to SLURM; returns ``(job, log folder)``. The logs go to ``out/slurm/%j`` by default."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=slurm_folder, cluster=cluster)
+    from study.errors import UserError
+    from study.run_folder import check_run_folder
+
+    if not slurm_available():
+        raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; run 'python -m study "
+                        "pretrain' or 'torchrun -m study pretrain' instead")
+    check_run_folder(out)
+    folder = Path(slurm_folder) if slurm_folder is not None else Path(out) / "slurm" / "%j"
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     params = dict(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=gpus_per_node,
                   cpus_per_task=10, timeout_min=timeout_min, name=f"cimle-mae-{cfg.objective}")
     if partition:
         params["slurm_partition"] = partition
     executor.update_parameters(**params)
-    return executor.submit(PretrainJob(cfg, out))
+    return executor.submit(PretrainJob(cfg, out)), folder

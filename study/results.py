@@ -3,22 +3,83 @@
 Rows are appended under a file lock and written atomically (whole file to a
 temporary, then renamed), so parallel runs never interleave and a crash never
 leaves a half-written table. pandas reads the CSV; figures come only from it.
+
+:func:`check_table` tells before any work whether rows could be appended to a
+path: a folder, an unwritable place, a file that is not a CSV (binary, ragged
+rows) or a CSV without ``metric`` and ``value`` columns is refused with
+:class:`ResultsTableError`. An empty or blank file counts as an empty table.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import pandas as pd
 
+from study.errors import UserError
 from study.io import atomic_write
 
-__all__ = ["append_rows", "read_results", "write_results"]
+__all__ = ["append_rows", "check_table", "read_results", "write_results", "ResultsTableError"]
 
 REQUIRED = ("metric", "value")
+
+
+class ResultsTableError(UserError, ValueError):
+    """A results table that rows cannot be appended to; the message names the path and why."""
+
+
+def _read_existing(path: Path) -> pd.DataFrame | None:
+    """The table at ``path``, or None when there is none yet (missing, empty or blank file)."""
+    if path.is_dir():
+        raise ResultsTableError(f"results table {path} is a folder; give a .csv file path")
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+            blank = not head.strip() and not fh.read(1)
+    except OSError as exc:
+        raise ResultsTableError(f"cannot read results table {path}: {exc.strerror or exc}") from None
+    if blank:
+        return None
+    if b"\0" in head:
+        raise ResultsTableError(f"{path} is not a CSV table (binary content); give another --results path")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResultsTableError(f"{path} is not a readable CSV table ({reason}); fix it or give another "
+                                "--results path") from None
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        shown = ", ".join(map(str, list(frame.columns)[:8])) + (", ..." if len(frame.columns) > 8 else "")
+        raise ResultsTableError(f"{path} is not a results table: it lacks column(s) {', '.join(missing)} (it has "
+                                f"{shown}); give another --results path")
+    return frame
+
+
+def _writable_place(path: Path) -> None:
+    """The lock file and the atomic rewrite are created beside ``path``: its folder must be writable."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent  # created on the first write
+    if not folder.is_dir():
+        raise ResultsTableError(f"cannot create results table {path}: {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ResultsTableError(f"cannot write results table {path}: {folder} is not writable; give another "
+                                "--results path")
+
+
+def check_table(path: str | Path) -> Path:
+    """Raise :class:`ResultsTableError` unless rows can be appended to ``path``; cheap, touches nothing."""
+    path = Path(path)
+    _read_existing(path)
+    _writable_place(path)
+    return path
 
 
 @contextmanager
@@ -58,7 +119,7 @@ def append_rows(path: str | Path, rows: Iterable[Mapping], replace: Mapping | No
     path = Path(path)
     new = _frame(rows)
     with _locked(path):
-        old = pd.read_csv(path) if path.exists() and path.stat().st_size else None
+        old = _read_existing(path)
         if old is not None and replace:
             same = pd.Series(True, index=old.index)
             for key, value in replace.items():

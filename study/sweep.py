@@ -11,6 +11,9 @@ next invocation, reported in the summary, and never stops the others.
 Notebooks are jupytext percent files in git; executed copies are outputs, except
 the report, which also lands, scrubbed, in the committed ``reports/<sweep>.ipynb``
 (:mod:`study.reports`; ``--report-only`` rebuilds it from the results table alone).
+Each finished point prints one line (a failed one with the last line of its
+cause, e.g. ``FileNotFoundError: ...`` raised inside the notebook); a progress
+bar is drawn only on a terminal.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from typing import Any
 
 import yaml
 
-from study.config import ConfigError, load_config
+from study.config import ConfigError, load_config, read_yaml
+from study.console import duration, interactive
 from study.io import atomic_write_text
 
-__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "execute_notebook"]
+__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "execute_notebook", "error_cause"]
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Sweep:
     config: str
     run_notebook: str = "notebooks/run.py"
     report_notebook: str | None = None
-    results: str = "results/results.csv"
+    results: str = "runs/results.csv"
     runs_dir: str = "runs"
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
     # a mapping {key: [values]} (every combination), or a list of such mappings
@@ -75,7 +79,9 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
     valid = set(Sweep.__dataclass_fields__)
     unknown = sorted(set(data) - valid)
     if unknown:
@@ -154,7 +160,7 @@ def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
     try:
         execute_notebook(sweep.path(sweep.run_notebook), folder / "run.ipynb", params, cwd=Path(sweep.root).resolve())
     except Exception as exc:  # noqa: BLE001 - a failed point is recorded, the sweep goes on
-        error = f"{type(exc).__name__}: {exc}"
+        error = error_cause(exc)
         atomic_write_text(folder / "failed.json", json.dumps(
             {"point": point.slug, "overrides": point.overrides, "error": error,
              "traceback": traceback.format_exc()[-4000:]}, indent=1))
@@ -162,6 +168,21 @@ def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
     atomic_write_text(folder / "done.json", json.dumps(
         {"point": point.slug, "overrides": point.overrides, "seconds": time.time() - start}, indent=1))
     return point.slug, None, time.time() - start
+
+
+def error_cause(exc: BaseException) -> str:
+    """``"Type: message"`` of what went wrong; for an error raised inside a notebook, the notebook's error.
+
+    papermill's own message starts with a blank line and a cell banner; the
+    kernel's exception name and value are on the exception.
+    """
+    name = getattr(exc, "ename", None)
+    if name:
+        value = str(getattr(exc, "evalue", "") or "").strip()
+        last = value.splitlines()[-1] if value else ""
+        return f"{name}: {last}" if last else name
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1].strip()}" if lines else type(exc).__name__
 
 
 def _limit_threads(threads: int) -> None:
@@ -172,21 +193,30 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
     """Run the missing points, then the report notebook; returns a summary dict (also printed)."""
     from tqdm.auto import tqdm
 
+    from study.results import check_table
+
     points = expand(sweep)
+    check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
     todo = [p for p in points if not (base / p.slug / "done.json").exists()]
     skipped = len(points) - len(todo)
     workers = max(1, parallel or sweep.parallel)
     failures: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", disable=not progress)
+    bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", disable=not (progress and interactive()))
+
+    def finished(slug: str, error: str | None, sec: float) -> None:
+        seconds[slug] = sec
+        if error:
+            failures[slug] = error
+        if progress:
+            status = f"FAILED: {error}" if error else "done"
+            bar.write(f"point {len(seconds)}/{len(todo)} {slug} ({duration(sec)}): {status}")
+        bar.update(1)
+
     if workers == 1:
         for point in todo:
-            slug, error, sec = _run_point(sweep, point)
-            seconds[slug] = sec
-            if error:
-                failures[slug] = error
-            bar.update(1)
+            finished(*_run_point(sweep, point))
     else:
         # each point runs its own kernel; spawn keeps the workers free of the parent's threads, and the
         # cores are split between workers (kernels inherit OMP_NUM_THREADS) instead of oversubscribed
@@ -195,11 +225,7 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
                                  initializer=_limit_threads, initargs=(threads,)) as pool:
             futures = [pool.submit(_run_point, sweep, p) for p in todo]
             for fut in as_completed(futures):
-                slug, error, sec = fut.result()
-                seconds[slug] = sec
-                if error:
-                    failures[slug] = error
-                bar.update(1)
+                finished(*fut.result())
     bar.close()
 
     summary = {"sweep": sweep.name, "points": len(points), "ran": len(todo), "skipped_done": skipped,
@@ -210,7 +236,7 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
         try:
             summary["report"] = str(build_report(sweep))  # reports/<sweep>.ipynb, committed
         except Exception as exc:  # noqa: BLE001
-            summary["report_error"] = f"{type(exc).__name__}: {exc}"
+            summary["report_error"] = error_cause(exc)
     _print_summary(summary)
     return summary
 
@@ -220,7 +246,7 @@ def _print_summary(summary: dict) -> None:
           f"already done {summary['skipped_done']}, failed {len(summary['failed'])} "
           f"({summary['seconds']} s of point time)")
     for slug, error in summary["failed"].items():
-        print(f"  FAILED {slug}: {error.splitlines()[0][:300]}")
+        print(f"  FAILED {slug}: {error[:300]}")
     if summary.get("report"):
         print(f"  report: {summary['report']}")
     if summary.get("report_error"):

@@ -10,8 +10,12 @@ The run folder holds:
 
 A killed run resumed with ``--resume`` restarts the interrupted epoch from the
 last checkpoint with every RNG restored, so it ends with the same weights as an
-uninterrupted run (on deterministic CPU math). A non-finite loss stops the run
-before the next checkpoint, so the last good one is kept.
+uninterrupted run (on deterministic CPU math). ``--resume --set epochs=N`` with
+a larger N extends a run: the learning rate then follows the schedule of the N
+epochs from the epoch reached (warmup and half-cosine over N); every other
+config change is refused. A non-finite loss, or an epoch loss more than
+``optim.max_loss_growth`` times the first epoch's, stops the run before the
+next checkpoint, so the last good one is kept.
 """
 
 from __future__ import annotations
@@ -31,22 +35,43 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from study.config import Config, config_from_dict, config_to_dict, save_config
-from study.io import atomic_write, atomic_write_text
+from study.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from study.console import duration, interactive
+from study.errors import UserError, one_line
+from study.io import atomic_write, atomic_write_text, remove_stale_temps
+from study.run_folder import check_run_folder
 from study.tensorboard_log import open_tensorboard
 
-__all__ = ["pretrain", "TrainingDiverged", "RunExists", "lr_at", "load_checkpoint", "CHECKPOINT"]
+__all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "lr_at",
+           "load_checkpoint", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or infinite, or grew past ``optim.max_loss_growth``; the last checkpoint is kept."""
+
+    exit_status = 1  # the run failed; the command line was fine
 
 
-class RunExists(RuntimeError):
+class RunExists(UserError, RuntimeError):
     """The output folder already holds a run and --resume was not given."""
+
+
+class ConfigMismatch(UserError, ValueError):
+    """--resume with a config other than the checkpoint's (a larger ``epochs`` is allowed)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read, or whose weights do not fit the model."""
+
+
+def _kept(epoch: int) -> str:
+    """What is on disk when epoch ``epoch`` (0-based) fails: every earlier epoch wrote a checkpoint."""
+    if epoch == 0:
+        return "No checkpoint was written (the first epoch did not finish)"
+    return f"The checkpoint of epoch {epoch} (the last finished one) is kept"
 
 
 # --------------------------------------------------------------------------- setup
@@ -164,7 +189,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path} (damaged, or not a torch checkpoint): "
+                              f"{one_line(exc)}") from exc
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -177,6 +203,34 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             diffs.append(f"{name}: {va!r} (checkpoint) vs {vb!r} (now)")
     return diffs
+
+
+def _resume_diffs(saved: dict, cfg: Config) -> list[str]:
+    """Config differences that forbid a resume; a larger ``epochs`` extends the run and is allowed."""
+    try:  # fields added to Config since the checkpoint was written take their defaults
+        saved = config_to_dict(config_from_dict(saved))
+    except ConfigError:
+        saved = dict(saved)
+    now = config_to_dict(cfg)
+    for key in ("logging",):  # sections that do not change the run (e.g. the TensorBoard switch) may differ
+        saved.pop(key, None)
+        now.pop(key, None)
+    if isinstance(saved.get("epochs"), int) and now["epochs"] > saved["epochs"]:
+        now["epochs"] = saved["epochs"]
+    return _config_diff(saved, now)
+
+
+def _check_loss_growth(row: dict, first_loss: float | None, cfg: Config, epoch: int) -> float:
+    """Stop a run whose epoch loss grew past ``optim.max_loss_growth`` x the first epoch's; returns the reference."""
+    limit = cfg.optim.max_loss_growth
+    if first_loss is None:
+        return row["loss"]
+    if limit is not None and first_loss > 0 and row["loss"] > limit * first_loss:
+        raise TrainingDiverged(
+            f"the loss grew from {first_loss:.4g} (first epoch) to {row['loss']:.4g} at epoch {epoch + 1}, more "
+            f"than optim.max_loss_growth={limit:g} times; stopping. {_kept(epoch)}; lower optim.blr or set "
+            "optim.clip_grad (optim.max_loss_growth=null turns this check off).")
+    return first_loss
 
 
 def _rewrite_metrics(path: Path, before_epoch: int) -> None:
@@ -200,12 +254,13 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Pretrain ``cfg`` into ``out_dir``; returns the last epoch's metrics row."""
-    from study.data import build_datasets
+    from study.data import build_datasets, check_images
     from study.masking import build_mask_generator
     from study.models import build_model
 
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
+    check_run_folder(out)
     if ckpt_path.exists() and not resume:
         raise RunExists(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
 
@@ -216,7 +271,9 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
     # is saved and restored exactly, whatever the data pipeline draws.
     study_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dd.rank)
 
-    train_set, _ = build_datasets(cfg)
+    train_set, val_set = build_datasets(cfg)
+    if dd.main and not ckpt_path.exists():
+        check_images({"train": train_set, "val": val_set}, num_workers=cfg.data.num_workers)
     grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
     make_mask = build_mask_generator(cfg.mask, grid)
 
@@ -227,26 +284,31 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
 
     start_epoch = 0
     train_seconds = 0.0  # cumulative time in the training loop, for efficiency curves
+    first_loss = None  # the first epoch's loss, the reference of optim.max_loss_growth
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        # logging does not change the run: it may differ on resume
-        diffs = _config_diff({**state["config"], "logging": None}, {**config_to_dict(cfg), "logging": None})
+        diffs = _resume_diffs(state["config"], cfg)
         if diffs:
-            raise ValueError(f"--resume with a different config than {ckpt_path}: " + "; ".join(diffs))
+            raise ConfigMismatch(f"--resume with a different config than {ckpt_path}: " + "; ".join(diffs)
+                                 + " (only a larger epochs may change: it extends the run); drop the --set "
+                                 "overrides or choose another --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"][min(dd.rank, len(state["rng"]) - 1)], study_gen)
         start_epoch = state["epoch"] + 1
         train_seconds = state.get("train_seconds", 0.0)
+        first_loss = state.get("first_loss")
         if dd.main:
-            print(f"resuming {out} from epoch {start_epoch} (of {cfg.epochs})")
+            _print_resume(out, state, cfg, start_epoch, base_lr)
     elif resume and dd.main:
         print(f"--resume: no checkpoint in {out} yet, starting from scratch")
 
     tb = open_tensorboard(cfg, out, start_epoch) if dd.main else None  # before any file: a missing extra stops here
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "snapshots"):
+            remove_stale_temps(folder)  # left by a killed run's half-done atomic writes
         save_config(cfg, out / "config.yaml")
         _rewrite_metrics(out / METRICS, start_epoch)
 
@@ -275,6 +337,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
         )
         last_row = _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, study_gen,
                                     cfg, device, dd, epoch, base_lr, progress)
+        first_loss = _check_loss_growth(last_row, first_loss, cfg, epoch)
         train_seconds += last_row["seconds"]
         last_row["train_seconds"] = train_seconds
         if dd.main:
@@ -300,6 +363,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
                 "config": config_to_dict(cfg),
                 "metrics": last_row,
                 "train_seconds": train_seconds,
+                "first_loss": first_loss,
             })
         elif dd.world > 1:
             dist.all_gather_object([None] * dd.world, _rng_state(study_gen))
@@ -321,8 +385,8 @@ def _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, gen, cfg:
     wait = 0.0
     # a host sync per step is free on CPU; on CUDA check finiteness every few steps only
     check_every = 1 if device.type == "cpu" else 50
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dd.main),
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+               disable=not (progress and dd.main and interactive()))
     optimizer.zero_grad(set_to_none=True)  # no partial accumulation leaks across epochs
     t_epoch = time.perf_counter()
     t_ready = time.perf_counter()
@@ -358,14 +422,18 @@ def _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, gen, cfg:
             if not torch.isfinite(loss_sum):
                 bar.close()
                 raise TrainingDiverged(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}; stopping. The last good "
-                    f"checkpoint (end of epoch {epoch}) is kept; lower optim.blr or set optim.clip_grad."
+                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}; stopping. {_kept(epoch)}; "
+                    "lower optim.blr or set optim.clip_grad."
                 )
             bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}", lr=f"{lr:.2e}")
         bar.update(1)
         t_ready = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - t_epoch
+    if dd.world > 1:  # log and check the loss of the whole global batch, the same number on every rank
+        for total in (loss_sum, *stats_sum.values()):
+            dist.all_reduce(total)
+            total /= dd.world
     row = {
         "epoch": epoch,
         "loss": loss_sum.item() / steps,
@@ -377,8 +445,20 @@ def _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, gen, cfg:
     row.update({key: value.item() / steps for key, value in stats_sum.items()})
     if dd.main and progress:
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  lr {lr:.2e}  "
-              f"{row['images_per_sec']:.0f} img/s  data wait {100 * row['data_wait_frac']:.0f}%")
+              f"{row['images_per_sec']:.0f} img/s  data wait {100 * row['data_wait_frac']:.0f}%  "
+              f"left {duration(elapsed * (cfg.epochs - epoch - 1))}", flush=True)
     return row
+
+
+def _print_resume(out: Path, state: dict, cfg: Config, start_epoch: int, base_lr: float) -> None:
+    done = state["config"]["epochs"]
+    if start_epoch >= cfg.epochs:
+        print(f"{out} is complete ({cfg.epochs} epochs); --resume --set epochs=N with a larger N extends it")
+    elif cfg.epochs > done:
+        print(f"extending {out} from {done} to {cfg.epochs} epochs: the lr schedule is now the one of "
+              f"{cfg.epochs} epochs, taken up at epoch {start_epoch + 1} (lr {lr_at(start_epoch, cfg, base_lr):.2e})")
+    else:
+        print(f"resuming {out} from epoch {start_epoch} (of {cfg.epochs})")
 
 
 def config_from_checkpoint(state: dict) -> Config:

@@ -302,3 +302,66 @@ def test_facebookresearch_format_needs_a_config(tmp_path, capsys):
     assert run_from_args(parser.parse_args(["--checkpoint", str(fb), "--protocols", "knn,svm", "--quiet"]
                                            + sets)) == 2
     assert "valid protocols: knn, linear, finetune" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the results table, output
+
+
+@pytest.mark.parametrize("kind", ["folder", "binary", "ragged", "unrelated", "below a file"])
+def test_bad_results_table_fails_before_any_protocol(tmp_path, monkeypatch, kind):
+    import time
+
+    import study.evaluation.run as run
+
+    _, _, ckpt = _tiny_checkpoint(tmp_path)
+    bad = {"folder": tmp_path / "folder.csv", "binary": tmp_path / "b.csv", "ragged": tmp_path / "r.csv",
+           "unrelated": tmp_path / "u.csv", "below a file": tmp_path / "afile" / "results.csv"}[kind]
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "b.csv").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "r.csv").write_text("metric,value\na,1\nb,2,3\n")
+    (tmp_path / "u.csv").write_text("name,score\nx,1\n")
+    (tmp_path / "afile").write_text("x")
+    ran = []
+    monkeypatch.setattr(run, "extract_features", lambda *a, **k: ran.append("features"))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="results table|CSV|cannot create"):
+        evaluate(ckpt, "knn,linear", bad, progress=False, verbose=False)
+    assert ran == [] and time.perf_counter() - start < 10
+
+
+def test_blank_results_file_takes_the_rows(tmp_path):
+    _, _, ckpt = _tiny_checkpoint(tmp_path)
+    results = tmp_path / "blank.csv"
+    results.write_text("\n\n")
+    rows = evaluate(ckpt, "knn", results, progress=False, verbose=False)
+    assert len(pd.read_csv(results)) == len(rows) == 4
+
+
+def test_rows_survive_a_failed_write_in_a_side_file(tmp_path, monkeypatch):
+    import study.results
+
+    _, _, ckpt = _tiny_checkpoint(tmp_path)
+    results = tmp_path / "results.csv"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(study.results, "append_rows", disk_full)
+    with pytest.raises(Exception, match="No space left on device") as info:
+        evaluate(ckpt, "knn", results, progress=False, verbose=False)
+    message = str(info.value)
+    side = [p for p in tmp_path.glob("results.unsaved-*.csv")]
+    assert len(side) == 1 and str(side[0]) in message
+    table = pd.read_csv(side[0])
+    assert len(table) == 4 and set(table.metric) == {"knn_top1", "knn_seconds"}
+
+
+def test_evaluate_log_is_one_line_per_protocol_without_bars(tmp_path, capsys):
+    _, _, ckpt = _tiny_checkpoint(tmp_path)
+    evaluate(ckpt, "knn,linear,finetune", tmp_path / "r.csv", finetune_max_steps=2)  # progress on, output captured
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    lines = captured.out.splitlines()
+    for protocol in ("knn", "linear", "finetune"):
+        assert len([line for line in lines if line.strip().startswith(protocol + " ")]) == 1, captured.out
+    assert len(lines) == 5, captured.out  # header, three protocols, where the rows went

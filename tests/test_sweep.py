@@ -63,11 +63,18 @@ def test_failure_is_reported_and_restart_runs_only_missing(tmp_path, capsys):
     points = expand(sweep)
     assert len(points) == 4
 
-    first = run_sweep(sweep, progress=False)
+    first = run_sweep(sweep)  # progress on, output captured (not a terminal): one line per point, no bar
     assert first["ran"] == 4 and len(first["failed"]) == 1
     (failed,) = first["failed"]
     assert "0.9" in failed and "boom" in first["failed"][failed]
-    assert "FAILED" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # the console names the cause raised inside the notebook, not only papermill's wrapper
+    assert f"FAILED {failed}: RuntimeError: boom at {failed}" in out, out
+    assert "PapermillExecutionError" not in out
+    assert "\r" not in out + captured.err
+    points = [line for line in out.splitlines() if line.startswith("point ")]
+    assert len(points) == 4 and sum(line.endswith(": done") for line in points) == 3, out
     assert (tmp_path / "runs" / "tiny" / failed / "failed.json").exists()
     assert first["report"] is not None
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3
@@ -102,3 +109,12 @@ def test_a_list_of_grids_is_the_union_of_their_combinations(tmp_path):
     path.write_text(path.read_text().replace("  - {mask.kind: [block], mask.ratio: [0.75]}\n", "  - [block]\n"))
     with pytest.raises(ConfigError, match=r"grid\[1\] must be a mapping"):
         load_sweep(path)
+
+
+def test_unusable_results_table_fails_before_any_point(tmp_path):
+    path = _write_sweep(tmp_path)
+    (tmp_path / "results.csv").mkdir()  # a folder where the table should go
+    with pytest.raises(ValueError, match="is a folder"):
+        run_sweep(load_sweep(path), progress=False)
+    assert not (tmp_path / "runs").exists()
+

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from study.cli import main as cli_main
-from study.config import load_config
+from study.config import ConfigError, load_config
 from study.train import RunExists, TrainingDiverged, load_checkpoint, pretrain
 
 TINY = [
@@ -125,3 +125,113 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert code == 2
     assert "mask.ratio" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- divergence, temp files, logs, extension
+
+
+def _poison(monkeypatch, after_calls: int, factor: float):
+    """Multiply the model's loss by ``factor`` from forward call ``after_calls + 1`` on."""
+    import study.models as models
+
+    real_build = models.build_model
+    calls = {"n": 0}
+
+    def build_poisoned(cfg):
+        model = real_build(cfg)
+        forward = model.forward
+
+        def poisoned(imgs, mask, generator=None):
+            out = forward(imgs, mask, generator=generator)
+            calls["n"] += 1
+            if calls["n"] > after_calls:
+                out.loss = out.loss * factor
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(models, "build_model", build_poisoned)
+    return calls
+
+
+def test_divergence_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
+    _poison(monkeypatch, after_calls=2, factor=float("nan"))  # 8 steps per epoch: inside epoch 1
+    with pytest.raises(TrainingDiverged) as info:
+        pretrain(tiny("epochs=3"), tmp_path, progress=False)
+    assert "No checkpoint was written" in str(info.value) and "kept" not in str(info.value)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_loss_growing_a_hundredfold_stops_the_run(tmp_path, monkeypatch):
+    _poison(monkeypatch, after_calls=8, factor=1000.0)  # epoch 2 on: 1000 x the first epoch's loss
+    with pytest.raises(TrainingDiverged, match="grew from .* at epoch 2.*max_loss_growth=100") as info:
+        pretrain(tiny("epochs=4"), tmp_path, progress=False)
+    assert "checkpoint of epoch 1" in str(info.value)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 0
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_loss_growth_limit_is_configurable(tmp_path, monkeypatch):
+    calls = _poison(monkeypatch, after_calls=8, factor=1000.0)
+    for limit in ("null", "5000"):
+        calls["n"] = 0
+        pretrain(tiny("epochs=2", f"optim.max_loss_growth={limit}"), tmp_path / limit, progress=False)
+        assert load_checkpoint(tmp_path / limit / "checkpoint.pt")["epoch"] == 1
+    calls["n"] = 0
+    with pytest.raises(TrainingDiverged, match="max_loss_growth=500 "):
+        pretrain(tiny("epochs=2", "optim.max_loss_growth=500"), tmp_path / "500", progress=False)
+    with pytest.raises(ConfigError, match="optim.max_loss_growth"):
+        tiny("optim.max_loss_growth=0.5")
+
+
+def test_resume_and_start_remove_stale_temp_files(tmp_path):
+    run = tmp_path / "run"
+    pretrain(tiny("epochs=1"), run, progress=False)
+    stale = [run / ".checkpoint.pt.k2j3h4.tmp", run / ".metrics.jsonl.abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    pretrain(tiny("epochs=1"), run, resume=True, progress=False)
+    assert not any(path.exists() for path in stale)
+    assert (run / "checkpoint.pt").is_file()
+    fresh = tmp_path / "fresh"  # a kill before the first checkpoint left only a temp file
+    fresh.mkdir()
+    (fresh / ".checkpoint.pt.zz9.tmp").write_bytes(b"x")
+    pretrain(tiny("epochs=1"), fresh, progress=False)
+    assert [p.name for p in fresh.glob(".*.tmp")] == []
+
+
+def test_redirected_pretrain_log_has_one_plain_line_per_epoch(tmp_path, one_thread):
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "study", "pretrain", "--out", str(tmp_path / "run")]
+    for item in TINY + ["epochs=3"]:
+        cmd += ["--set", item]
+    with open(log, "wb") as fh:
+        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=one_thread, check=True)
+    text = log.read_bytes().decode()
+    assert "\r" not in text
+    epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"], text
+    for word in ("loss", "lr", "img/s", "left"):
+        assert all(word in line for line in epochs), epochs
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path, capsys):
+    from study.train import lr_at
+
+    pretrain(tiny("epochs=2"), tmp_path, progress=False)
+    row = pretrain(tiny("epochs=4"), tmp_path, resume=True, progress=True)
+    assert "extending" in capsys.readouterr().out
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in logged] == [0, 1, 2, 3] and logged[-1] == row
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["config"]["epochs"] == 4
+    assert load_config(tmp_path / "config.yaml").epochs == 4
+    # the lr follows the 4-epoch schedule: the last step of epoch 4 (8 steps per epoch)
+    cfg = tiny("epochs=4")
+    base = cfg.optim.blr * cfg.optim.batch_size / 256
+    assert row["lr"] == pytest.approx(lr_at(3 + 7 / 8, cfg, base))
+    with pytest.raises(ValueError, match="epochs: 4 \\(checkpoint\\) vs 3 \\(now\\)"):
+        pretrain(tiny("epochs=3"), tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="mask.ratio"):
+        pretrain(tiny("epochs=6", "mask.ratio=0.75"), tmp_path, resume=True, progress=False)

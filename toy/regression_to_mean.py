@@ -20,6 +20,11 @@ disappears. Both objectives go through :mod:`study.objectives`.
     python toy/regression_to_mean.py --quick            # < 2 min on 2 cores
     python toy/regression_to_mean.py                    # default grid, < 15 min
     python toy/regression_to_mean.py --plot-only        # redraw figures from the CSV
+
+Everything goes to ``--out`` (default ``runs/toy``, not committed): the CSV,
+the summary and, unless ``--figures`` says otherwise, the figure. Only
+``make toy`` writes the committed ``results/toy`` and ``figures/``, by passing
+both flags.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from study.io import atomic_write_text
+from study.console import interactive
+from study.errors import UserError, run_command
+from study.io import atomic_write_text, writable_folder
 from study.objectives import cimle, least_squares
 from study.results import read_results, write_results
 from toy.conditionals import ToyConfig, ToyTask
@@ -219,13 +226,15 @@ def run_grid(strengths: Sequence[float], seeds: Sequence[int], settings: TrainSe
     task = task or ToyTask()
     jobs = [(s, seed, obj) for s in strengths for seed in seeds for obj in OBJECTIVES]
     rows = []
-    bar = tqdm(jobs, desc="toy", disable=not progress, file=sys.stderr)
-    for s, seed, obj in bar:
+    bar = tqdm(jobs, desc="toy", disable=not (progress and interactive(sys.stderr)), file=sys.stderr)
+    for i, (s, seed, obj) in enumerate(bar):
         bar.set_postfix_str(f"{obj} s={s:g} seed={seed}")
         start = time.perf_counter()
         model = train_one(task, s, obj, seed, settings)
         metrics = evaluate(model, task, s, obj, seed, settings)
         metrics["train_seconds"] = time.perf_counter() - start
+        if progress and bar.disable:  # a log file: one plain line per model instead of a bar
+            print(f"toy {i + 1}/{len(jobs)}: {obj} s={s:g} seed={seed} ({metrics['train_seconds']:.1f} s)", flush=True)
         base = {"objective": obj, "k": settings.k if obj == "cimle" else 1, "mask_strength": s, "seed": seed,
                 "steps": settings.steps, "n_classes": task.config.n_classes, "dh": settings.dh, "dz": settings.dz}
         rows += [{**base, "metric": name, "value": value} for name, value in metrics.items()]
@@ -293,12 +302,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help=f"number of seeds, 0..N-1 (default {DEFAULT['seeds']})")
     p.add_argument("--steps", type=int, help=f"training steps per run (default {DEFAULT['steps']})")
     p.add_argument("--k", type=int, default=TrainSettings.k, help="cIMLE samples per example")
-    p.add_argument("--out", type=Path, default=Path("results/toy"), help="folder for the CSV and summary")
-    p.add_argument("--figures", type=Path, default=Path("figures"), help="folder for the figure files")
+    p.add_argument("--out", type=Path, default=Path("runs/toy"),
+                   help="folder for the CSV and summary (make toy: results/toy)")
+    p.add_argument("--figures", type=Path, default=None,
+                   help="folder for the figure files (default: --out; make toy: figures)")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSV in --out; no training")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     args = p.parse_args(argv)
+    if args.figures is None:
+        args.figures = args.out
     preset = QUICK if args.quick else DEFAULT
     for name in ("strengths", "seeds", "steps"):
         if getattr(args, name) is None:
@@ -322,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         if args.plot_only:
             frame = read_results(csv)
         else:
+            for flag, folder in (("--out", args.out), ("--figures", args.figures)):
+                try:  # now, not after the training
+                    writable_folder(folder)
+                except OSError as exc:
+                    raise UserError(f"cannot write to {flag} {folder}: {exc.strerror or exc}") from None
             settings = TrainSettings(steps=args.steps, k=args.k)
             start = time.perf_counter()
             frame = run_grid(args.strengths, list(range(args.seeds)), settings, progress=not args.no_progress)
@@ -337,5 +356,15 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         torch.set_num_threads(previous_threads)
 
 
+def _cli(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def run() -> int:
+        main(argv)
+        return 0
+
+    return run_command(run, debug=args.debug)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(_cli())

@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from study.console import interactive
+
 __all__ = ["POOLS", "FeatureCache", "extract_features", "feature_key", "checkpoint_identity"]
 
 POOLS = ("cls", "mean")
@@ -49,7 +51,7 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, pool: str = 
                         pin_memory=device.type == "cuda")
     feats, labels = [], []
     try:
-        for imgs, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        for imgs, y in tqdm(loader, desc=desc, disable=not (progress and interactive()), leave=False, dynamic_ncols=True):
             with _autocast(device, precision):
                 f = encoder.features(imgs.to(device, non_blocking=True), pool=pool)
             feats.append(f.float().cpu())

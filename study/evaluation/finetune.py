@@ -47,6 +47,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from study.console import interactive
 from study.evaluation.linear_probe import warmup_cosine
 
 __all__ = ["FinetuneSettings", "FINETUNE_PRESETS", "FinetuneResult", "ViTClassifier", "finetune",
@@ -245,7 +246,7 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
     losses: list[float] = []
     done = 0
     bar = tqdm(total=s.epochs * steps if max_steps is None else min(max_steps, s.epochs * steps),
-               desc="finetune", disable=not progress, leave=False, dynamic_ncols=True)
+               desc="finetune", disable=not (progress and interactive()), leave=False, dynamic_ncols=True)
     for epoch in range(s.epochs):
         model.train()
         total, count = 0.0, 0

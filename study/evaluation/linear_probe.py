@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from study.console import interactive
+
 __all__ = ["LARS", "LinearProbeSettings", "LINEAR_PRESETS", "LinearProbeResult", "linear_probe_settings",
            "train_linear_probe", "warmup_cosine", "cpu_threads"]
 
@@ -216,7 +218,7 @@ def _train_linear_probe(train_features, train_labels, val_features, val_labels, 
     y = train_labels.to(device, torch.int64)
     steps = n // batch  # drop the last partial batch (BatchNorm on a batch of 1 is undefined)
     losses: list[float] = []
-    bar = tqdm(range(s.epochs), desc="linear probe", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(s.epochs), desc="linear probe", disable=not (progress and interactive()), leave=False, dynamic_ncols=True)
     for epoch in bar:
         head.train()
         order = torch.randperm(n, generator=gen).to(device)

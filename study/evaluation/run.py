@@ -1,7 +1,7 @@
 """The ``evaluate`` command: probe a checkpoint with k-NN, linear probe and finetuning.
 
     python -m study evaluate --checkpoint runs/x/checkpoint.pt --protocols knn,linear,finetune \
-        [--results results/results.csv] [--pool cls|mean] [--preset auto|cpu|gpu] [--figures figures]
+        [--results runs/results.csv] [--pool cls|mean] [--preset auto|cpu|gpu] [--figures runs/figures]
 
 Two more protocols look at the decoder's completions (this project's
 checkpoints only, full or weights-only ``{model, config, epoch,
@@ -29,7 +29,12 @@ Frozen features are extracted once per encoder, split and pool and shared by
 k-NN and the linear probe (``--feature-cache DIR`` also keeps them on disk).
 
 Rows (one metric value each) are appended to the tidy results table with
-:func:`study.results.append_rows`. Metrics: ``knn_top1``, ``linear_top1``,
+:func:`study.results.append_rows`. The table is checked before any protocol
+runs (a folder, an unwritable path or a file that is not a results table is
+refused); if the write still fails at the end, the rows go to a side file
+beside it (or in the temporary folder) that the error names. The defaults
+(``runs/results.csv``, ``runs/figures``) stay out of the committed
+``results/`` and ``figures/``. Metrics: ``knn_top1``, ``linear_top1``,
 ``linear_train_top1``, ``finetune_top1`` (fractions in [0, 1]) and
 ``<protocol>_seconds`` (k-NN and linear include the shared feature
 extraction). Every row carries the run's parameters (objective,
@@ -44,7 +49,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -52,6 +56,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from study.errors import UserError, one_line
 from study.evaluation.features import POOLS, FeatureCache, extract_features, feature_key
 from study.evaluation.finetune import FinetuneSettings, build_finetune_datasets, finetune, finetune_settings
 from study.evaluation.knn import knn_accuracy
@@ -62,12 +67,12 @@ __all__ = ["PROTOCOLS", "DEFAULT_RESULTS", "evaluate", "parse_protocols", "load_
            "add_arguments", "run_from_args"]
 
 PROTOCOLS = ("knn", "linear", "finetune", "samples", "completion")
-DEFAULT_FIGURES = "figures"
-DEFAULT_RESULTS = "results/results.csv"
+DEFAULT_FIGURES = "runs/figures"
+DEFAULT_RESULTS = "runs/results.csv"
 ENCODERS = ("pretrained", "random")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A bad evaluate request (unknown protocol, missing config for a foreign checkpoint...)."""
 
 
@@ -133,12 +138,22 @@ def _build_encoders(cfg, state: dict, fmt: str, which: Sequence[str]) -> dict[st
     if "pretrained" in which:
         _seed_all(cfg.seed)
         model = build_model(cfg)
-        if fmt == "study":
-            model.load_state_dict(state["model"])
-        else:
-            from study.models import load_pretrained_encoder
+        try:
+            if fmt == "study":
+                model.load_state_dict(state["model"])
+            else:
+                from study.models import load_pretrained_encoder
 
-            load_pretrained_encoder(model.encoder, state)
+                load_pretrained_encoder(model.encoder, state)
+        except (RuntimeError, ValueError) as exc:  # names or shapes differ: another architecture
+            from study.train import CheckpointError
+
+            detail = one_line(exc)
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            fix = ("drop the --set model.* overrides: the checkpoint's own config describes it" if fmt == "study"
+                   else "pass the --config / --set model.* of the architecture it was trained with")
+            raise CheckpointError(f"the checkpoint's weights do not fit the model of this config ({detail}); "
+                                  f"{fix}") from exc
         out["pretrained"] = model.encoder
     if "random" in which:
         _seed_all(cfg.seed)
@@ -232,6 +247,18 @@ def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k,
     protos = parse_protocols(protocols)
     if pool not in POOLS:
         raise EvaluationError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+    if results is not None:
+        from study.results import check_table
+
+        check_table(results)  # now, not after every protocol has run
+    if "samples" in protos and figures is not None:
+        from study.io import writable_folder
+
+        try:
+            writable_folder(figures)
+        except OSError as exc:
+            raise EvaluationError(f"cannot write the samples figure to --figures {figures}: "
+                                  f"{exc.strerror or exc}") from None
     cfg, state, fmt = load_for_evaluation(checkpoint, config, overrides)
     decoder_protos = [p for p in protos if p in ("samples", "completion")]
     if decoder_protos and fmt != "study":
@@ -265,6 +292,14 @@ def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k,
         rows.append({**base, "protocol": protocol, "pool": used_pool, "encoder": encoder, **extra,
                      "metric": metric, "value": float(value)})
 
+    def done(protocol: str) -> None:
+        if verbose:
+            print(_protocol_line(protocol, [r for r in rows if r["protocol"] == protocol]), flush=True)
+
+    if verbose:
+        print(f"evaluating {checkpoint}: {', '.join(protos)}" + (f" -> {results}" if results is not None else ""),
+              flush=True)
+
     frozen = [p for p in protos if p in ("knn", "linear")]
     if frozen:
         train_set, val_set = build_eval_datasets(cfg)
@@ -295,6 +330,8 @@ def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k,
                 row("linear", enc_name, "linear_train_top1", res.train_top1, pool, extra)
                 row("linear", enc_name, "linear_seconds", res.seconds + feat_seconds, pool, extra)
             encoder.cpu()
+        for protocol in frozen:
+            done(protocol)
 
     if "finetune" in protos:
         ft_train, ft_val = build_finetune_datasets(cfg, ft)
@@ -311,6 +348,7 @@ def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k,
             extra["ft_max_steps"] = finetune_max_steps
             row("finetune", enc_name, "finetune_top1", res.top1, ft_pool, extra)
             row("finetune", enc_name, "finetune_seconds", res.seconds, ft_pool, extra)
+        done("finetune")
 
     if decoder_protos:
         from study.evaluation.context_completion import completion_protocol
@@ -325,30 +363,57 @@ def _evaluate(checkpoint, protocols, results, *, config, overrides, pool, knn_k,
             for r in out:
                 extra = {key: v for key, v in r.items() if key not in ("encoder", "metric", "value")}
                 row(protocol, r["encoder"], r["metric"], r["value"], None, extra)
+            done(protocol)
 
     if results is not None and rows:
-        from study.results import append_rows
-
-        append_rows(results, rows)
-    if verbose:
-        _print_summary(rows, checkpoint, results)
+        _save_rows(results, rows)
+        if verbose:
+            print(f"{len(rows)} rows -> {results}")
     return rows
 
 
-def _print_summary(rows: list[dict], checkpoint, results) -> None:
-    table: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r["metric"].endswith("_top1") and r["metric"] != "linear_train_top1":
-            table.setdefault(r["metric"], {})[r["encoder"]] = r["value"]
-        elif r["metric"] == "sample_diversity" or r["metric"].startswith(("cc_", "oracle_accuracy")):
-            table.setdefault(r["metric"], {})[r["encoder"]] = r["value"]
-    print(f"evaluation of {checkpoint}" + (f" -> {results}" if results is not None else ""))
-    for metric, vals in table.items():
-        if metric == "sample_diversity":
-            parts = "  ".join(f"{enc} {v:.4g}" for enc, v in vals.items())
-        else:
-            parts = "  ".join(f"{enc} {100 * v:.2f}%" for enc, v in vals.items())
-        print(f"  {metric:<15} {parts}")
+class ResultsNotSaved(UserError):
+    """The results table could not be written at the end; the rows are in a side file."""
+
+
+def _save_rows(results: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` to ``results``; if that fails, keep them in a side file and say where."""
+    from study.results import append_rows, write_results
+
+    try:
+        append_rows(results, rows)
+        return
+    except (OSError, ValueError, UserError) as exc:
+        error = one_line(exc)
+    import tempfile
+
+    name = f"{Path(results).stem}.unsaved-{_dt.datetime.now():%Y%m%d-%H%M%S}.csv"
+    for folder in (Path(results).parent, Path(tempfile.gettempdir())):
+        try:
+            side = write_results(folder / name, rows)
+        except OSError:
+            continue
+        raise ResultsNotSaved(f"could not append the {len(rows)} result rows to {results} ({error}); they are "
+                              f"saved in {side}")
+    raise ResultsNotSaved(f"could not append the {len(rows)} result rows to {results} ({error}), nor save "
+                          "them in a side file; rerun with another --results")
+
+
+_HEADLINE = {"knn": ("knn_top1",), "linear": ("linear_top1",), "finetune": ("finetune_top1",),
+             "samples": ("sample_diversity",), "completion": ("cc_precision", "cc_recall", "oracle_accuracy")}
+
+
+def _protocol_line(protocol: str, rows: list[dict]) -> str:
+    """One line per protocol: its headline metric per encoder and its time."""
+    parts = []
+    for metric in _HEADLINE[protocol]:
+        vals = {r["encoder"]: r["value"] for r in rows if r["metric"] == metric}
+        shown = "  ".join(f"{enc} {v:.4g}" if metric == "sample_diversity" else f"{enc} {100 * v:.2f}%"
+                          for enc, v in vals.items())
+        parts.append(f"{metric} {shown}")
+    seconds = sum(r["value"] for r in rows if r["metric"] == f"{protocol}_seconds")
+    timing = f"  ({seconds:.1f} s)" if seconds else ""
+    return f"  {protocol:<10} " + " | ".join(parts) + timing
 
 
 # --------------------------------------------------------------------------- CLI
@@ -387,25 +452,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from study.config import ConfigError
+    """The ``evaluate`` command: 0, or 2 with one line ``error: ...`` on stderr for a user error."""
+    from study.errors import run_command
 
-    try:
-        dev_preset = args.preset
-        linear = finetune_cfg = None
-        if args.linear_epochs is not None or args.finetune_epochs is not None:
-            if dev_preset == "auto":
-                cfg, _, _ = load_for_evaluation(args.checkpoint, args.config, args.overrides)
-                dev_preset = "gpu" if _resolve_device(args.device, cfg).type == "cuda" else "cpu"
-            if args.linear_epochs is not None:
-                linear = linear_probe_settings(dev_preset, epochs=args.linear_epochs)
-            if args.finetune_epochs is not None:
-                finetune_cfg = finetune_settings(dev_preset, epochs=args.finetune_epochs)
-        evaluate(args.checkpoint, args.protocols, args.results, config=args.config, overrides=args.overrides,
-                 pool=args.pool, knn_k=args.knn_k, knn_temperature=args.knn_temperature, preset=dev_preset,
-                 linear=linear, finetune_cfg=finetune_cfg, random_baseline=not args.no_random_baseline,
-                 device=args.device, batch_size=args.batch_size, feature_cache=args.feature_cache,
-                 threads=args.threads, progress=not args.quiet, verbose=not args.quiet, figures=args.figures)
-    except (EvaluationError, ConfigError, FileNotFoundError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _run(args), debug=getattr(args, "debug", False))
+
+
+def _run(args: argparse.Namespace) -> int:
+    dev_preset = args.preset
+    linear = finetune_cfg = None
+    if args.linear_epochs is not None or args.finetune_epochs is not None:
+        if dev_preset == "auto":
+            cfg, _, _ = load_for_evaluation(args.checkpoint, args.config, args.overrides)
+            dev_preset = "gpu" if _resolve_device(args.device, cfg).type == "cuda" else "cpu"
+        if args.linear_epochs is not None:
+            linear = linear_probe_settings(dev_preset, epochs=args.linear_epochs)
+        if args.finetune_epochs is not None:
+            finetune_cfg = finetune_settings(dev_preset, epochs=args.finetune_epochs)
+    evaluate(args.checkpoint, args.protocols, args.results, config=args.config, overrides=args.overrides,
+             pool=args.pool, knn_k=args.knn_k, knn_temperature=args.knn_temperature, preset=dev_preset,
+             linear=linear, finetune_cfg=finetune_cfg, random_baseline=not args.no_random_baseline,
+             device=args.device, batch_size=args.batch_size, feature_cache=args.feature_cache,
+             threads=args.threads, progress=not args.quiet, verbose=not args.quiet, figures=args.figures)
     return 0

@@ -1,6 +1,6 @@
 """Every figure of the study, redrawn from the stored results (no training): ``make figures``.
 
-    python -m study.figures [--results results] [--out figures]
+    python -m study.figures [--results results] [--out runs/figures]     # make figures: --out figures
 
 * toy: ``results/toy/toy_results.csv`` (written by ``toy/regression_to_mean.py``)
 * masks: drawn from the mask generators (fixed seeds)
@@ -70,7 +70,9 @@ def _samples(results: Path, out: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.figures", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="folder of stored results (default: results)")
-    parser.add_argument("--out", default="figures", help="folder for PNG + PDF files (default: figures)")
+    # the committed figures/ is written only when asked for by name (make figures)
+    parser.add_argument("--out", default="runs/figures",
+                        help="folder for PNG + PDF files (default: runs/figures; make figures: figures)")
     args = parser.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

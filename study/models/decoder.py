@@ -41,13 +41,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
+from study.compat import check_timm_attention, timm_attention
 from study.config import NoiseConfig
 from study.models.encoder import _layer_norm, init_mae_weights, position_embedding
 
 __all__ = ["MAEDecoder", "DecoderBlock", "VmapSafeAttention", "masked_rank"]
+
+Attention = timm_attention()  # a clear error if the installed timm is too old
 
 try:  # functorch's marker for tensors seen inside torch.func.vmap
     from torch._C._functorch import is_batchedtensor as _is_batched
@@ -64,6 +66,10 @@ class VmapSafeAttention(Attention):
     class computes softmax(q k^T / sqrt(d)) v explicitly, which batches;
     outside vmap it is timm's forward unchanged. Same parameters and names.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        check_timm_attention(self)  # the forward below reads timm internals: fail at build, clearly
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if not _is_batched(x) or attn_mask is not None or is_causal or self.gate is not None:
