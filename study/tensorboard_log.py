@@ -15,7 +15,7 @@ from pathlib import Path
 
 from study.config import Config, ConfigError
 
-__all__ = ["TensorBoardLog", "open_tensorboard", "TENSORBOARD_DIR"]
+__all__ = ["TensorBoardLog", "open_tensorboard", "require_tensorboard", "TENSORBOARD_DIR"]
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -24,11 +24,7 @@ class TensorBoardLog:
     """Writes one metrics row per call; flushed at once so a killed run loses nothing that was logged."""
 
     def __init__(self, log_dir: str | Path, first_step: int = 1) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("logging.tensorboard is true but TensorBoard is not installed: "
-                              "pip install -e '.[tensorboard]' (or set logging.tensorboard=false)") from None
+        SummaryWriter = _summary_writer()
         # a resumed run redoes the epochs after its checkpoint: drop their old events, as metrics.jsonl does
         self.writer = SummaryWriter(str(log_dir), purge_step=first_step)
 
@@ -41,6 +37,21 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("logging.tensorboard is true but TensorBoard is not installed: "
+                          "pip install -e '.[tensorboard]' (or set logging.tensorboard=false)") from None
+    return SummaryWriter
+
+
+def require_tensorboard(cfg: Config) -> None:
+    """Stop before a run touches its folder when the log is asked for but the extra is missing."""
+    if cfg.logging.tensorboard:
+        _summary_writer()
 
 
 def open_tensorboard(cfg: Config, run_dir: str | Path, start_epoch: int) -> TensorBoardLog | None:

@@ -40,7 +40,7 @@ from study.console import duration, interactive
 from study.errors import UserError, one_line
 from study.io import atomic_write, atomic_write_text, remove_stale_temps
 from study.run_folder import check_run_folder
-from study.tensorboard_log import open_tensorboard
+from study.tensorboard_log import open_tensorboard, require_tensorboard
 
 __all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "lr_at",
            "load_checkpoint", "CHECKPOINT"]
@@ -260,6 +260,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
 
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
+    require_tensorboard(cfg)  # a missing extra stops the run before its folder is made
     check_run_folder(out)
     if ckpt_path.exists() and not resume:
         raise RunExists(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
@@ -304,7 +305,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
     elif resume and dd.main:
         print(f"--resume: no checkpoint in {out} yet, starting from scratch")
 
-    tb = open_tensorboard(cfg, out, start_epoch) if dd.main else None  # before any file: a missing extra stops here
+    tb = open_tensorboard(cfg, out, start_epoch) if dd.main else None
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
         for folder in (out, out / "snapshots"):
