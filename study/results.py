@@ -23,7 +23,7 @@ import pandas as pd
 from study.errors import UserError
 from study.io import atomic_write
 
-__all__ = ["append_rows", "check_table", "read_results", "write_results", "ResultsTableError"]
+__all__ = ["append_rows", "check_table", "drop_stale_points", "read_results", "write_results", "ResultsTableError"]
 
 REQUIRED = ("metric", "value")
 
@@ -128,6 +128,26 @@ def append_rows(path: str | Path, rows: Iterable[Mapping], replace: Mapping | No
         frame = new if old is None else pd.concat([old, new], ignore_index=True, sort=False)
         atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
     return path
+
+
+def drop_stale_points(path: str | Path, sweep: str, points: Iterable[str]) -> int:
+    """Drop the rows of ``sweep`` whose ``point`` is not in ``points`` (the sweep's current grid).
+
+    A sweep's table is the table of its grid: rows of points that a changed grid or base
+    config no longer produces would otherwise be averaged with the new ones. Returns the
+    number of rows dropped; rows of other sweeps and rows without a point are kept.
+    """
+    path = Path(path)
+    keep = {str(p) for p in points}
+    with _locked(path):
+        old = _read_existing(path)
+        if old is None or not {"sweep", "point"} <= set(old.columns):
+            return 0
+        stale = (old["sweep"].astype(str) == sweep) & old["point"].notna() & ~old["point"].astype(str).isin(keep)
+        if stale.any():
+            frame = old[~stale]
+            atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+        return int(stale.sum())
 
 
 def read_results(path: str | Path) -> pd.DataFrame:

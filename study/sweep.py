@@ -35,6 +35,7 @@ import yaml
 from study.config import ConfigError, load_config, read_yaml
 from study.console import duration, interactive
 from study.io import atomic_write_text
+from study.results import drop_stale_points
 
 __all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "execute_notebook", "error_cause"]
 
@@ -229,7 +230,10 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
     bar.close()
 
     summary = {"sweep": sweep.name, "points": len(points), "ran": len(todo), "skipped_done": skipped,
-               "failed": failures, "seconds": round(sum(seconds.values()), 1), "report": None}
+               "failed": failures, "seconds": round(sum(seconds.values()), 1), "report": None,
+               # rows of points that the current grid and base config no longer produce
+               "stale_rows_dropped": drop_stale_points(sweep.path(sweep.results), sweep.name,
+                                                       [p.slug for p in points])}
     if report and sweep.report_notebook:
         from study.reports import build_report
 
@@ -247,6 +251,8 @@ def _print_summary(summary: dict) -> None:
           f"({summary['seconds']} s of point time)")
     for slug, error in summary["failed"].items():
         print(f"  FAILED {slug}: {error[:300]}")
+    if summary.get("stale_rows_dropped"):
+        print(f"  dropped {summary['stale_rows_dropped']} rows of points no longer in the grid")
     if summary.get("report"):
         print(f"  report: {summary['report']}")
     if summary.get("report_error"):

@@ -118,3 +118,15 @@ def test_unusable_results_table_fails_before_any_point(tmp_path):
         run_sweep(load_sweep(path), progress=False)
     assert not (tmp_path / "runs").exists()
 
+
+
+def test_rows_of_points_no_longer_in_the_grid_are_dropped(tmp_path, capsys):
+    sweep = load_sweep(_write_sweep(tmp_path))
+    stale = {"metric": "knn_top1", "value": 0.1, "sweep": "tiny", "point": "an-old-point_s0_deadbeef"}
+    other = {"metric": "knn_top1", "value": 0.2, "sweep": "another", "point": "x"}
+    pd.DataFrame([stale, other]).to_csv(tmp_path / "results.csv", index=False)
+    summary = run_sweep(sweep, progress=False, report=False)
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert summary["stale_rows_dropped"] == 1 and "dropped 1 rows" in capsys.readouterr().out
+    assert "an-old-point_s0_deadbeef" not in set(table.point) and "x" in set(table.point)
+    assert set(table.point) - {"x"} <= {p.slug for p in expand(sweep)}
