@@ -61,8 +61,10 @@ class NoiseConfig:
     dim: int = 8
     scope: Literal["image", "token"] = "image"
     # decoder block before which z is injected: 0 = decoder input; the blocks
-    # before it run once and are shared by all k samples.
-    block: int = 0
+    # before it run once and are shared by all k samples. "head": after the
+    # whole decoder, z enters a token-wise MLP head with the token's state
+    # (cIMLE's per-token selection is exact there; the cheapest place for k).
+    block: int | Literal["head"] = 0
     injection: Literal["add", "adaln"] = "add"
 
 
@@ -70,6 +72,9 @@ class NoiseConfig:
 class CIMLEConfig:
     k: int = 8
     chunk: int | None = None  # samples decoded per batched call during selection (None: all k)
+    # "image": the nearest of k samples per image; "token": per masked patch (factorised cIMLE,
+    # needs per-token noise that enters after the decoder's last attention)
+    select: Literal["image", "token"] = "image"
 
 
 @dataclass
@@ -167,8 +172,16 @@ def validate(cfg: Config) -> Config:
     _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
 
     _check(cfg.noise.dim >= 1, "noise.dim", f"must be >= 1, got {cfg.noise.dim}")
-    _check(0 <= cfg.noise.block <= m.decoder_depth, "noise.block",
-           f"must be in [0, model.decoder_depth={m.decoder_depth}], got {cfg.noise.block}")
+    _check(cfg.noise.block == "head" or 0 <= cfg.noise.block <= m.decoder_depth, "noise.block",
+           f"must be 'head' or in [0, model.decoder_depth={m.decoder_depth}], got {cfg.noise.block}")
+    if cfg.cimle.select == "token":
+        # per-token selection is exact only if a token's output depends on its own noise alone:
+        # noise per token, entering after the last attention (the head, or right before decoder_norm)
+        _check(cfg.noise.scope == "token", "cimle.select",
+               f"'token' needs noise.scope 'token' (one noise vector per masked patch), got {cfg.noise.scope!r}")
+        _check(cfg.noise.block in ("head", m.decoder_depth), "cimle.select",
+               f"'token' needs noise.block 'head' or {m.decoder_depth} (after the decoder's last attention, "
+               f"where selection is exact), got {cfg.noise.block!r}")
     _check(cfg.cimle.k >= 1, "cimle.k", f"must be >= 1, got {cfg.cimle.k}")
     _check(cfg.cimle.chunk is None or cfg.cimle.chunk >= 1, "cimle.chunk",
            f"must be null or >= 1, got {cfg.cimle.chunk}")

@@ -8,6 +8,10 @@ prediction, so the loss code exists once.
 * ``cimle(predict, target, k=..., noise_shape=...)``: draw k noise samples per
   example, decode them without gradient, keep the nearest to the target and
   return ``least_squares`` of the prediction at that noise (with gradient).
+  ``select="token"`` (factorised cIMLE) keeps, at every position, the sample
+  nearest there: positions then choose independently, so k samples cover
+  k^positions joint completions (per-patch modes). It is exact only when a
+  position's prediction depends on its own noise alone (a token-wise head).
 * ``gaussian_kl(mu, logvar, mask)``: KL(N(mu, exp(logvar)) || N(0, I)), the
   Masked VAE's regulariser.
 
@@ -99,8 +103,11 @@ class CIMLEResult:
 
     loss:      scalar, differentiable: ``least_squares`` at the chosen noise.
     z:         ``(B, *noise_shape)`` the chosen noise per example.
-    distances: ``(B, k)`` distance of every sample to the target (no gradient).
-    index:     ``(B,)`` which of the k samples was chosen.
+    distances: ``(B, k)`` distance of every sample to the target (no gradient);
+               ``select="token"``: ``(B, k, *positions)``, per position (0 where
+               the mask leaves a position out).
+    index:     ``(B,)`` which of the k samples was chosen; ``select="token"``:
+               ``(B, *positions)``, per position.
     pred:      the prediction at the chosen noise (with gradient), shaped like target.
     """
 
@@ -128,6 +135,7 @@ def cimle(
     chunk: int | None = None,
     generator: torch.Generator | None = None,
     vectorize: bool = True,
+    select: str = "image",
 ) -> CIMLEResult:
     """Conditional IMLE: min over k noise samples of the squared error, per example.
 
@@ -141,7 +149,18 @@ def cimle(
 
     The noise is drawn as one ``(k, B, *noise_shape)`` tensor from
     ``generator``, so chunking changes the batching but not the samples.
+
+    ``select="token"``: ``noise_shape`` is ``(*positions, dim)``, one noise
+    vector per position, and ``positions`` are the dims of ``mask`` after the
+    batch (without a mask: ``noise_shape[:-1]``, which must match the dims of
+    ``target`` after the batch). Every position takes the noise of its own
+    nearest sample; the loss is ``least_squares`` of ``predict`` at that
+    assembled noise. The caller guarantees that position j's prediction
+    depends only on noise row j, otherwise the assembled prediction differs
+    from the samples that were compared.
     """
+    if select not in ("image", "token"):
+        raise ValueError(f"select must be 'image' or 'token', got {select!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
@@ -149,6 +168,14 @@ def cimle(
     shape = _as_shape(noise_shape)
     _check_mask(target, mask)
     batch = target.shape[0]
+    if select == "token":
+        n_pos = len(shape) - 1 if mask is None else mask.ndim - 1
+        positions = tuple(target.shape[1 : 1 + n_pos])
+        if n_pos < 1 or len(shape) != n_pos + 1 or shape[:-1] != positions:
+            raise ValueError(
+                f"select='token' needs noise_shape (*positions, dim) with positions {positions} "
+                f"(the mask's dims after the batch), got {shape}"
+            )
 
     gen_device = generator.device if generator is not None else target.device
     noise = torch.randn((k, batch, *shape), generator=generator, device=gen_device, dtype=target.dtype)
@@ -170,20 +197,38 @@ def cimle(
                     f"predict(z) returned shape {tuple(preds.shape[1:])}, expected target shape {tuple(target.shape)}"
                 )
             c = preds.shape[0]
+            if select == "token":
+                parts.append(_per_position_error(preds, target.detach(), mask, len(shape) - 1))
+                continue
             dist = per_example_squared_error(
                 preds.reshape(c * batch, *target.shape[1:]),
                 target.detach().repeat(c, *([1] * (target.ndim - 1))),
                 None if mask is None else mask.repeat(c, *([1] * (mask.ndim - 1))),
             )
             parts.append(dist.reshape(c, batch))
-        distances = torch.cat(parts).t().contiguous()  # [B, k]
-        index = distances.argmin(dim=1)  # [B]
+        if select == "token":
+            distances = torch.cat(parts).transpose(0, 1).contiguous()  # [B, k, *positions]
+            index = distances.argmin(dim=1)  # [B, *positions]
+            pick = index[None, ..., None].expand(1, *index.shape, shape[-1])  # [1, B, *positions, dim]
+            chosen = noise.gather(0, pick)[0]  # [B, *positions, dim]
+        else:
+            distances = torch.cat(parts).t().contiguous()  # [B, k]
+            index = distances.argmin(dim=1)  # [B]
+            chosen = noise[index, torch.arange(batch, device=noise.device)]  # [B, *noise_shape]
 
-    chosen = noise[index, torch.arange(batch, device=noise.device)]  # [B, *noise_shape]
     pred = predict(chosen)
     _check_pred(pred, target)
     loss = least_squares(pred, target, mask)
     return CIMLEResult(loss=loss, z=chosen, distances=distances, index=index, pred=pred)
+
+
+def _per_position_error(preds: Tensor, target: Tensor, mask: Tensor | None, n_pos: int) -> Tensor:
+    """``preds [c, B, ...]`` -> squared error per sample and position ``[c, B, *positions]``,
+    averaged over the feature dims, 0 where ``mask`` leaves a position out."""
+    err = _error_per_position(preds, target[None], 2 + n_pos)  # [c, B, *positions]
+    if mask is not None:
+        err = err * mask[None].to(err.dtype)
+    return err
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -87,3 +87,17 @@ def test_exponent_without_dot_is_a_number_and_words_are_not():
     assert load_config(None, ["optim.blr=4e-3"]).optim.blr == pytest.approx(4e-3)
     with pytest.raises(ConfigError, match="optim.blr"):
         load_config(None, ["optim.blr=fast"])
+
+
+def test_token_selection_refuses_inexact_noise():
+    ok = ["objective=cimle", "cimle.select=token", "noise.scope=token"]
+    assert load_config(None, ok + ["noise.block=head"]).noise.block == "head"
+    assert load_config(None, ok + ["noise.block=1"]).noise.block == 1  # decoder_depth 1: after the last attention
+    with pytest.raises(ConfigError, match=r"cimle\.select.*noise\.block"):
+        load_config(None, ok + ["noise.block=0", "model.decoder_depth=1"])  # before the attention: inexact
+    with pytest.raises(ConfigError, match=r"cimle\.select.*noise\.scope"):
+        load_config(None, ["objective=cimle", "cimle.select=token", "noise.block=head"])
+    with pytest.raises(ConfigError, match=r"cimle\.select"):
+        load_config(None, ["cimle.select=patch"])
+    with pytest.raises(ConfigError, match=r"noise\.block"):
+        load_config(None, ["noise.block=tail"])

@@ -386,3 +386,58 @@ def test_ls_rejects_noise():
     hidden = cim.decoder.prefix(cim.encoder(imgs, ids.keep), ids.restore)
     with pytest.raises(ValueError, match="z has shape"):
         cim.decoder.suffix(hidden, torch.zeros(B, N_MASK, 4), mask)
+
+
+# --------------------------------------------------------------------------- token-wise head, factorised cIMLE
+
+
+def head_cfg(objective="cimle", select="token", scope="token", k=3):
+    cfg = tiny_cfg(objective, block="head", scope=scope, k=k)
+    cfg.cimle.select = select
+    return cfg
+
+
+def test_head_output_of_a_token_depends_on_its_own_noise_only():
+    model = make_model(head_cfg())
+    imgs, mask = make_batch()
+    with torch.no_grad():
+        hidden, ids = model._context(imgs, mask)
+        z = torch.randn(B, N_MASK, 4, generator=gen(1))
+        base = model.decoder.suffix(hidden, z, mask)
+        z2 = z.clone()
+        z2[:, 3] += 1.0  # change the noise of the 4th masked patch only
+        moved = (model.decoder.suffix(hidden, z2, mask) - base).abs().amax(-1)  # [B, N]
+    changed = torch.zeros(B, N, dtype=torch.bool)
+    changed[torch.arange(B), ids.masked[:, 3]] = True
+    assert (moved[changed] > 0).all() and (moved[~changed] == 0).all()
+
+
+def test_token_cimle_loss_is_least_squares_at_the_per_patch_nearest_sample():
+    k = 4
+    model = make_model(head_cfg(k=k))
+    imgs, mask = make_batch()
+    out = model(imgs, mask, generator=gen(7))
+    with torch.no_grad():  # independent replay: explicit loop, argmin per masked patch
+        hidden, ids = model._context(imgs, mask)
+        noise = torch.randn((k, B, N_MASK, 4), generator=gen(7))
+        target = model.target(imgs)
+        rows = ids.masked[..., None].expand(-1, -1, target.shape[-1])
+        err = torch.stack([(model.decoder.suffix(hidden, z, mask).gather(1, rows) - target.gather(1, rows))
+                           .pow(2).mean(-1) for z in noise])  # [k, B, N_MASK]
+        best = err.argmin(0)
+        chosen = noise.gather(0, best[None, ..., None].expand(1, B, N_MASK, 4))[0]
+        expected = least_squares(model.decoder.suffix(hidden, chosen, mask), target, mask)
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert torch.allclose(out.stats["dist_chosen"], err.min(0).values.mean(), atol=1e-5)
+    out.loss.backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_least_squares_gets_the_same_head_fed_zero_noise():
+    ls, cim = make_model(head_cfg("ls", "image", "image")), make_model(head_cfg())
+    assert ls.decoder.decoder_head is not None and ls.decoder.decoder_pred is None
+    cim_sd = cim.state_dict()
+    for name, p in ls.state_dict().items():  # same parameters, same initial values from the same seed
+        assert torch.equal(p, cim_sd[name]), name
+    imgs, mask = make_batch()
+    torch.testing.assert_close(ls.reconstruct(imgs, mask), cim.reconstruct(imgs, mask))

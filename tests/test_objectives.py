@@ -149,3 +149,95 @@ def test_gaussian_kl_matches_torch_distributions():
     torch.testing.assert_close(gaussian_kl(torch.ones(1, 1), torch.ones(1, 1)), torch.tensor((torch.e - 1) / 2))
     with pytest.raises(ValueError, match="mu shape .* and logvar shape .* differ"):
         gaussian_kl(mu, logvar[..., :2])
+
+
+# --------------------------------------------------------------------------- per-token (factorised) selection
+
+
+def tokenwise_predict(weight, bias):
+    """predict(z [B, N, DZ]) = z @ W + b per position: position j depends on noise row j only."""
+    return lambda z: z @ weight + bias  # [B, N, D]
+
+
+@pytest.fixture
+def token_problem():
+    torch.manual_seed(1)
+    weight = torch.randn(DZ, D, requires_grad=True)
+    bias = torch.randn(D, requires_grad=True)
+    target = torch.randn(B, N, D)
+    return weight, bias, target
+
+
+def test_token_selection_takes_the_per_position_minimum(token_problem):
+    weight, bias, target = token_problem
+    predict = tokenwise_predict(weight, bias)
+    mask = torch.tensor([[1, 0, 1]] * B)
+    k = 6
+    res = cimle(predict, target, k=k, noise_shape=(N, DZ), mask=mask, generator=gen(4), select="token")
+    noise = torch.randn((k, B, N, DZ), generator=gen(4))
+    err = torch.stack([(predict(noise[j]) - target).pow(2).mean(-1) for j in range(k)], dim=1).detach()  # [B,k,N]
+    torch.testing.assert_close(res.distances, err * mask[:, None])
+    best = err.argmin(dim=1)  # [B, N]
+    on = mask.bool()
+    assert torch.equal(res.index[on], best[on])
+    # the chosen distance at every masked position is that position's minimum over the k samples
+    chosen = res.distances.gather(1, res.index[:, None])[:, 0]
+    torch.testing.assert_close(chosen[on], err.min(dim=1).values[on])
+    expected_z = noise.gather(0, best[None, ..., None].expand(1, B, N, DZ))[0]
+    torch.testing.assert_close(res.z[on], expected_z[on])
+    # token selection is never worse than image selection on the same samples
+    image = cimle(predict, target, k=k, noise_shape=(N, DZ), mask=mask, generator=gen(4))
+    assert res.loss <= image.loss + 1e-6
+    torch.testing.assert_close(res.loss, least_squares(predict(res.z), target, mask))
+
+
+def test_token_gradient_flows_only_through_chosen_samples(token_problem):
+    weight, bias, target = token_problem
+    k = 5
+    calls = []
+
+    def predict(z):
+        calls.append(torch.is_grad_enabled())
+        return z @ weight + bias
+
+    res = cimle(predict, target, k=k, noise_shape=(N, DZ), generator=gen(2), select="token", vectorize=False)
+    assert calls == [False] * k + [True]  # k samples without gradient, the assembled one with it
+    res.loss.backward()
+    # analytic gradient of the mean squared error at the chosen noise only
+    resid = (res.z @ weight + bias - target).detach()  # [B, N, D]
+    scale = 2.0 / resid.numel()
+    torch.testing.assert_close(weight.grad, scale * torch.einsum("bnz,bnd->zd", res.z, resid))
+    torch.testing.assert_close(bias.grad, scale * resid.sum(dim=(0, 1)))
+
+
+def test_token_selection_with_one_position_equals_image_selection(token_problem):
+    weight, bias, _ = token_problem
+    target = torch.randn(B, 1, D)
+    predict = tokenwise_predict(weight, bias)
+    image = cimle(predict, target, k=7, noise_shape=(1, DZ), generator=gen(9))
+    token = cimle(predict, target, k=7, noise_shape=(1, DZ), generator=gen(9), select="token")
+    assert torch.equal(token.index[:, 0], image.index)
+    torch.testing.assert_close(token.z, image.z)
+    torch.testing.assert_close(token.loss, image.loss)
+    torch.testing.assert_close(token.distances[:, :, 0], image.distances)
+
+
+def test_token_selection_is_reproducible_from_the_generator(token_problem):
+    weight, bias, target = token_problem
+    predict = tokenwise_predict(weight, bias)
+    a = cimle(predict, target, k=4, noise_shape=(N, DZ), generator=gen(5), select="token")
+    b = cimle(predict, target, k=4, noise_shape=(N, DZ), generator=gen(5), select="token", chunk=3)
+    c = cimle(predict, target, k=4, noise_shape=(N, DZ), generator=gen(6), select="token")
+    assert torch.equal(a.z, b.z) and torch.equal(a.index, b.index) and torch.equal(a.loss, b.loss)
+    assert not torch.equal(a.z, c.z)
+
+
+def test_token_selection_argument_errors(token_problem):
+    weight, bias, target = token_problem
+    predict = tokenwise_predict(weight, bias)
+    with pytest.raises(ValueError, match="select must be"):
+        cimle(predict, target, k=2, noise_shape=(N, DZ), select="patch")
+    with pytest.raises(ValueError, match="noise_shape \\(\\*positions, dim\\)"):
+        cimle(predict, target, k=2, noise_shape=DZ, select="token")
+    with pytest.raises(ValueError, match="noise_shape \\(\\*positions, dim\\)"):
+        cimle(predict, target, k=2, noise_shape=(N + 1, DZ), select="token")

@@ -159,6 +159,7 @@ def run_params(cfg, state: dict, fmt: str, checkpoint: str | Path) -> dict:
         "noise_scope": cfg.noise.scope,
         "noise_block": cfg.noise.block,
         "noise_injection": cfg.noise.injection,
+        "cimle_select": cfg.cimle.select,
         "mvae_beta": cfg.mvae.beta,
         "seed": cfg.seed,
         "epochs": int(epoch) + 1 if epoch is not None else (cfg.epochs if fmt == "study" else None),

@@ -23,7 +23,15 @@ every masked position). ``injection="adaln"``: ``z`` sets a shift and scale
 (zero-initialised linear maps) of every LayerNorm from block j on, including
 ``decoder_norm``; image scope modulates every token, token scope only the
 masked positions. ``block == depth`` puts the noise right before
-``decoder_norm`` / ``decoder_pred``: the cheapest point.
+``decoder_norm`` / ``decoder_pred``.
+
+``block == "head"``: the decoder ends in a token-wise MLP head,
+``decoder_head(cat(decoder_norm(x), z))`` (hidden width ``mlp_ratio * Dd``), in
+place of the linear ``decoder_pred``; ``injection`` does not apply. A token's
+output then depends on its own noise only, which makes per-token (factorised)
+cIMLE selection exact, and the k samples cost k head passes. A decoder built
+with ``head_noise_dim`` but no noise (least squares on the same model) feeds
+``z = 0`` to the same head.
 """
 
 from __future__ import annotations
@@ -111,15 +119,20 @@ class MAEDecoder(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         noise: NoiseConfig | None = None,
+        head_noise_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.num_patches = num_patches
         self.depth = depth
         self.noise = noise
-        if noise is not None and not 0 <= noise.block <= depth:
-            raise ValueError(f"noise.block must be in [0, decoder depth={depth}], got {noise.block}")
-        # where the split prefix | suffix falls; without noise everything is prefix
-        self.split = depth if noise is None else noise.block
+        if noise is not None and noise.block != "head" and not 0 <= noise.block <= depth:
+            raise ValueError(f"noise.block must be 'head' or in [0, decoder depth={depth}], got {noise.block}")
+        if noise is not None and noise.block == "head":
+            head_noise_dim = noise.dim
+        # the token-wise head's noise width (None: linear decoder_pred, no head)
+        self.head_noise_dim = head_noise_dim
+        # where the split prefix | suffix falls; without noise (or noise in the head) all blocks are prefix
+        self.split = depth if noise is None or noise.block == "head" else noise.block
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))  # [1, 1, Dd]
@@ -128,7 +141,14 @@ class MAEDecoder(nn.Module):
         )  # [1, 1+N, Dd]
         self.decoder_blocks = nn.ModuleList(DecoderBlock(decoder_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.decoder_norm = _layer_norm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
+        self.decoder_pred = None
+        self.decoder_head = None
+        if head_noise_dim is None:
+            self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
+        else:
+            hidden = int(mlp_ratio * decoder_dim)
+            self.decoder_head = nn.Sequential(nn.Linear(decoder_dim + head_noise_dim, hidden), nn.GELU(),
+                                              nn.Linear(hidden, patch_dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_mae_weights)
 
@@ -136,7 +156,7 @@ class MAEDecoder(nn.Module):
         # same initial weights for everything else from the same seed
         self.decoder_noise_proj = None
         self.decoder_noise_mod = None
-        if noise is not None:
+        if noise is not None and noise.block != "head":
             if noise.injection == "add":
                 self.decoder_noise_proj = nn.Linear(noise.dim, decoder_dim, bias=False)
                 nn.init.xavier_uniform_(self.decoder_noise_proj.weight)
@@ -195,6 +215,8 @@ class MAEDecoder(nn.Module):
     def suffix(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
         """``hidden [B, 1+N, Dd]``, ``z [B, dim] | [B, N_mask, dim] | None``, ``mask [B, N]`` (True = masked)
         -> ``pred [B, N, p*p*C]``. ``z=None``: no noise (least squares)."""
+        if self.decoder_head is not None:
+            return self._head(hidden, z, mask)
         x = hidden
         mods: list[Tensor | None] = [None] * (self.depth - self.split + 1)
         if z is not None:
@@ -225,6 +247,22 @@ class MAEDecoder(nn.Module):
             shift, scale = mods[-1].chunk(2, dim=-1)
             x = self.decoder_norm(x) * (1 + scale) + shift  # [B, 1+N, Dd]
         return self.decoder_pred(x)[:, 1:]  # [B, N, p*p*C]
+
+    def _head(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        """Token-wise head: ``decoder_head(cat(decoder_norm(hidden), z_token))``; z only at masked tokens."""
+        x = self.decoder_norm(hidden)[:, 1:]  # [B, N, Dd]
+        if z is None:
+            noise = x.new_zeros(*x.shape[:2], self.head_noise_dim)  # [B, N, dz]: the noise mean
+        else:
+            if self.noise is None:
+                raise ValueError("this decoder was built without noise (objective 'ls'); pass z=None")
+            self._check_z(z, mask)
+            z = z.to(x.dtype)
+            if self.noise.scope == "token":
+                noise = self._spread(z, mask)[:, 1:]  # [B, N, dz], 0 at visible tokens
+            else:
+                noise = mask.to(x.dtype)[..., None] * z[:, None, :]  # [B, N, dz]
+        return self.decoder_head(torch.cat([x, noise], dim=-1))  # [B, N, p*p*C]
 
     def forward(self, latent: Tensor, ids_restore: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
         return self.suffix(self.prefix(latent, ids_restore), z, mask)

@@ -97,8 +97,10 @@ class MaskedAutoencoder(nn.Module):
         elif self.objective == "mvae":
             noise = dataclasses.replace(cfg.noise, scope="token")
         self.noise = noise
+        # with noise in the head, least squares gets the same head (fed z = 0): the same model for every objective
+        head_dim = cfg.noise.dim if cfg.noise.block == "head" else None
         self.decoder = MAEDecoder(self.num_patches, self.grid_size, m.patch_size**2 * m.in_chans, m.embed_dim,
-                                  m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mlp_ratio, noise)
+                                  m.decoder_dim, m.decoder_depth, m.decoder_heads, m.mlp_ratio, noise, head_dim)
         self.variational_encoder: VariationalEncoder | None = None
         if self.objective == "mvae":
             self.variational_encoder = VariationalEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim,
@@ -168,6 +170,9 @@ class MaskedAutoencoder(nn.Module):
             loss = least_squares(pred, target, mask)
             return PretrainOutput(loss, {"recon": loss.detach()})
 
+        if self.objective == "cimle" and self.cfg.cimle.select == "token":
+            return self._cimle_token(hidden, target, mask, ids, generator)
+
         if self.objective == "cimle":
             res = cimle(
                 lambda z: self.decoder.suffix(hidden, z, mask),
@@ -199,6 +204,31 @@ class MaskedAutoencoder(nn.Module):
         loss = recon + self.cfg.mvae.beta * kl
         stats = {"recon": recon.detach(), "kl": kl.detach(), "sigma": (0.5 * logvar.detach().float()).exp().mean()}
         return PretrainOutput(loss, stats)
+
+    def _cimle_token(self, hidden: Tensor, target: Tensor, mask: Tensor, ids: MaskIndices,
+                     generator: torch.Generator | None) -> PretrainOutput:
+        """Factorised cIMLE: each masked patch keeps its nearest of k samples. The objective sees only the
+        masked patches ``[B, N_mask, ...]``, whose rows line up with the token noise ``z [B, N_mask, dim]``;
+        the config guarantees that a patch's output depends on its own noise row only (exact selection)."""
+        rows = ids.masked[..., None].expand(-1, -1, target.shape[-1])  # [B, N_mask, p*p*C]
+        res = cimle(
+            lambda z: self.decoder.suffix(hidden, z, mask).gather(1, rows),
+            target.gather(1, rows),
+            k=self.cfg.cimle.k,
+            noise_shape=self.noise_shape(ids.num_masked),
+            chunk=self.cfg.cimle.chunk,
+            generator=generator,
+            vectorize=self.vectorize,
+            select="token",
+        )
+        d = res.distances  # [B, k, N_mask]
+        stats = {
+            "recon": res.loss.detach(),
+            "dist_chosen": d.gather(1, res.index[:, None]).mean(),
+            "dist_mean": d.mean(),
+            "dist_gap": (d.max(dim=1).values - d.min(dim=1).values).mean(),
+        }
+        return PretrainOutput(res.loss, stats)
 
     # ------------------------------------------------------------------ evaluation
 
