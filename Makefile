@@ -31,6 +31,9 @@ experiments: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml
+	$(BIN)/python -m study sweep experiments/sweeps/synthetic_tradeoff_cpu.yaml
+	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml
+	$(BIN)/python -m study sweep experiments/sweeps/synthetic_ratio_cpu.yaml
 
 # Training-step benchmarks (needs the bench extra: transformers).
 bench: $(STAMP)

@@ -43,6 +43,9 @@ class Sweep:
     runs_dir: str = "runs"
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
     grid: dict[str, list] = field(default_factory=dict)
+    # override sets that belong together (e.g. cIMLE-token = objective + select + noise scope), each crossed
+    # with the grid; the default is one empty variant
+    variants: list[dict[str, Any]] = field(default_factory=lambda: [{}])
     seeds: list[int] = field(default_factory=lambda: [0])
     fixed: dict[str, Any] = field(default_factory=dict)
     parallel: int = 1
@@ -80,6 +83,9 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     data.setdefault("root", str(root))
     if "config" not in data:
         raise ConfigError(f"{path}: 'config' (the base config file) is required")
+    variants = data.get("variants", [{}])
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
+        raise ConfigError(f"{path}: variants must be a non-empty list of mappings (override -> value)")
     for key, values in data.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid.{key} must be a non-empty list")
@@ -91,9 +97,10 @@ def expand(sweep: Sweep) -> list[Point]:
     keys = list(sweep.grid)
     fixed = [f"{k}={_yaml_value(v)}" for k, v in sweep.fixed.items()]
     points = []
-    for values in itertools.product(*(sweep.grid[k] for k in keys)):
+    for variant, values in itertools.product(sweep.variants, itertools.product(*(sweep.grid[k] for k in keys))):
         for seed in sweep.seeds:
-            overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
+            overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in variant.items()]
+            overrides += [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
             load_config(sweep.path(sweep.config), overrides)  # fail before any work
             points.append(Point(overrides=overrides, seed=seed))
     return points

@@ -87,3 +87,19 @@ def test_bad_grid_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="mask.ratio"):
         expand(load_sweep(path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_variants_are_crossed_with_the_grid(tmp_path):
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text().replace("grid:", "variants:\n"
+                                             "  - {objective: ls}\n"
+                                             "  - {objective: cimle, cimle.k: 2}\n"
+                                             "grid:"))
+    points = expand(load_sweep(path))
+    assert len(points) == 2 * 2 * 2  # variants x ratios x seeds
+    cimle = [p for p in points if "objective=cimle" in p.overrides]
+    assert len(cimle) == 4 and all("cimle.k=2" in p.overrides for p in cimle)
+    assert len({p.slug for p in points}) == 8
+    path.write_text(path.read_text().replace("  - {objective: ls}\n", "  - objective\n"))
+    with pytest.raises(ConfigError, match="variants"):
+        load_sweep(path)
