@@ -236,3 +236,23 @@ def test_completion_on_same_mean_images_reports_floors_and_masked_losses(tmp_pat
     assert values["masked_loss"] > values["bayes_floor"] > values["mode_floor"]
     assert values["masked_loss_nearest"] > values["mode_floor"]
     assert {r["cimle_select"] for r in rows} == {"token"}
+
+
+def test_true_completions_are_found_by_the_oracle_and_keep_the_visible_patches():
+    from study.data import build_eval_datasets
+    from study.evaluation.context_completion import (completion_metrics, synthetic_generator, to_generator_layout,
+                                                     true_completions)
+
+    cfg = load_config(None, TINY + ["data.synthetic_kind=hidden"])
+    dataset = build_eval_datasets(cfg)[1]
+    gen = synthetic_generator(cfg, dataset)
+    batch = fixed_batch(cfg, 8, 0, dataset)
+    true = true_completions(gen, dataset, batch, 6)  # [k, B, N, D]
+    model = tiny_model("ls", "data.synthetic_kind=hidden")[1]
+    target = model.patchify(batch.images)
+    m = batch.mask
+    assert torch.allclose(true[:, ~m], target[~m].expand(6, *target[~m].shape))
+    res = completion_metrics(train_oracle(gen, n_train=2000, n_test=500),
+                             to_generator_layout(true, cfg.model.patch_size, cfg.model.in_chans), m, batch.labels)
+    assert float(res["precision"].mean()) == 1.0 and float(res["recall"].mean()) > 0.9
+    assert sample_diversity(true, m) > 1.0

@@ -258,6 +258,34 @@ def masked_losses(model, cfg, dataset, *, n_images: int | None = None, seed: int
     return {"masked_loss": float(err[mask].mean()), "masked_loss_nearest": float(nearest[mask].mean())}
 
 
+@torch.no_grad()
+def true_completions(generator, dataset, batch, k: int, seed: int = 0) -> Tensor:
+    """``k`` draws from the true conditional of ``batch``'s masked patches, in the model's patch layout
+    ``[k, B, N, p*p*C]`` (visible patches kept): same class and distractor, fresh signs and noise."""
+    from study.synthetic_images import patchify
+
+    data = dataset.data
+    idx = batch.indices
+    g = torch.Generator().manual_seed(seed)
+    b, n = len(idx), generator.num_patches
+    out = []
+    for _ in range(k):
+        signs = torch.randint(0, 2, (b, n), generator=g, dtype=torch.int8) * 2 - 1
+        noise = torch.randn(b, generator.in_chans, generator.img_size, generator.img_size, generator=g)
+        imgs = generator.render(data.labels[idx], signs, data.distractors[idx], noise)
+        imgs = torch.where(_pixel_mask(batch.mask, generator), imgs, batch.images)
+        p = patchify(imgs, generator.patch_size)  # [B, N, C, p, p]
+        out.append(p.permute(0, 1, 3, 4, 2).reshape(b, n, -1))  # the model's (row, col, channel) layout
+    return torch.stack(out)
+
+
+def _pixel_mask(mask: Tensor, generator) -> Tensor:
+    """``[B, N]`` patch mask -> ``[B, 1, H, W]`` pixel mask."""
+    p, grid = generator.patch_size, generator.grid
+    m = mask.reshape(-1, grid, grid).repeat_interleave(p, 1).repeat_interleave(p, 2)
+    return m[:, None]
+
+
 def completion_protocol(cfg, models: dict, *, device="cpu", k: int | None = None, n_images: int | None = None,
                         seed: int | None = None) -> list[dict]:
     """Rows for the ``completion`` protocol: oracle quality once, ``cc_*`` per model in ``models``."""
