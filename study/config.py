@@ -116,6 +116,11 @@ class DataConfig:
     synthetic_per_class: int = 200
     synthetic_mean_shift: float = 0.0  # 0: classes differ only in their modes; 1: also in their mean
     synthetic_noise_std: float = 0.1
+    # "gratings": the first synthetic images (class visible in every patch; kept for old results and
+    # checkpoints); "hidden": sign-random class cue under an image-shared distractor (study/synthetic_images.py)
+    synthetic_kind: Literal["gratings", "hidden"] = "gratings"
+    synthetic_cue: float = 2.0  # norm of the sign-random class cue in a patch
+    synthetic_distractor: float = 1.0  # std of the image-shared distractor (hides the class from a random encoder)
 
 
 @dataclass
@@ -227,6 +232,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= d.synthetic_mean_shift <= 1.0, "data.synthetic_mean_shift",
            f"must be in [0, 1], got {d.synthetic_mean_shift}")
     _check(d.synthetic_noise_std >= 0, "data.synthetic_noise_std", f"must be >= 0, got {d.synthetic_noise_std}")
+    _check(d.synthetic_cue > 0, "data.synthetic_cue", f"must be > 0, got {d.synthetic_cue}")
+    _check(d.synthetic_distractor >= 0, "data.synthetic_distractor", f"must be >= 0, got {d.synthetic_distractor}")
 
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")

@@ -554,16 +554,25 @@ def _synthetic(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
     from study.synthetic_images import SyntheticImageDataset, SyntheticImageGenerator, SyntheticImages
 
     d, m = cfg.data, cfg.model
-    gen = SyntheticImageGenerator(
-        d.synthetic_classes, m.img_size, m.patch_size, m.in_chans,
-        mean_shift=d.synthetic_mean_shift,
-        noise_std=d.synthetic_noise_std,
-    )
+    if d.synthetic_kind == "gratings":  # the first version, kept for the results made with it
+        from study.synthetic_gratings import GratingImageGenerator
+
+        gen = GratingImageGenerator(d.synthetic_classes, m.img_size, m.patch_size, m.in_chans,
+                                    mean_shift=d.synthetic_mean_shift, noise_std=d.synthetic_noise_std)
+    else:
+        gen = SyntheticImageGenerator(
+            d.synthetic_classes, m.img_size, m.patch_size, m.in_chans,
+            mean_shift=d.synthetic_mean_shift,
+            cue=d.synthetic_cue,
+            distractor=d.synthetic_distractor,
+            noise_std=d.synthetic_noise_std,
+        )
     data = gen.generate(d.synthetic_per_class, seed=SYNTHETIC_SEED)
     tr, va = stratified_split(data.labels, d.val_fraction)
 
     def part(idx):
-        return SyntheticImages(data.images[idx], data.labels[idx], data.signs[idx])
+        g = None if data.distractors is None else data.distractors[idx]
+        return SyntheticImages(data.images[idx], data.labels[idx], data.signs[idx], g)
 
     return (SyntheticImageDataset(gen, part(tr), fresh=train_augment),
             SyntheticImageDataset(gen, part(va), fresh=False))

@@ -1,50 +1,40 @@
-"""Synthetic images whose masked content differs between classes in its modes, not its mean.
+"""Synthetic images whose masked patches differ between classes in their modes, not their mean.
 
-The toy's idea carried into pixels. An image of ``img_size`` is a grid of
-``patch_size`` patches (the ViT's own grid). Class ``c`` owns two fixed patch
-patterns, a *mode pattern* ``P_c`` and a *mean pattern* ``Q_c`` (each
-``[C, p, p]``, zero mean over its pixels, unit RMS, and all ``2K`` of them
-mutually orthogonal when ``2K <= C*p*p - 1``). Every patch ``j`` of an image of
-class ``c`` independently shows
+The toy's idea carried into pixels (second version). An image is a grid of
+``patch_size`` patches (the ViT's own grid); a patch is a vector of
+``D = in_chans * p * p`` pixels. A fixed orthonormal basis of that space
+(``pattern_seed``) gives: class axes ``u_c`` (C of them), distractor
+directions ``D_1..D_M`` and class mean patterns ``v_c`` (C). Every patch ``j``
+of an image of class ``c`` is
 
-    patch_j = amplitude * (s_j * P_c + mean_shift * Q_c) + noise_std * eps,
-    s_j = +1 or -1 with probability 1/2,  eps ~ N(0, I).
+    patch_j = cue * b_j * u_c + D g + mean_shift * cue * v_c + noise_std * eps_j,
+    b_j = +1 or -1 with probability 1/2, independently per patch,
+    g ~ N(0, distractor^2 I_M), one draw shared by the whole image,  eps_j ~ N(0, I).
 
-* Any visible patch reveals ``c`` (up to the sign ``s_j``).
-* Given the visible patches, a masked patch is one of the two *modes*
-  ``amplitude * (mean_shift * Q_c +/- P_c)`` (plus noise), each with
-  probability 1/2, independent of everything visible. Its conditional mean is
-  ``amplitude * mean_shift * Q_c``.
-* ``mean_shift = 0``: the conditional mean is 0 for every class. A least-squares
-  decoder is optimal when it predicts 0 everywhere and needs nothing from the
-  encoder; a distribution-fitting decoder (cIMLE) must put its samples on
-  ``+/- P_c`` and so must know ``c``.
-* ``mean_shift = 1``: classes also differ in their mean (``Q_c``), which least
-  squares can learn. The knob moves continuously between the two regimes.
+* Same means, different modes: with ``mean_shift = 0``,
+  E[masked patch | visible] = D E[g | visible]: it does not depend on the
+  class, so least squares has nothing to learn about c, while each masked
+  patch is bimodal along the class axis ``u_c``, which a model of the
+  distribution must know. ``mean_shift = 1``: the class means also differ by
+  ``cue * v_c`` (as the toy's at s = 0).
+* The distractor ``D g`` is shared by the image, so least squares has
+  something to learn (predict it from the visible patches), and it hides the
+  class from a random encoder: the class is a second-order signal (the sign
+  cancels in any average) under a first-order distractor. The ratio
+  ``cue / distractor`` trades the two (``figures/synthetic_tradeoff``).
+* Everything is Gaussian given (c, b), so E[y | x] is known and the
+  least-squares floor on masked patches is analytic (:meth:`bayes_floor`);
+  :meth:`mode_floor` is the floor of a model that also names each masked
+  patch's mode (the nearest of the two, as cIMLE's selection does).
 
-Patterns start as oriented sinusoidal gratings (orientation and phase per
-class, one cycle per patch, plus a fixed random texture so the set has full
-rank at any patch size) and are made orthonormal by symmetric (Loewdin)
-orthogonalisation, which keeps each pattern as close as possible to its
-grating. They depend only on ``pattern_seed``; the images on ``seed``.
+The Context-Completion analogue (an oracle that names what lies under a
+patch) works in the distractor-free part of patch space, :meth:`strip`
+(projection onto the complement of the distractor directions):
 
-Pixel values: float32, zero-centred, not clipped. A clean patch has per-pixel
-RMS ``amplitude * sqrt(1 + mean_shift**2)``; with the defaults
-(``amplitude=1``, ``noise_std=0.1``) almost all values lie in [-4, 4] and the
-pixel std is about 1, so no further normalisation is applied.
-
-The Context-Completion analog (an oracle that names what lies under a patch):
-
-* :meth:`SyntheticImageGenerator.modes` - the ``2K`` clean patch contents; mode
-  ``2c`` is ``+P_c`` and ``2c + 1`` is ``-P_c`` (both with the class offset).
-* :meth:`~SyntheticImageGenerator.plausible_modes` - per image, the two modes
-  that may lie under any of its patches, ``[N, 2, C, p, p]``.
-* :meth:`~SyntheticImageGenerator.patch_mode_labels` - the mode id that each
-  patch of each image shows, ``[N, num_patches]``.
-* :meth:`~SyntheticImageGenerator.sample_patches` - noisy patches with their
-  mode ids, to train an oracle patch classifier on the generator's own data.
-* :meth:`~SyntheticImageGenerator.nearest_mode` - the Bayes classifier for a
-  patch (isotropic Gaussian noise and equal priors within a class: nearest mode).
+* :attr:`modes` - the ``2C`` stripped clean patch contents; mode ``2c`` is
+  ``+u_c`` and ``2c + 1`` is ``-u_c`` (both with the class offset).
+* :meth:`plausible_modes`, :meth:`patch_mode_labels`, :meth:`sample_patches`,
+  :meth:`nearest_mode` - as their docstrings say.
 """
 
 from __future__ import annotations
@@ -84,100 +74,117 @@ class SyntheticImages:
     images: torch.Tensor  # [N, C, H, W] float32
     labels: torch.Tensor  # [N] int64 class ids
     signs: torch.Tensor  # [N, L] int8, +1 / -1: which mode each patch shows
+    distractors: torch.Tensor | None = None  # [N, M] the image's distractor g (None: no distractor)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
 
-def _loewdin(vectors: torch.Tensor) -> torch.Tensor:
-    """Symmetric orthonormalisation of the rows of ``vectors`` (closest orthonormal set)."""
-    u, _, vh = torch.linalg.svd(vectors, full_matrices=False)
-    return u @ vh
-
-
 class SyntheticImageGenerator:
-    """Class patterns plus a sampler; see the module docstring for the model."""
+    """Class axes, distractor directions and a sampler; see the module docstring for the model."""
 
     def __init__(self, num_classes: int, img_size: int, patch_size: int, in_chans: int = 1, *,
-                 mean_shift: float = 0.0, amplitude: float = 1.0, noise_std: float = 0.1,
-                 pattern_seed: int = 0) -> None:
+                 mean_shift: float = 0.0, cue: float = 2.0, distractor: float = 1.0, distractor_dims: int = 8,
+                 noise_std: float = 0.1, pattern_seed: int = 0) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
         if not 0.0 <= mean_shift <= 1.0:
             raise ValueError(f"mean_shift must be in [0, 1], got {mean_shift}")
-        if noise_std < 0 or amplitude <= 0:
-            raise ValueError(f"need amplitude > 0 and noise_std >= 0, got {amplitude}, {noise_std}")
+        if noise_std < 0 or cue <= 0 or distractor < 0 or distractor_dims < 1:
+            raise ValueError(f"need cue > 0, distractor >= 0, distractor_dims >= 1 and noise_std >= 0, "
+                             f"got {cue}, {distractor}, {distractor_dims}, {noise_std}")
+        dim = in_chans * patch_size**2
+        if 2 * num_classes + distractor_dims > dim:
+            raise ValueError(f"a patch of {dim} values cannot hold {num_classes} class axes, {num_classes} mean "
+                             f"patterns and {distractor_dims} distractor directions (need 2 C + M <= {dim})")
         self.num_classes = num_classes
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.grid = img_size // patch_size
         self.num_patches = self.grid**2
+        self.patch_dim = dim
         self.mean_shift = float(mean_shift)
-        self.amplitude = float(amplitude)
+        self.cue = float(cue)
+        self.distractor = float(distractor)
+        self.distractor_dims = int(distractor_dims)
         self.noise_std = float(noise_std)
         self.pattern_seed = pattern_seed
-        self.patterns, self.offsets = self._make_patterns()  # [K, C, p, p] each
+        gen = torch.Generator().manual_seed(10_007 + pattern_seed)
+        basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+        basis = basis.float().T  # rows orthonormal, [dim, dim]
+        C, M = num_classes, self.distractor_dims
+        shape = (in_chans, patch_size, patch_size)
+        self.patterns = basis[:C].reshape(C, *shape).contiguous()  # u_c, unit norm
+        self.distractor_dirs = basis[C : C + M].contiguous()  # [M, dim]
+        self.offsets = basis[C + M : 2 * C + M].reshape(C, *shape).contiguous()  # v_c, unit norm
 
-    # ----------------------------------------------------------------- patterns
+    # ----------------------------------------------------------------- analytic quantities
 
-    def _make_patterns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        k, c, p = self.num_classes, self.in_chans, self.patch_size
-        gen = torch.Generator().manual_seed(10_007 + self.pattern_seed)
-        coords = (torch.arange(p, dtype=torch.float64) + 0.5) / p
-        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-        rows = []
-        for i in range(2 * k):  # P_0..P_{K-1}, then Q_0..Q_{K-1}
-            theta = math.pi * (i % k) / k + (math.pi / (2 * k) if i >= k else 0.0)
-            phase = 2 * math.pi * torch.rand((), generator=gen, dtype=torch.float64)
-            chan_phase = 2 * math.pi * torch.rand(c, generator=gen, dtype=torch.float64)
-            grating = torch.stack([
-                torch.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) + phase + chan_phase[ch])
-                for ch in range(c)
-            ])
-            texture = torch.randn(c, p, p, generator=gen, dtype=torch.float64)
-            rows.append((grating + 0.5 * texture).flatten())
-        vecs = torch.stack(rows)
-        vecs = vecs - vecs.mean(dim=1, keepdim=True)  # zero mean over the patch's pixels
-        if vecs.shape[0] <= vecs.shape[1] - 1:
-            vecs = _loewdin(vecs)  # orthonormal, still zero mean (rows lie in the zero-mean subspace)
-        vecs = vecs / vecs.pow(2).mean(dim=1, keepdim=True).sqrt()  # unit RMS per pixel
-        vecs = vecs.float().reshape(2 * k, c, p, p)
-        return vecs[:k].contiguous(), vecs[k:].contiguous()
+    def _posterior_var(self, num_visible: int) -> float:
+        """Posterior variance of each coordinate of g given ``num_visible`` visible patches."""
+        if self.distractor == 0:
+            return 0.0
+        if self.noise_std == 0:
+            return 0.0 if num_visible > 0 else self.distractor**2
+        return 1.0 / (1.0 / self.distractor**2 + num_visible / self.noise_std**2)
+
+    def bayes_floor(self, num_visible: int) -> float:
+        """E||masked patch - E[masked | visible]||^2 per pixel: the least-squares floor.
+
+        Exact at ``mean_shift = 0`` (E[masked | visible] = D E[g | visible]); at
+        ``mean_shift > 0`` it assumes the visible patches name the class (their
+        class offset is far above the noise), i.e. it is the floor given c."""
+        M = self.distractor_dims
+        return (self.cue**2 + M * self._posterior_var(num_visible) + self.patch_dim * self.noise_std**2) / self.patch_dim
+
+    def mode_floor(self, num_visible: int) -> float:
+        """The floor of a model that knows each masked patch's mode (the cue term gone)."""
+        M = self.distractor_dims
+        return (M * self._posterior_var(num_visible) + self.patch_dim * self.noise_std**2) / self.patch_dim
 
     @property
     def modes(self) -> torch.Tensor:
-        """The ``2K`` clean patch contents ``[2K, C, p, p]``: mode ``2c + (s < 0)`` is
-        ``amplitude * (s * P_c + mean_shift * Q_c)``."""
+        """The ``2C`` stripped clean patch contents ``[2C, C_in, p, p]``: mode ``2c + (b < 0)`` is
+        ``cue * (b * u_c + mean_shift * v_c)``."""
         base = self.mean_shift * self.offsets
-        both = torch.stack([base + self.patterns, base - self.patterns], dim=1)  # [K, 2, C, p, p]
-        return self.amplitude * both.reshape(2 * self.num_classes, *self.patterns.shape[1:])
+        both = torch.stack([base + self.patterns, base - self.patterns], dim=1)  # [C, 2, C_in, p, p]
+        return self.cue * both.reshape(2 * self.num_classes, *self.patterns.shape[1:])
 
     def class_mean_patch(self, labels: torch.Tensor) -> torch.Tensor:
-        """Conditional mean of any patch given the class: ``[N, C, p, p]``."""
-        return self.amplitude * self.mean_shift * self.offsets[labels]
+        """Stripped conditional mean of any patch given the class: ``[N, C_in, p, p]``."""
+        return self.cue * self.mean_shift * self.offsets[labels]
+
+    def strip(self, patches: torch.Tensor) -> torch.Tensor:
+        """Remove the distractor directions from patches ``[..., C_in, p, p]`` (what the oracle reads)."""
+        flat = patches.reshape(*patches.shape[:-3], self.patch_dim).float()
+        flat = flat - (flat @ self.distractor_dirs.T) @ self.distractor_dirs
+        return flat.reshape(patches.shape)
 
     # ----------------------------------------------------------------- sampling
 
-    def render(self, labels: torch.Tensor, signs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Images ``[N, C, H, W]`` for class ``labels`` [N] and per-patch ``signs`` [N, L]."""
+    def render(self, labels: torch.Tensor, signs: torch.Tensor, distractors: torch.Tensor,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``[N, C_in, H, W]`` for ``labels`` [N], per-patch ``signs`` [N, L] and ``distractors`` [N, M]."""
         s = signs.to(torch.float32)[:, :, None, None, None]
-        patches = self.amplitude * (s * self.patterns[labels][:, None] + self.mean_shift * self.offsets[labels][:, None])
-        images = unpatchify(patches, self.grid)
+        shared = (distractors @ self.distractor_dirs).reshape(-1, 1, *self.patterns.shape[1:])  # [N, 1, C, p, p]
+        patches = self.cue * (s * self.patterns[labels][:, None] + self.mean_shift * self.offsets[labels][:, None])
+        images = unpatchify(patches + shared, self.grid)
         if noise is not None:
             images = images + self.noise_std * noise
         return images
 
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> SyntheticImages:
-        """Fresh images of the given classes (signs and noise drawn from ``generator``,
+        """Fresh images of the given classes (signs, distractor and noise drawn from ``generator``,
         or from torch's global RNG when None)."""
         labels = torch.as_tensor(labels, dtype=torch.int64)
         n = labels.shape[0]
         signs = (torch.randint(0, 2, (n, self.num_patches), generator=generator, dtype=torch.int8) * 2 - 1)
+        g = self.distractor * torch.randn(n, self.distractor_dims, generator=generator)
         noise = torch.randn(n, self.in_chans, self.img_size, self.img_size, generator=generator)
-        return SyntheticImages(self.render(labels, signs, noise), labels, signs)
+        return SyntheticImages(self.render(labels, signs, g, noise), labels, signs, g)
 
     def generate(self, per_class: int, seed: int = 0) -> SyntheticImages:
         """``per_class`` images of every class, deterministic in ``seed``; order is shuffled
@@ -190,30 +197,32 @@ class SyntheticImageGenerator:
     # ----------------------------------------------------------------- oracle helpers
 
     def plausible_modes(self, labels: torch.Tensor) -> torch.Tensor:
-        """Per image, what may lie under any masked patch: ``[N, 2, C, p, p]`` (the two
+        """Per image, what may lie (stripped) under any masked patch: ``[N, 2, C_in, p, p]`` (the two
         modes of its class, equally likely, plus noise)."""
         return self.modes.reshape(self.num_classes, 2, *self.patterns.shape[1:])[labels]
 
     def patch_mode_labels(self, labels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        """Mode id ``2c + (s < 0)`` of every patch: ``[N, L]`` int64 in ``[0, 2K)``."""
+        """Mode id ``2c + (b < 0)`` of every patch: ``[N, L]`` int64 in ``[0, 2C)``."""
         return 2 * labels[:, None].to(torch.int64) + (signs < 0).to(torch.int64)
 
     def sample_patches(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` noisy patches ``[n, C, p, p]`` and their mode ids ``[n]`` (uniform over
-        the ``2K`` modes): training data for an oracle patch classifier."""
+        """``n`` noisy patches ``[n, C_in, p, p]`` (with a distractor draw) and their mode ids ``[n]``
+        (uniform over the ``2C`` modes): training data for an oracle patch classifier."""
         mode_ids = torch.randint(0, 2 * self.num_classes, (n,), generator=generator)
+        g = self.distractor * torch.randn(n, self.distractor_dims, generator=generator)
+        shared = (g @ self.distractor_dirs).reshape(n, *self.patterns.shape[1:])
         noise = torch.randn(n, *self.patterns.shape[1:], generator=generator)
-        return self.modes[mode_ids] + self.noise_std * noise, mode_ids
+        return self.modes[mode_ids] + shared + self.noise_std * noise, mode_ids
 
     def nearest_mode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Bayes-optimal mode id of each patch ``[..., C, p, p]`` -> ``[...]``: the
-        nearest mode in Euclidean distance (equal priors, isotropic Gaussian noise)."""
-        flat = patches.reshape(-1, self.modes[0].numel()).float()
+        """Bayes-optimal mode id of each patch ``[..., C_in, p, p]`` -> ``[...]``: the nearest mode
+        after stripping the distractor (equal priors, isotropic Gaussian noise)."""
+        flat = self.strip(patches).reshape(-1, self.patch_dim)
         d = torch.cdist(flat, self.modes.reshape(2 * self.num_classes, -1))
         return d.argmin(dim=1).reshape(patches.shape[:-3])
 
     def nearest_class(self, patches: torch.Tensor) -> torch.Tensor:
-        """Class of each patch ``[..., C, p, p]`` by nearest mode (sign ignored)."""
+        """Class of each patch ``[..., C_in, p, p]`` by nearest mode (sign ignored)."""
         return self.nearest_mode(patches) // 2
 
 

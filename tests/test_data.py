@@ -269,7 +269,30 @@ def test_synthetic_modes_differ_not_means():
     d1 = shifted.generate(300, seed=0)
     means1 = torch.stack([d1.images[d1.labels == c].mean(0) for c in range(4)])
     diffs = (means1[:, None] - means1[None]).pow(2).mean(dim=(2, 3, 4)).sqrt()
-    assert diffs[~torch.eye(4, dtype=torch.bool)].min() > 1.0
+    assert diffs[~torch.eye(4, dtype=torch.bool)].min() > 0.5  # cue * sqrt(2) / 4 per pixel
+
+
+def test_synthetic_bayes_floor_matches_the_posterior_mean_predictor():
+    g = SyntheticImageGenerator(4, 28, 7, cue=2.0, distractor=1.0)
+    d = g.generate(500, seed=3)
+    patches = patchify(d.images, 7).reshape(2000, 16, 49)  # [n, L, D]
+    visible, masked = patches[:, :4], patches[:, 4:]
+    n_vis = 4
+    # E[g | visible]: Gaussian posterior from the visible patches' distractor coordinates
+    proj = (visible @ g.distractor_dirs.T).sum(1)  # [n, M]
+    g_hat = proj / (n_vis + g.noise_std**2 / g.distractor**2)
+    pred = (g_hat @ g.distractor_dirs)[:, None, :]  # E[masked | visible], the same for every class
+    mse = (masked - pred).pow(2).mean().item()
+    assert mse == pytest.approx(g.bayes_floor(n_vis), rel=0.02)
+    # ...and a predictor that also knows each masked patch's sign reaches the mode floor
+    signs = d.signs[:, 4:].float()[..., None]
+    known = pred + g.cue * signs * g.patterns.reshape(4, 49)[d.labels][:, None]
+    assert (masked - known).pow(2).mean().item() == pytest.approx(g.mode_floor(n_vis), rel=0.02)
+    assert g.mode_floor(n_vis) < g.bayes_floor(n_vis) / 3
+    # the distractor is shared by the image, so it is what least squares can learn
+    assert g.bayes_floor(n_vis) < g.bayes_floor(0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        SyntheticImageGenerator(4, 8, 2)
 
 
 def test_synthetic_datasets_from_config():

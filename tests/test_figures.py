@@ -49,3 +49,28 @@ def test_missing_results_are_named_and_others_still_drawn(tmp_path, capsys):
     assert "toy_results.csv" in err and "efficiency_cpu.csv" in err
     assert (tmp_path / "figures" / "mask_strength_cpu.png").is_file()
     assert (tmp_path / "figures" / "masks.png").is_file()
+
+
+def _synthetic_table() -> pd.DataFrame:
+    rows = []
+    variants = [("ls", "token"), ("cimle", "image"), ("cimle", "token"), ("mvae", "image")]
+    for (objective, select), shift, distractor, seed, encoder, pool in itertools.product(
+            variants, [0.0, 1.0], [0.5, 1.0], [0, 1], ["pretrained", "random"], ["cls", "mean"]):
+        value = 0.9 if encoder == "random" else 0.4 + 0.5 * (select == "token") + 0.1 * shift
+        rows.append(dict(objective=objective, cimle_select=select, synthetic_mean_shift=shift, synthetic_cue=2.0,
+                         synthetic_distractor=distractor, mask_ratio=0.75, seed=seed, encoder=encoder, pool=pool,
+                         metric="linear_top1", value=value + 0.01 * seed))
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "tradeoff"])
+def test_synthetic_figures_are_deterministic(tmp_path, kind):
+    from study.figures import synthetic
+
+    draw = synthetic.synthetic_figure if kind == "synthetic" else synthetic.tradeoff_figure
+    first, second = draw(_synthetic_table(), tmp_path / "a"), draw(_synthetic_table(), tmp_path / "b")
+    assert [p.suffix for p in first] == [".png", ".pdf"]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    labels = synthetic.variant_labels(_synthetic_table())
+    assert set(labels) == {"least squares", "cIMLE (image)", "cIMLE (token)", "Masked VAE"}

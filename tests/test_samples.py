@@ -126,9 +126,14 @@ def test_comparison_refuses_other_data(tmp_path):
 # --------------------------------------------------------------------------- Context-Completion
 
 
-@pytest.fixture(scope="module")
-def oracle():
-    gen = SyntheticImageGenerator(3, 16, 4, 1, noise_std=0.1)
+@pytest.fixture(scope="module", params=["gratings", "hidden"])
+def oracle(request):
+    if request.param == "gratings":  # the first synthetic images
+        from study.synthetic_gratings import GratingImageGenerator
+
+        gen = GratingImageGenerator(3, 16, 4, 1, noise_std=0.1)
+    else:  # same-mean images with a distractor the oracle strips
+        gen = SyntheticImageGenerator(3, 16, 4, 1, noise_std=0.1, distractor=1.0)
     return train_oracle(gen, n_train=3000, n_test=2000)
 
 
@@ -143,7 +148,9 @@ def test_oracle_is_accurate_and_rejects_the_mean(oracle):
     assert oracle.accuracy > 0.99 and oracle.bayes_agreement > 0.99
     assert oracle.clean_null_rate == 0.0 and oracle.mean_null_rate == 1.0
     gen = oracle.generator
-    assert oracle.radius == pytest.approx(0.5 * gen.amplitude * gen.modes[0].numel() ** 0.5, rel=1e-5)
+    # half the distance from a mode to the class mean (gratings: unit-RMS patterns; hidden: a cue of norm `cue`)
+    d_mean = gen.amplitude * gen.modes[0].numel() ** 0.5 if hasattr(gen, "amplitude") else gen.cue
+    assert oracle.radius == pytest.approx(0.5 * d_mean, rel=1e-5)
 
 
 def test_context_completion_oracle_perfect_and_mean_models(oracle):
@@ -211,3 +218,41 @@ def test_completion_needs_synthetic_data(tmp_path):
     torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 0}, path)
     with pytest.raises(EvaluationError, match="data.name=synthetic"):
         evaluate(path, "completion", None, progress=False, verbose=False, figures=None)
+
+
+def test_completion_on_same_mean_images_reports_floors_and_masked_losses(tmp_path):
+    extra = ["data.synthetic_kind=hidden", "objective=cimle", "cimle.select=token", "noise.scope=token",
+             "noise.block=head", "cimle.k=2"]
+    cfg = load_config(None, TINY + extra)
+    model = build_models(cfg, {}, "study", ("random",))["random"]
+    path = tmp_path / "hidden.pt"
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 0, "train_seconds": 0.1}, path)
+    rows = evaluate(path, "completion", None, progress=False, verbose=False, random_baseline=False)
+    values = {r["metric"]: r["value"] for r in rows}
+    gen = SyntheticImageGenerator(2, 16, 4, 1, noise_std=0.1)
+    assert values["bayes_floor"] == pytest.approx(gen.bayes_floor(8))  # 16 patches, ratio 0.5: 8 visible
+    assert values["mode_floor"] == pytest.approx(gen.mode_floor(8))
+    # an untrained model is above both floors
+    assert values["masked_loss"] > values["bayes_floor"] > values["mode_floor"]
+    assert values["masked_loss_nearest"] > values["mode_floor"]
+    assert {r["cimle_select"] for r in rows} == {"token"}
+
+
+def test_true_completions_are_found_by_the_oracle_and_keep_the_visible_patches():
+    from study.data import build_eval_datasets
+    from study.evaluation.context_completion import (completion_metrics, synthetic_generator, to_generator_layout,
+                                                     true_completions)
+
+    cfg = load_config(None, TINY + ["data.synthetic_kind=hidden"])
+    dataset = build_eval_datasets(cfg)[1]
+    gen = synthetic_generator(cfg, dataset)
+    batch = fixed_batch(cfg, 8, 0, dataset)
+    true = true_completions(gen, dataset, batch, 6)  # [k, B, N, D]
+    model = tiny_model("ls", "data.synthetic_kind=hidden")[1]
+    target = model.patchify(batch.images)
+    m = batch.mask
+    assert torch.allclose(true[:, ~m], target[~m].expand(6, *target[~m].shape))
+    res = completion_metrics(train_oracle(gen, n_train=2000, n_test=500),
+                             to_generator_layout(true, cfg.model.patch_size, cfg.model.in_chans), m, batch.labels)
+    assert float(res["precision"].mean()) == 1.0 and float(res["recall"].mean()) > 0.9
+    assert sample_diversity(true, m) > 1.0

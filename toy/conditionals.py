@@ -3,8 +3,15 @@
 The generative story (one draw):
 
     c     ~ Uniform{0, ..., C-1}                                  class
-    x     = R [a p_c ; sigma_d n],    n ~ N(0, I)                 context, [dx]
-    y     = (1 - s) m_c + b r_c u_c + sigma_y e,  b = +-1, e ~ N(0, I)   target, [dy]
+    v     ~ Uniform{0, ..., V-1}                                  auxiliary label, independent of c
+    x     = R [a p_c ; a q_v ; sigma_d n],    n ~ N(0, I)         context, [dx]
+    y     = (1 - s) m_c + n_v + b r_c u_c + sigma_y e,  b = +-1, e ~ N(0, I)   target, [dy]
+
+* ``v`` is a second label that moves the mean of y by ``n_v`` at every s: it is
+  what the representation must carry besides the class. It gives a
+  least-squares encoder something to spend capacity on when the class stops
+  paying (see ``toy.models``: the representation is a noisy channel of fixed
+  power), which makes the collapse in s gradual instead of a knife edge.
 
 * ``p_c`` are class prototypes on a circle in the first ``d_signal`` coordinates
   (linearly separable: every prototype is a vertex of their convex hull). The
@@ -13,8 +20,8 @@ The generative story (one draw):
   low-dimensional encoder therefore mixes a little class signal with a lot of
   distractor variance and its linear probe sits near chance; an encoder that
   has *learned* the signal plane separates the classes exactly.
-* x determines c exactly (the signal coordinates carry no noise), so
-  E[y | x] = E[y | c] = (1 - s) m_c: the modes +-r_c u_c are symmetric and
+* x determines c and v exactly (the signal coordinates carry no noise), so
+  E[y | x] = (1 - s) m_c + n_v: the modes +-r_c u_c are symmetric and
   average out.
 * Mask strength ``s`` in [0, 1] shrinks the class means to the common mean 0.
   At s = 0 classes differ in mean; at s = 1 every class has mean 0 and they
@@ -25,7 +32,9 @@ Bayes least-squares floor, in the units of ``study.objectives.least_squares``
 
     E||y - E[y|x]||^2 / dy = (mean_c r_c^2 + dy sigma_y^2) / dy,
 
-independent of s (shrinking the means moves E[y|x] with them).
+independent of s and of v (shrinking the means moves E[y|x] with them).
+It is the floor of the clean problem; a model whose representation passes a
+noisy channel (``toy.models``) cannot quite reach it (see ``channel_noise``).
 """
 
 from __future__ import annotations
@@ -43,11 +52,17 @@ __all__ = ["ToyConfig", "ToyTask", "Batch"]
 class ToyConfig:
     n_classes: int = 4
     dx: int = 64  # context dim: d_signal class coordinates + distractors
-    d_signal: int = 2  # class prototypes live on a circle in this plane
-    signal_scale: float = 1.0  # radius a of the prototype circle
+    d_signal: int = 2  # class prototypes live on a circle in this plane (v's on a second one)
+    signal_scale: float = 1.0  # radius a of the prototype circles
     distractor_std: float = 2.0  # sigma_d: larger than the signal, so random projections lose it
-    dy: int = 8  # target dim; needs dy >= 2 C for separate mean and mode directions
-    mean_scale: float = 2.0  # |m_c| at s = 0
+    n_aux: int = 4  # V, values of the auxiliary label v
+    aux_scale: float = 1.0  # |n_v|: how much v moves the mean of y
+    dy: int = 12  # target dim; needs dy >= C + 1 + V for separate mode, mean and v directions
+    # m_c at s = 0 lie on one line, with gaps between neighbouring classes growing geometrically from
+    # mean_gap by mean_gap_ratio: class pairs differ in their means by different amounts, so least
+    # squares stops paying for them at different s (a graded collapse instead of a knife edge)
+    mean_gap: float = 1.0
+    mean_gap_ratio: float = 2.5
     radius_min: float = 1.0  # mode radii r_c spread over [radius_min, radius_max]
     radius_max: float = 2.0
     y_noise: float = 0.1  # sigma_y
@@ -56,10 +71,15 @@ class ToyConfig:
     def __post_init__(self) -> None:
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
-        if self.d_signal < 2 or self.d_signal >= self.dx:
-            raise ValueError(f"d_signal must be in [2, dx), got {self.d_signal} with dx={self.dx}")
-        if self.dy < 2 * self.n_classes:
-            raise ValueError(f"dy must be >= 2 * n_classes = {2 * self.n_classes}, got {self.dy}")
+        if self.mean_gap <= 0 or self.mean_gap_ratio < 1:
+            raise ValueError(f"need mean_gap > 0 and mean_gap_ratio >= 1, got {self.mean_gap}, {self.mean_gap_ratio}")
+        if self.n_aux < 1:
+            raise ValueError(f"n_aux must be >= 1, got {self.n_aux}")
+        if self.d_signal < 2 or 2 * self.d_signal >= self.dx:
+            raise ValueError(f"d_signal must be in [2, dx / 2), got {self.d_signal} with dx={self.dx}")
+        if self.dy < self.n_classes + 1 + self.n_aux:
+            raise ValueError(f"dy must be >= n_classes + 1 + n_aux = {self.n_classes + 1 + self.n_aux}, "
+                             f"got {self.dy}")
 
 
 @dataclass
@@ -67,6 +87,7 @@ class Batch:
     x: Tensor  # [N, dx]
     y: Tensor  # [N, dy]
     c: Tensor  # [N] int64
+    v: Tensor  # [N] int64, the auxiliary label
 
 
 def _check_strength(s: float) -> None:
@@ -82,14 +103,17 @@ class ToyTask:
         g = torch.Generator().manual_seed(cfg.task_seed)
         # Random rotation of the context space (QR of a Gaussian matrix).
         self.rotation, _ = torch.linalg.qr(torch.randn(cfg.dx, cfg.dx, generator=g))  # [dx, dx]
-        angles = 2 * math.pi * torch.arange(cfg.n_classes, dtype=torch.float32) / cfg.n_classes
-        proto = torch.zeros(cfg.n_classes, cfg.d_signal)
-        proto[:, 0], proto[:, 1] = angles.cos(), angles.sin()
-        self.prototypes = cfg.signal_scale * proto  # [C, d_signal]
-        # Orthonormal directions in y: the first C carry the modes, the next C the means.
+        self.prototypes = cfg.signal_scale * _circle(cfg.n_classes, cfg.d_signal)  # [C, d_signal]
+        self.aux_prototypes = cfg.signal_scale * _circle(cfg.n_aux, cfg.d_signal)  # [V, d_signal]
+        # Orthonormal directions in y: the first C carry the modes, the next one the means, then V for v's shifts.
         basis, _ = torch.linalg.qr(torch.randn(cfg.dy, cfg.dy, generator=g))  # [dy, dy]
-        self.mode_dirs = basis[:, : cfg.n_classes].t().contiguous()  # u_c, [C, dy]
-        self.means = cfg.mean_scale * basis[:, cfg.n_classes : 2 * cfg.n_classes].t().contiguous()  # m_c, [C, dy]
+        C = cfg.n_classes
+        self.mode_dirs = basis[:, :C].t().contiguous()  # u_c, [C, dy]
+        gaps = cfg.mean_gap * cfg.mean_gap_ratio ** torch.arange(C - 1, dtype=torch.float32)  # [C-1]
+        positions = torch.cat([torch.zeros(1), gaps.cumsum(0)])
+        self.mean_positions = positions - positions.mean()  # [C], centred: the classes' common mean is 0
+        self.means = self.mean_positions[:, None] * basis[:, C]  # m_c, [C, dy], along one direction
+        self.aux_means = cfg.aux_scale * basis[:, C + 1 : C + 1 + cfg.n_aux].t().contiguous()  # n_v, [V, dy]
         self.radii = torch.linspace(cfg.radius_min, cfg.radius_max, cfg.n_classes)  # r_c, [C]
 
     # ---- analytic quantities -------------------------------------------------
@@ -97,6 +121,10 @@ class ToyTask:
         """E[y | c] = (1 - s) m_c, shape [C, dy]."""
         _check_strength(s)
         return (1.0 - s) * self.means
+
+    def conditional_mean(self, batch: "Batch", s: float) -> Tensor:
+        """E[y | x] = (1 - s) m_c + n_v, shape [N, dy] (x names c and v exactly)."""
+        return self.class_means(s)[batch.c] + self.aux_means[batch.v]
 
     def bayes_floor(self, s: float = 1.0) -> float:
         """min_f E||f(x) - y||^2 / dy, attained by f(x) = E[y|x]; same for every s."""
@@ -114,20 +142,33 @@ class ToyTask:
             return torch.arange(C).repeat_interleave(n // C)
         return torch.randint(C, (n,), generator=generator)
 
-    def sample_x(self, c: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_aux(self, n: int, generator: torch.Generator) -> Tensor:
+        """[n] auxiliary labels v, i.i.d. uniform."""
+        return torch.randint(self.config.n_aux, (n,), generator=generator)
+
+    def sample_x(self, c: Tensor, v: Tensor, generator: torch.Generator) -> Tensor:
         cfg = self.config
-        noise = cfg.distractor_std * torch.randn(len(c), cfg.dx - cfg.d_signal, generator=generator)
-        raw = torch.cat([self.prototypes[c], noise], dim=1)  # [N, dx]: signal plane first
+        noise = cfg.distractor_std * torch.randn(len(c), cfg.dx - 2 * cfg.d_signal, generator=generator)
+        raw = torch.cat([self.prototypes[c], self.aux_prototypes[v], noise], dim=1)  # [N, dx]: signal planes first
         return raw @ self.rotation.t()  # [N, dx]
 
-    def sample_y(self, c: Tensor, s: float, generator: torch.Generator) -> Tensor:
+    def sample_y(self, c: Tensor, v: Tensor, s: float, generator: torch.Generator) -> Tensor:
         cfg = self.config
         sign = torch.randint(2, (len(c),), generator=generator).float() * 2 - 1  # [N], +-1
         modes = sign[:, None] * self.radii[c, None] * self.mode_dirs[c]  # [N, dy]
         noise = cfg.y_noise * torch.randn(len(c), cfg.dy, generator=generator)
-        return self.class_means(s)[c] + modes + noise  # [N, dy]
+        return self.class_means(s)[c] + self.aux_means[v] + modes + noise  # [N, dy]
 
     def sample(self, n: int, s: float, generator: torch.Generator, balanced: bool = False) -> Batch:
         _check_strength(s)
         c = self.sample_classes(n, generator, balanced)
-        return Batch(x=self.sample_x(c, generator), y=self.sample_y(c, s, generator), c=c)
+        v = self.sample_aux(n, generator)
+        return Batch(x=self.sample_x(c, v, generator), y=self.sample_y(c, v, s, generator), c=c, v=v)
+
+
+def _circle(n: int, dim: int) -> Tensor:
+    """n points evenly on the unit circle in the first two of ``dim`` coordinates: [n, dim]."""
+    angles = 2 * math.pi * torch.arange(n, dtype=torch.float32) / n
+    points = torch.zeros(n, dim)
+    points[:, 0], points[:, 1] = angles.cos(), angles.sin()
+    return points

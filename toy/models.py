@@ -3,6 +3,17 @@
 Both objectives train the same two MLPs. cIMLE feeds noise z ~ N(0, I); least
 squares feeds z = 0, so its decoder is the deterministic map f(h, 0) (the
 conditional-mean predictor LS is after) through exactly the same weights.
+
+The representation is a noisy channel of fixed power: the encoder's output is
+layer-normalised without affine parameters (every h has mean square 1 per
+dim) and the decoder and the probe read ``h + channel_noise * eps``. A
+deterministic code of unbounded precision carries any trace of the class for
+free, so a least-squares encoder keeps the class whenever it helps the mean at
+all and its probe collapses only at s = 1 exactly (the knife edge). With a
+fixed power budget, carrying the class costs power that the auxiliary label
+v (which pays at every s) could use; the class's share then falls as its
+least-squares value (1 - s)^2 |m_c - m_c'|^2 falls, and so does the probe.
+cIMLE's class value (which mode to sample) does not fall with s.
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["mlp", "Encoder", "Decoder"]
+__all__ = ["mlp", "Encoder", "Decoder", "channel"]
 
 
 def mlp(d_in: int, width: int, depth: int, d_out: int) -> nn.Sequential:
@@ -25,14 +36,22 @@ def mlp(d_in: int, width: int, depth: int, d_out: int) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """x [B, dx] -> representation h [B, dh] (linear last layer: the probe reads h)."""
+    """x [B, dx] -> representation h [B, dh]: an MLP, then layer norm without affine (fixed power)."""
 
     def __init__(self, dx: int, dh: int, width: int = 128, depth: int = 2) -> None:
         super().__init__()
         self.net = mlp(dx, width, depth, dh)
+        self.norm = nn.LayerNorm(dh, elementwise_affine=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.norm(self.net(x))
+
+
+def channel(h: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
+    """What the decoder and the probe receive: ``h + std * eps``, eps ~ N(0, I) from ``generator``."""
+    if std == 0:
+        return h
+    return h + std * torch.randn(h.shape, generator=generator, dtype=h.dtype)
 
 
 class Decoder(nn.Module):

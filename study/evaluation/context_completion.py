@@ -96,14 +96,14 @@ class PatchOracle:
 
     def predict(self, patches: Tensor) -> Tensor:
         """Mode id ``[...]`` of patches ``[..., C, p, p]``."""
-        flat = patches.reshape(-1, self.weight.shape[1]).float()
+        flat = self.generator.strip(patches).reshape(-1, self.weight.shape[1])  # the distractor says nothing
         return (flat @ self.weight.T + self.bias).argmax(dim=1).reshape(patches.shape[:-3])
 
     def classify(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         """``(mode ids [...], accepted [...] bool)``: accepted = within ``radius`` of the named mode."""
         modes = self.predict(patches)
         templates = self.generator.modes[modes]  # [..., C, p, p]
-        dist = (patches.float() - templates).flatten(-3).norm(dim=-1)
+        dist = (self.generator.strip(patches) - templates).flatten(-3).norm(dim=-1)
         return modes, dist <= self.radius
 
 
@@ -134,6 +134,7 @@ def train_oracle(generator, *, n_train: int = ORACLE_TRAIN, n_test: int = ORACLE
     g = torch.Generator().manual_seed(seed)
     x, y = generator.sample_patches(n_train, g)
     xt, yt = generator.sample_patches(n_test, g)
+    x, xt = generator.strip(x), generator.strip(xt)  # the oracle reads the distractor-free part
     m = 2 * generator.num_classes
     d = x[0].numel()
     x, xt = x.reshape(n_train, d).double(), xt.reshape(n_test, d).double()
@@ -233,6 +234,58 @@ def context_completion(model, cfg, oracle: PatchOracle, *, k: int | None = None,
     return out
 
 
+@torch.no_grad()
+def masked_losses(model, cfg, dataset, *, n_images: int | None = None, seed: int | None = None,
+                  device="cpu") -> dict[str, float]:
+    """Per-pixel squared error on the masked patches of fixed validation images (pixel targets):
+    ``masked_loss`` of the deterministic reconstruction (least squares' prediction; z = 0 otherwise),
+    comparable with ``bayes_floor``; ``masked_loss_nearest`` of the nearest of ``cimle.k`` samples per
+    masked patch (per-token cIMLE's loss), comparable with ``mode_floor``."""
+    from study.evaluation import samples as S
+
+    seed = S.SEED if seed is None else seed
+    batch = S.fixed_batch(cfg, len(dataset) if n_images is None else n_images, seed, dataset)
+    model.to(device)
+    target = model.patchify(batch.images.to(device)).float()  # [B, N, D] pixels
+    mask = batch.mask.to(device)
+    recon = model.reconstruct(batch.images.to(device), mask)
+    samples = S.model_samples(model, batch, max(1, int(cfg.cimle.k)), seed, device).to(device)  # [k, B, N, D]
+    model.cpu()
+    if model.norm_pix_loss:  # reconstruct() answers in target space
+        recon = model.denormalize_pred(recon, batch.images.to(device))
+    err = (recon - target).pow(2).mean(-1)  # [B, N]
+    nearest = (samples - target).pow(2).mean(-1).min(dim=0).values  # [B, N]
+    return {"masked_loss": float(err[mask].mean()), "masked_loss_nearest": float(nearest[mask].mean())}
+
+
+@torch.no_grad()
+def true_completions(generator, dataset, batch, k: int, seed: int = 0) -> Tensor:
+    """``k`` draws from the true conditional of ``batch``'s masked patches, in the model's patch layout
+    ``[k, B, N, p*p*C]`` (visible patches kept): same class and distractor, fresh signs and noise."""
+    from study.synthetic_images import patchify
+
+    data = dataset.data
+    idx = batch.indices
+    g = torch.Generator().manual_seed(seed)
+    b, n = len(idx), generator.num_patches
+    out = []
+    for _ in range(k):
+        signs = torch.randint(0, 2, (b, n), generator=g, dtype=torch.int8) * 2 - 1
+        noise = torch.randn(b, generator.in_chans, generator.img_size, generator.img_size, generator=g)
+        imgs = generator.render(data.labels[idx], signs, data.distractors[idx], noise)
+        imgs = torch.where(_pixel_mask(batch.mask, generator), imgs, batch.images)
+        p = patchify(imgs, generator.patch_size)  # [B, N, C, p, p]
+        out.append(p.permute(0, 1, 3, 4, 2).reshape(b, n, -1))  # the model's (row, col, channel) layout
+    return torch.stack(out)
+
+
+def _pixel_mask(mask: Tensor, generator) -> Tensor:
+    """``[B, N]`` patch mask -> ``[B, 1, H, W]`` pixel mask."""
+    p, grid = generator.patch_size, generator.grid
+    m = mask.reshape(-1, grid, grid).repeat_interleave(p, 1).repeat_interleave(p, 2)
+    return m[:, None]
+
+
 def completion_protocol(cfg, models: dict, *, device="cpu", k: int | None = None, n_images: int | None = None,
                         seed: int | None = None) -> list[dict]:
     """Rows for the ``completion`` protocol: oracle quality once, ``cc_*`` per model in ``models``."""
@@ -251,7 +304,14 @@ def completion_protocol(cfg, models: dict, *, device="cpu", k: int | None = None
                           ("oracle_clean_null_rate", oracle.clean_null_rate),
                           ("oracle_mean_null_rate", oracle.mean_null_rate), ("oracle_seconds", oracle_seconds)):
         rows.append({"encoder": "pretrained", "metric": metric, "value": value, **base})
+    if hasattr(generator, "bayes_floor"):  # the same-mean images know E[y | x] (the gratings do not report it)
+        n_visible = cfg.num_patches - round(cfg.mask.ratio * cfg.num_patches)
+        for metric, value in (("bayes_floor", generator.bayes_floor(n_visible)),
+                              ("mode_floor", generator.mode_floor(n_visible))):
+            rows.append({"encoder": "pretrained", "metric": metric, "value": value, **base})
     for enc_name, model in models.items():
+        for metric, value in masked_losses(model, cfg, dataset, n_images=n_images, seed=seed, device=device).items():
+            rows.append({"encoder": enc_name, "metric": metric, "value": value, **base})
         t0 = time.perf_counter()
         res = context_completion(model, cfg, oracle, k=k, n_images=n_images, seed=seed, dataset=dataset,
                                  device=device)

@@ -6,6 +6,8 @@
 * masks: drawn from the mask generators (fixed seeds)
 * mask strength (and its paired differences), efficiency, noise block: ``results/<sweep>.csv``
   (``make experiments``)
+* same-mean synthetic images (mean shift, mask ratio, cue-to-distractor trade-off):
+  ``results/synthetic_*.csv`` (``make experiments-synthetic``)
 * samples: the small committed checkpoints ``results/checkpoints/*.pt``
 
 A figure whose stored results are missing is reported and skipped (exit
@@ -27,6 +29,11 @@ STUDIES = {
     "mask_strength_cpu_paired": "paired_difference",
     "efficiency_cpu": "efficiency",
     "noise_block_cpu": "noise_block",
+}
+SYNTHETIC = {  # same-mean synthetic images: sweep -> x axis of its figure
+    "synthetic_cpu": "synthetic_mean_shift",
+    "synthetic_ratio_cpu": "mask_ratio",
+    "synthetic_tradeoff_cpu": "tradeoff",
 }
 SAMPLE_OBJECTIVES = ("ls", "cimle", "mvae")
 
@@ -55,6 +62,19 @@ def _study(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
     return draw
 
 
+def _synthetic(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
+    def draw(results: Path, out: Path) -> list[Path]:
+        from study.figures import synthetic
+        from study.results import read_results
+
+        table = read_results(results / f"{sweep}.csv")
+        if kind == "tradeoff":
+            return synthetic.tradeoff_figure(table, out)
+        return synthetic.synthetic_figure(table, out, name=sweep, axis=kind)
+
+    return draw
+
+
 def _samples(results: Path, out: Path) -> list[Path]:
     from study.evaluation.linear_probe import cpu_threads
     from study.figures.samples import redraw
@@ -65,6 +85,19 @@ def _samples(results: Path, out: Path) -> list[Path]:
         raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
     with cpu_threads(1):  # one reduction order on every machine: byte-identical figures
         return redraw(checkpoints, out)
+
+
+def _synthetic_samples(results: Path, out: Path) -> list[Path]:
+    """LS's mean beside per-token cIMLE's modes on the same-mean synthetic images."""
+    from study.evaluation.linear_probe import cpu_threads
+    from study.figures.samples import redraw
+
+    checkpoints = [results / "checkpoints" / f"synthetic_hidden_{obj}.pt" for obj in ("ls", "cimle_token")]
+    missing = [str(p) for p in checkpoints if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
+    with cpu_threads(1):
+        return redraw(checkpoints, out, prefix="synthetic_samples")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     jobs: dict[str, Callable[[Path, Path], list[Path]]] = {"toy": _toy, "masks": _masks}
     jobs.update({sweep: _study(sweep, kind) for sweep, kind in STUDIES.items()})
+    jobs.update({sweep: _synthetic(sweep, kind) for sweep, kind in SYNTHETIC.items()})
     jobs["samples"] = _samples
+    jobs["synthetic_samples"] = _synthetic_samples
     skipped = []
     for name, draw in jobs.items():
         start = time.perf_counter()

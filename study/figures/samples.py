@@ -189,7 +189,8 @@ def _comparable(cfg_a, cfg_b) -> list[str]:
     diffs = []
     da, db = dataclasses.asdict(cfg_a.data), dataclasses.asdict(cfg_b.data)
     for key in ("name", "root", "val_fraction", "synthetic_classes", "synthetic_per_class",
-                "synthetic_mean_shift", "synthetic_noise_std"):
+                "synthetic_mean_shift", "synthetic_noise_std", "synthetic_kind", "synthetic_cue",
+                "synthetic_distractor"):
         if da[key] != db[key]:
             diffs.append(f"data.{key}: {da[key]!r} vs {db[key]!r}")
     for key in ("img_size", "patch_size", "in_chans"):
@@ -201,8 +202,9 @@ def _comparable(cfg_a, cfg_b) -> list[str]:
 
 def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *, comparison: bool = True,
            seed: int | None = None, n_shown: int | None = None, max_samples: int | None = None,
-           device: str = "cpu") -> list[Path]:
-    """Per-checkpoint figures and (``comparison``, two or more checkpoints) the comparison figure.
+           device: str = "cpu", prefix: str = "samples") -> list[Path]:
+    """Per-checkpoint figures ``<prefix>_<objective>`` and (``comparison``, two or more checkpoints)
+    ``<prefix>_comparison``.
 
     Every checkpoint completes the images and masks of the first one's config
     (the masks follow the first checkpoint's mask kind and ratio)."""
@@ -227,13 +229,13 @@ def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *
     for i, (cfg, _, models) in enumerate(loaded):
         model = models["pretrained"].to(device)
         patches = S.model_samples(model, batch, S.num_samples(cfg, max_samples), seed, device)[:, :n_shown]
-        name = f"samples_{cfg.objective}"
+        name = f"{prefix}_{cfg.objective}"
         if objectives.count(cfg.objective) > 1:
             name += f"_{i}"
         paths += plot_samples(model.cpu(), shown, patches, out_dir, name, dataset_name=cfg.data.name)
         entries.append((None, model, patches))
     if comparison and len(loaded) > 1:
-        paths += plot_comparison(entries, shown, out_dir, dataset_name=cfg0.data.name)
+        paths += plot_comparison(entries, shown, out_dir, name=f"{prefix}_comparison", dataset_name=cfg0.data.name)
     return paths
 
 
