@@ -58,7 +58,7 @@ import math
 
 import torch
 
-from study.synthetic_images import SyntheticImages, unpatchify
+from study.synthetic_images import PatchModeGenerator, SyntheticImages, unpatchify
 
 __all__ = ["GratingImageGenerator"]
 
@@ -69,7 +69,7 @@ def _loewdin(vectors: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-class GratingImageGenerator:
+class GratingImageGenerator(PatchModeGenerator):
     """Class patterns plus a sampler; see the module docstring for the model."""
 
     def __init__(self, num_classes: int, img_size: int, patch_size: int, in_chans: int = 1, *,
@@ -153,24 +153,7 @@ class GratingImageGenerator:
         noise = torch.randn(n, self.in_chans, self.img_size, self.img_size, generator=generator)
         return SyntheticImages(self.render(labels, signs, noise), labels, signs, None)
 
-    def generate(self, per_class: int, seed: int = 0) -> SyntheticImages:
-        """``per_class`` images of every class, deterministic in ``seed``; order is shuffled
-        (a fixed permutation from the same seed)."""
-        gen = torch.Generator().manual_seed(seed)
-        labels = torch.arange(self.num_classes).repeat_interleave(per_class)
-        labels = labels[torch.randperm(labels.shape[0], generator=gen)]
-        return self.sample(labels, gen)
-
     # ----------------------------------------------------------------- oracle helpers
-
-    def plausible_modes(self, labels: torch.Tensor) -> torch.Tensor:
-        """Per image, what may lie under any masked patch: ``[N, 2, C, p, p]`` (the two
-        modes of its class, equally likely, plus noise)."""
-        return self.modes.reshape(self.num_classes, 2, *self.patterns.shape[1:])[labels]
-
-    def patch_mode_labels(self, labels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        """Mode id ``2c + (s < 0)`` of every patch: ``[N, L]`` int64 in ``[0, 2K)``."""
-        return 2 * labels[:, None].to(torch.int64) + (signs < 0).to(torch.int64)
 
     def sample_patches(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` noisy patches ``[n, C, p, p]`` and their mode ids ``[n]`` (uniform over
@@ -179,17 +162,6 @@ class GratingImageGenerator:
         noise = torch.randn(n, *self.patterns.shape[1:], generator=generator)
         return self.modes[mode_ids] + self.noise_std * noise, mode_ids
 
-    def nearest_mode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Bayes-optimal mode id of each patch ``[..., C, p, p]`` -> ``[...]``: the
-        nearest mode in Euclidean distance (equal priors, isotropic Gaussian noise)."""
-        flat = patches.reshape(-1, self.modes[0].numel()).float()
-        d = torch.cdist(flat, self.modes.reshape(2 * self.num_classes, -1))
-        return d.argmin(dim=1).reshape(patches.shape[:-3])
-
     def strip(self, patches: torch.Tensor) -> torch.Tensor:
         """No distractor here: the oracle reads patches as they are."""
         return patches.float()
-
-    def nearest_class(self, patches: torch.Tensor) -> torch.Tensor:
-        """Class of each patch ``[..., C, p, p]`` by nearest mode (sign ignored)."""
-        return self.nearest_mode(patches) // 2

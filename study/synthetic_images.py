@@ -80,7 +80,51 @@ class SyntheticImages:
         return self.labels.shape[0]
 
 
-class SyntheticImageGenerator:
+class PatchModeGenerator:
+    """What both synthetic generators share: every class has two patch modes (``self.modes``,
+    ``[2K, C, p, p]``, mode ``2c + (sign < 0)``), images are drawn by ``sample``, and an oracle
+    reads a patch after ``strip`` (which removes what is not class structure)."""
+
+    num_classes: int
+    modes: torch.Tensor
+    patterns: torch.Tensor
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> SyntheticImages:
+        raise NotImplementedError
+
+    def strip(self, patches: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, per_class: int, seed: int = 0) -> SyntheticImages:
+        """``per_class`` images of every class, deterministic in ``seed``; order is shuffled
+        (a fixed permutation from the same seed)."""
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.arange(self.num_classes).repeat_interleave(per_class)
+        labels = labels[torch.randperm(labels.shape[0], generator=gen)]
+        return self.sample(labels, gen)
+
+    def plausible_modes(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per image, what may lie (stripped) under any masked patch: ``[N, 2, C, p, p]`` (the two
+        modes of its class, equally likely, plus noise)."""
+        return self.modes.reshape(self.num_classes, 2, *self.patterns.shape[1:])[labels]
+
+    def patch_mode_labels(self, labels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """Mode id ``2c + (sign < 0)`` of every patch: ``[N, L]`` int64 in ``[0, 2K)``."""
+        return 2 * labels[:, None].to(torch.int64) + (signs < 0).to(torch.int64)
+
+    def nearest_mode(self, patches: torch.Tensor) -> torch.Tensor:
+        """Bayes-optimal mode id of each patch ``[..., C, p, p]`` -> ``[...]``: the nearest mode
+        after ``strip`` (equal priors, isotropic Gaussian noise)."""
+        flat = self.strip(patches).reshape(-1, self.modes[0].numel())
+        d = torch.cdist(flat, self.modes.reshape(2 * self.num_classes, -1))
+        return d.argmin(dim=1).reshape(patches.shape[:-3])
+
+    def nearest_class(self, patches: torch.Tensor) -> torch.Tensor:
+        """Class of each patch ``[..., C, p, p]`` by nearest mode (sign ignored)."""
+        return self.nearest_mode(patches) // 2
+
+
+class SyntheticImageGenerator(PatchModeGenerator):
     """Class axes, distractor directions and a sampler; see the module docstring for the model."""
 
     def __init__(self, num_classes: int, img_size: int, patch_size: int, in_chans: int = 1, *,
@@ -186,24 +230,7 @@ class SyntheticImageGenerator:
         noise = torch.randn(n, self.in_chans, self.img_size, self.img_size, generator=generator)
         return SyntheticImages(self.render(labels, signs, g, noise), labels, signs, g)
 
-    def generate(self, per_class: int, seed: int = 0) -> SyntheticImages:
-        """``per_class`` images of every class, deterministic in ``seed``; order is shuffled
-        (a fixed permutation from the same seed)."""
-        gen = torch.Generator().manual_seed(seed)
-        labels = torch.arange(self.num_classes).repeat_interleave(per_class)
-        labels = labels[torch.randperm(labels.shape[0], generator=gen)]
-        return self.sample(labels, gen)
-
     # ----------------------------------------------------------------- oracle helpers
-
-    def plausible_modes(self, labels: torch.Tensor) -> torch.Tensor:
-        """Per image, what may lie (stripped) under any masked patch: ``[N, 2, C_in, p, p]`` (the two
-        modes of its class, equally likely, plus noise)."""
-        return self.modes.reshape(self.num_classes, 2, *self.patterns.shape[1:])[labels]
-
-    def patch_mode_labels(self, labels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        """Mode id ``2c + (b < 0)`` of every patch: ``[N, L]`` int64 in ``[0, 2C)``."""
-        return 2 * labels[:, None].to(torch.int64) + (signs < 0).to(torch.int64)
 
     def sample_patches(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` noisy patches ``[n, C_in, p, p]`` (with a distractor draw) and their mode ids ``[n]``
@@ -214,16 +241,6 @@ class SyntheticImageGenerator:
         noise = torch.randn(n, *self.patterns.shape[1:], generator=generator)
         return self.modes[mode_ids] + shared + self.noise_std * noise, mode_ids
 
-    def nearest_mode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Bayes-optimal mode id of each patch ``[..., C_in, p, p]`` -> ``[...]``: the nearest mode
-        after stripping the distractor (equal priors, isotropic Gaussian noise)."""
-        flat = self.strip(patches).reshape(-1, self.patch_dim)
-        d = torch.cdist(flat, self.modes.reshape(2 * self.num_classes, -1))
-        return d.argmin(dim=1).reshape(patches.shape[:-3])
-
-    def nearest_class(self, patches: torch.Tensor) -> torch.Tensor:
-        """Class of each patch ``[..., C_in, p, p]`` by nearest mode (sign ignored)."""
-        return self.nearest_mode(patches) // 2
 
 
 class SyntheticImageDataset(Dataset):
