@@ -92,26 +92,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, one_thread):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    import study.models as models
-
-    real_build = models.build_model
-    calls = {"n": 0}
-
-    def build_poisoned(cfg):
-        model = real_build(cfg)
-        forward = model.forward
-
-        def poisoned(imgs, mask, generator=None):
-            out = forward(imgs, mask, generator=generator)
-            calls["n"] += 1
-            if calls["n"] > 12:  # 64 train images / batch 8: the second epoch runs calls 9-16
-                out.loss = out.loss * float("nan")
-            return out
-
-        model.forward = poisoned
-        return model
-
-    monkeypatch.setattr(models, "build_model", build_poisoned)
+    _poison(monkeypatch, 12, float("nan"))  # 64 train images / batch 8: the second epoch runs calls 9-16
     cfg = tiny("epochs=3")
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 2"):
         pretrain(cfg, tmp_path, progress=False)
