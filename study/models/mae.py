@@ -63,6 +63,18 @@ def mask_indices(mask: Tensor, num_patches: int | None = None) -> MaskIndices:
     return MaskIndices(keep, masked, restore, masked.shape[1])
 
 
+def _cimle_output(res) -> PretrainOutput:
+    """cIMLE's loss and its selection statistics; ``distances`` is ``[B, k]`` (per image) or
+    ``[B, k, N_mask]`` (per token), ``index`` ``[B]`` or ``[B, N_mask]``: k is dim 1 either way."""
+    d = res.distances
+    return PretrainOutput(res.loss, {
+        "recon": res.loss.detach(),
+        "dist_chosen": d.gather(1, res.index[:, None]).mean(),
+        "dist_mean": d.mean(),
+        "dist_gap": (d.max(dim=1).values - d.min(dim=1).values).mean(),
+    })
+
+
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
     """Standard normal noise drawn on the generator's device, moved to ``like``'s."""
     device = generator.device if generator is not None else like.device
@@ -187,15 +199,7 @@ class MaskedAutoencoder(nn.Module):
                 generator=generator,
                 vectorize=self.vectorize,
             )
-            d = res.distances  # [B, k]
-            chosen = d.gather(1, res.index[:, None])  # [B, 1]
-            stats = {
-                "recon": res.loss.detach(),
-                "dist_chosen": chosen.mean(),
-                "dist_mean": d.mean(),
-                "dist_gap": (d.max(dim=1).values - d.min(dim=1).values).mean(),
-            }
-            return PretrainOutput(res.loss, stats)
+            return _cimle_output(res)
 
         # mvae
         mu, logvar = self.variational_encoder(imgs, ids.masked)  # [B, N_mask, dim]
@@ -224,14 +228,7 @@ class MaskedAutoencoder(nn.Module):
             vectorize=self.vectorize,
             select="token",
         )
-        d = res.distances  # [B, k, N_mask]
-        stats = {
-            "recon": res.loss.detach(),
-            "dist_chosen": d.gather(1, res.index[:, None]).mean(),
-            "dist_mean": d.mean(),
-            "dist_gap": (d.max(dim=1).values - d.min(dim=1).values).mean(),
-        }
-        return PretrainOutput(res.loss, stats)
+        return _cimle_output(res)
 
     # ------------------------------------------------------------------ evaluation
 
