@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from study.config import config_to_dict, load_config  # noqa: E402
 from study.data import build_eval_datasets  # noqa: E402
-from study.evaluation import samples as S  # noqa: E402
+from study.evaluation import samples as sampling  # noqa: E402
 from study.evaluation.context_completion import (completion_protocol, synthetic_generator,  # noqa: E402
                                                  true_completions)
+from study.evaluation.setup import load_models  # noqa: E402
 from study.results import write_results  # noqa: E402
 
 import pandas as pd  # noqa: E402
@@ -44,7 +45,7 @@ def runs(roots: list[Path], default) -> list[Path]:
     found, seen = [], set()
     for root in roots:
         for ckpt in sorted(root.glob("*/run/checkpoint.pt")):
-            cfg = S.load_models(ckpt, which=())[0]
+            cfg = load_models(ckpt, which=())[0]
             key = (cfg.objective, cfg.seed)
             if is_default_point(cfg, default) and key not in seen:
                 seen.add(key)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     rows = []
     default = load_config(args.config, ["data.synthetic_mean_shift=0"])
     for ckpt in runs([Path(r) for r in args.runs], default):
-        cfg, state, models = S.load_models(ckpt)
+        cfg, state, models = load_models(ckpt)
         dataset = build_eval_datasets(cfg)[1]
         gen = synthetic_generator(cfg, dataset)
         variant = "ls" if cfg.objective == "ls" else f"cimle_{cfg.cimle.select}"
@@ -73,10 +74,10 @@ def main(argv=None) -> int:
                 cfg.data.synthetic_distractor, "mask_ratio": cfg.mask.ratio, "epochs": cfg.epochs, "k": args.k}
         for r in completion_protocol(cfg, models, k=args.k):
             rows.append({**base, "encoder": r["encoder"], "metric": r["metric"], "value": r["value"]})
-        batch = S.fixed_batch(cfg, S.DIVERSITY_IMAGES, S.SEED, dataset)
+        batch = sampling.fixed_batch(cfg, sampling.DIVERSITY_IMAGES, sampling.SEED, dataset)
         model = models["pretrained"]
-        div = S.sample_diversity(S.model_samples(model, batch, args.k, S.SEED), batch.mask)
-        true = S.sample_diversity(true_completions(gen, dataset, batch, args.k), batch.mask)
+        div = sampling.sample_diversity(sampling.model_samples(model, batch, args.k, sampling.SEED), batch.mask)
+        true = sampling.sample_diversity(true_completions(gen, dataset, batch, args.k), batch.mask)
         rows.append({**base, "encoder": "pretrained", "metric": "sample_diversity", "value": div})
         rows.append({**base, "encoder": "pretrained", "metric": "true_diversity", "value": true})
         print(f"{ckpt}: diversity {div:.3f} (true {true:.3f})")

@@ -5,6 +5,7 @@
     submit       the same on SLURM through submitit (GPU configs)
     sweep        run a grid of configurations through the papermill run notebook
     export       write a checkpoint's encoder as a timm or transformers model folder
+    bench        time training steps (LS, cIMLE at each k, Masked VAE) against transformers' ViTMAE
     build-in100  make the ImageNet-100 folder as symlinks into a local ImageNet-1k
 
 Every command that takes a config accepts ``--set key.sub=value`` overrides;
@@ -25,7 +26,8 @@ from study.errors import UserError, run_command
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help="YAML file, e.g. experiments/configs/cpu-small.yaml (default: the built-in cpu-small values)")
+                   help="YAML file, e.g. experiments/configs/cpu-small.yaml (default: the dataclass defaults of "
+                        "study/config.py, an MNIST ViT of cpu-small's size but not its tuned recipe)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set objective=cimle --set cimle.k=8 (repeatable)")
 
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch print")
     p.set_defaults(func=_cmd_pretrain)
 
-    from study.evaluation.run import add_arguments as add_evaluate_arguments, run_from_args as evaluate_from_args
+    from study.evaluate_cli import add_arguments as add_evaluate_arguments, run_from_args as evaluate_from_args
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (k-NN, linear probe, finetune, samples)")
     add_evaluate_arguments(p)

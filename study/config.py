@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from study.errors import UserError
+from study.io import atomic_write_text
 
 __all__ = [
     "Config",
@@ -393,6 +394,4 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from study.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

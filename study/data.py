@@ -54,28 +54,12 @@ normalised by the train split's pixel mean/std. Augmentation randomness comes
 from torch's global RNG (seeded per DataLoader worker), which the training loop
 checkpoints, so a resumed run sees the same crops.
 
-Unreadable images (``data.on_bad_image``)
-------------------------------------------
-``error``: :class:`BadImageError` whose message names the file. ``skip``: the
-item is replaced by the next readable image in the folder's order (its own
-label) and the file is marked bad in a shared-memory byte array, one byte per
-image, created before the DataLoader starts. Workers (fork or spawn) write into
-the same array, so ``dataset.num_skipped`` (distinct bad files seen so far) and
-``dataset.skipped_files`` are exact in the main process after or during an
-epoch; a file once marked bad is not read again. Each process also warns once
-per bad file.
-
-:func:`check_images` decodes every file of both splits once; ``pretrain``
-calls it when a run starts, so that a bad file in the validation split (which
-only ``evaluate`` reads) or in a batch that ``drop_last`` leaves out is found
-before training, not epochs or a whole run later.
+Unreadable images in image folders: :mod:`study.image_folders`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -85,7 +69,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from study.errors import UserError
+from study.image_folders import (IMAGENET_MEAN, IMAGENET_STD, RGB_CROP_SCALE, BadImageError, DataError,
+                                  RobustImageFolder, check_images, eval_transform, train_transform)
+from study.imagenet100 import imagenet100_classes
+from study.synthetic_gratings import GratingImageGenerator
+from study.synthetic_images import SyntheticImageDataset, SyntheticImageGenerator, SyntheticImages
 
 if TYPE_CHECKING:
     from study.config import Config
@@ -110,23 +98,12 @@ __all__ = [
     "stratified_split",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_SEED = 0
 SYNTHETIC_SEED = 0
 GRAY_CROP_SCALE = (0.35, 1.0)
-RGB_CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 _CHANNELS = {"mnist": 1, "digits": 1, "imagefolder": 3, "imagenet100": 3}
-
-
-class BadImageError(UserError, RuntimeError):
-    """An image file that cannot be decoded; the message names the file."""
-
-
-class DataError(UserError, FileNotFoundError):
-    """An image folder that is missing, empty or laid out wrongly; the message names it and the layout wanted."""
 
 
 # =========================================================================== bundled data
@@ -310,214 +287,6 @@ class TensorImageDataset(Dataset):
         return list(zip(self._batch(idx).unbind(0), self.labels[idx].tolist()))
 
 
-# =========================================================================== image folders
-
-
-def train_transform(img_size: int, augment: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD):
-    """MAE pretraining transform for PIL images (eval transform when ``augment`` is False)."""
-    from torchvision.transforms import v2
-
-    if not augment:
-        return eval_transform(img_size, mean, std)
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=RGB_CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-        v2.ToPureTensor(),
-    ])
-
-
-def eval_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-    """Resize the short side to ``img_size * 256 / 224`` (bicubic) and centre-crop ``img_size``."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.Resize(int(round(img_size * 256 / 224)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(img_size),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-        v2.ToPureTensor(),
-    ])
-
-
-def _shared_flags(n: int) -> torch.Tensor:
-    flags = torch.zeros(max(n, 1), dtype=torch.uint8)
-    try:
-        flags.share_memory_()
-    except (RuntimeError, OSError):  # pragma: no cover - no shared memory: counts are per process
-        warnings.warn("shared memory unavailable: num_skipped counts only this process's skips")
-    return flags
-
-
-class RobustImageFolder(Dataset):
-    """``torchvision.datasets.ImageFolder`` whose loader turns decode errors into a
-    :class:`BadImageError` naming the file (``on_bad_image="error"``) or skips the file
-    (``"skip"``): see the module docstring for how skips are counted across workers.
-
-    ``classes`` restricts (and orders by sorted name) the class folders read; folders
-    in it that are missing raise FileNotFoundError naming them.
-    """
-
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
-
-    def __init__(self, root: str | Path, transform=None, *, on_bad_image: str = "error",
-                 classes: Sequence[str] | None = None, mode: str = "RGB") -> None:
-        from torchvision.datasets import ImageFolder
-
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"image folder {root} does not exist; set data.root to a folder of class folders "
-                            "(<root>/<class>/<image>, or <root>/train/<class>/... and <root>/val/<class>/...)")
-        wanted = sorted(classes) if classes is not None else None
-
-        class _Folder(ImageFolder):
-            def find_classes(self, directory):
-                if wanted is None:
-                    return super().find_classes(directory)
-                missing = [c for c in wanted if not (Path(directory) / c).is_dir()]
-                if missing:
-                    shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-                    raise FileNotFoundError(f"{directory} lacks {len(missing)} of {len(wanted)} class folders: {shown}")
-                return list(wanted), {c: i for i, c in enumerate(wanted)}
-
-        try:
-            folder = _Folder(str(root), loader=lambda p: p)  # we decode ourselves
-        except FileNotFoundError as exc:  # no class folders, or class folders without image files
-            raise DataError(f"image folder {root}: {exc} (expected <root>/<class>/<image>)") from None
-        self.root = root
-        self.classes = folder.classes
-        self.class_to_idx = folder.class_to_idx
-        self.samples: list[tuple[str, int]] = list(folder.samples)
-        self.targets = [t for _, t in self.samples]
-        self.num_classes = len(self.classes)
-        self.transform = transform
-        self.on_bad_image = on_bad_image
-        self.mode = mode
-        self._bad = _shared_flags(len(self.samples))
-        self._warned: set[int] = set()
-
-    # ---------------------------------------------------------------- skips
-
-    @property
-    def num_skipped(self) -> int:
-        """Distinct unreadable files met so far, by any DataLoader worker."""
-        return int(self._bad.sum())
-
-    @property
-    def skipped_files(self) -> list[str]:
-        return [self.samples[i][0] for i in torch.nonzero(self._bad[: len(self.samples)]).flatten().tolist()]
-
-    def subset(self, indices: Sequence[int], transform=None) -> "RobustImageFolder":
-        """A copy holding only ``indices`` (its own skip flags), with ``transform``."""
-        new = copy.copy(self)
-        new.samples = [self.samples[i] for i in indices]
-        new.targets = [t for _, t in new.samples]
-        new.transform = transform
-        new._bad = _shared_flags(len(new.samples))
-        new._warned = set()
-        return new
-
-    def with_transform(self, transform) -> "RobustImageFolder":
-        return self.subset(range(len(self.samples)), transform)
-
-    # ---------------------------------------------------------------- items
-
-    def _load(self, path: str):
-        from PIL import Image
-
-        with open(path, "rb") as fh:
-            img = Image.open(fh)
-            return img.convert(self.mode)  # forces the decode: errors surface here
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def unreadable(self, num_workers: int = 0) -> list[tuple[int, str]]:
-        """Decode every file once; returns ``(index, reason)`` of those that fail."""
-        from torch.utils.data import DataLoader
-
-        probe = _DecodeProbe(self)
-        loader = DataLoader(probe, batch_size=64, num_workers=num_workers, collate_fn=list)
-        return [(i, reason) for batch in loader for i, reason in batch if reason is not None]
-
-    def __getitem__(self, index: int):
-        n = len(self.samples)
-        for step in range(n):
-            j = (index + step) % n
-            if self._bad[j]:
-                continue
-            path, target = self.samples[j]
-            try:
-                img = self._load(path)
-            except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError...
-                if self.on_bad_image == "error":
-                    raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc} "
-                                        f"(set data.on_bad_image=skip to skip unreadable files)") from exc
-                self._bad[j] = 1
-                if j not in self._warned:
-                    self._warned.add(j)
-                    warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", stacklevel=2)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, target
-        raise BadImageError(f"no readable image in {self.root} ({n} files, all failed to decode)")
-
-
-class _DecodeProbe(Dataset):
-    """Item i: ``(i, None)`` if file i of ``folder`` decodes, else ``(i, "ErrorType: message")``."""
-
-    def __init__(self, folder: RobustImageFolder) -> None:
-        self.folder = folder
-
-    def __len__(self) -> int:
-        return len(self.folder.samples)
-
-    def __getitem__(self, i: int):
-        try:
-            self.folder._load(self.folder.samples[i][0])
-        except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the file is unreadable
-            return i, f"{type(exc).__name__}: {exc}"
-        return i, None
-
-
-def check_images(splits: dict[str, Dataset], num_workers: int = 0) -> int:
-    """Decode every image of the image-folder datasets in ``splits`` (``{"train": ds, "val": ds}``;
-    in-memory datasets have nothing to check).
-
-    ``on_bad_image="error"``: a :class:`BadImageError` naming the unreadable
-    files. ``"skip"``: they are marked bad (never read again, counted in
-    ``num_skipped``) with one warning. Returns how many were found.
-    """
-    found = 0
-    for split, ds in splits.items():
-        if not isinstance(ds, RobustImageFolder):
-            continue
-        bad = ds.unreadable(num_workers)
-        found += len(bad)
-        if not bad:
-            continue
-        shown = "; ".join(f"{ds.samples[i][0]} ({reason.splitlines()[0]})" for i, reason in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        where = f"the {split} split ({len(ds)} images of {ds.root})"
-        if ds.on_bad_image == "error":
-            raise BadImageError(f"{len(bad)} unreadable image(s) in {where}: {shown}{more}; remove them or set "
-                                "data.on_bad_image=skip")
-        for i, _ in bad:
-            ds._bad[i] = 1
-            ds._warned.add(i)
-        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {where}: {shown}{more}", stacklevel=2)
-    return found
-
-
 # =========================================================================== the entry points
 
 
@@ -551,12 +320,8 @@ def _bundled(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
 
 
 def _synthetic(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
-    from study.synthetic_images import SyntheticImageDataset, SyntheticImageGenerator, SyntheticImages
-
     d, m = cfg.data, cfg.model
     if d.synthetic_kind == "gratings":  # the first version, kept for the results made with it
-        from study.synthetic_gratings import GratingImageGenerator
-
         gen = GratingImageGenerator(d.synthetic_classes, m.img_size, m.patch_size, m.in_chans,
                                     mean_shift=d.synthetic_mean_shift, noise_std=d.synthetic_noise_std)
     else:
@@ -583,8 +348,6 @@ def _folders(cfg: "Config", train_tf, val_tf) -> tuple[Dataset, Dataset]:
     root = Path(d.root).expanduser()
     classes = None
     if d.name == "imagenet100":
-        from study.imagenet100 import imagenet100_classes
-
         classes = imagenet100_classes()
         for split in ("train", "val"):
             if not (root / split).is_dir():

@@ -43,9 +43,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import timm
 import torch
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from study.config import ConfigError
+from study.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_datasets
+from study.evaluation.setup import EvaluationError, load_for_evaluation
+from study.io import atomic_write, atomic_write_text
 from study.models.encoder import ViTEncoder, load_pretrained_encoder
 
 __all__ = ["FORMATS", "ExportError", "load_encoder", "timm_files", "transformers_files", "export",
@@ -71,8 +77,6 @@ class ExportError(ValueError):
 
 def load_encoder(checkpoint: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()):
     """The checkpoint's encoder (eval mode) and its config: ``(ViTEncoder, Config)``."""
-    from study.evaluation.run import EvaluationError, load_for_evaluation
-
     try:
         cfg, state, _ = load_for_evaluation(checkpoint, config, overrides)
     except (EvaluationError, RuntimeError) as exc:  # RuntimeError: not a torch file
@@ -91,14 +95,10 @@ def load_encoder(checkpoint: str | Path, config: str | Path | None = None, overr
 
 def pixel_normalisation(cfg) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """Per-channel (mean, std) that the package's transforms apply, or None (synthetic images have no pixels)."""
-    from study.data import IMAGENET_MEAN, IMAGENET_STD
-
     name = cfg.data.name
     if name in ("imagefolder", "imagenet100"):
         return IMAGENET_MEAN, IMAGENET_STD
     if name in ("mnist", "digits"):
-        from study.data import build_eval_datasets
-
         train, _ = build_eval_datasets(cfg)  # the bundled sets normalise by their own training pixels
         return train.mean, train.std
     return None
@@ -113,8 +113,6 @@ def _mlp_hidden(encoder: ViTEncoder) -> int:
 
 def timm_architecture(cfg) -> str:
     """A registered timm ViT name; the standard one when the sizes match, else a base that model_args reshape."""
-    import timm
-
     m = cfg.model
     size = _TIMM_SIZES.get((m.embed_dim, m.depth, m.num_heads))
     name = f"vit_{size}_patch{m.patch_size}_{m.img_size}"
@@ -145,9 +143,6 @@ def timm_files(encoder: ViTEncoder, cfg, pool: str = "cls") -> tuple[dict, dict[
 
 def load_timm(folder: str | Path):
     """The exported timm model, built from ``config.json`` and loaded strictly (eval mode)."""
-    import timm
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
@@ -219,16 +214,10 @@ def load_transformers(folder: str | Path):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from study.io import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _write_weights(path: Path, tensors: dict[str, Tensor]) -> None:
-    from safetensors.torch import save
-
-    from study.io import atomic_write
-
     # transformers refuses safetensors files without the "pt" format tag; bytes written into the
     # temporary keep its permissions (save_file would recreate it owner-only)
     data = save(tensors, metadata={"format": "pt"})
@@ -320,8 +309,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from study.config import ConfigError
-
     try:
         diffs = export(args.checkpoint, args.fmt, args.out, config=args.config, overrides=args.overrides,
                        pool=args.pool, verify=not args.no_verify)

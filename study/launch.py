@@ -13,6 +13,9 @@ import shutil
 from pathlib import Path
 
 from study.config import Config
+from study.errors import UserError
+from study.run_folder import check_run_folder
+from study.train import pretrain
 
 __all__ = ["submit", "slurm_available", "PretrainJob"]
 
@@ -23,9 +26,7 @@ class PretrainJob:
         self.out = str(out)
 
     def __call__(self) -> dict:
-        import submitit
-
-        from study.train import pretrain
+        import submitit  # optional (the slurm extra): imported where a job needs it
 
         # exports RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun would
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -46,9 +47,6 @@ def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int =
            timeout_min: int = 72 * 60, slurm_folder: str | Path | None = None):
     """Submit the run to SLURM; returns ``(job, log folder)``. The logs go to ``out/slurm/%j`` by default."""
     import submitit
-
-    from study.errors import UserError
-    from study.run_folder import check_run_folder
 
     if not slurm_available():
         raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; run 'python -m study "

@@ -246,8 +246,6 @@ class MaskGenerator:
         count = np.zeros(b, dtype=np.int64)
         fails = np.zeros(b, dtype=np.int64)
         active = np.arange(b)
-        rows = np.arange(gh)[None, :, None]
-        cols = np.arange(gw)[None, None, :]
         k = self._block_proposals
         tries = np.arange(k)[None, :]
         rows = np.arange(gh)[None, :]

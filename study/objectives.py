@@ -125,6 +125,67 @@ def _as_shape(noise_shape: int | Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _check_cimle_args(target: Tensor, *, k, noise_shape, mask: Tensor | None, chunk, select: str) -> tuple[int, ...]:
+    """Validate :func:`cimle`'s arguments; returns the noise shape as a tuple."""
+    if select not in ("image", "token"):
+        raise ValueError(f"select must be 'image' or 'token', got {select!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+    shape = _as_shape(noise_shape)
+    _check_mask(target, mask)
+    if select == "token":
+        n_pos = len(shape) - 1 if mask is None else mask.ndim - 1
+        positions = tuple(target.shape[1 : 1 + n_pos])
+        if n_pos < 1 or len(shape) != n_pos + 1 or shape[:-1] != positions:
+            raise ValueError(
+                f"select='token' needs noise_shape (*positions, dim) with positions {positions} "
+                f"(the mask's dims after the batch), got {shape}"
+            )
+    return shape
+
+
+def _sample_distances(predict: Callable[[Tensor], Tensor], noise: Tensor, target: Tensor, mask: Tensor | None,
+                      chunk: int | None, vectorize: bool, select: str) -> Tensor:
+    """Squared error of every sample: ``[B, k]`` (image) or ``[B, k, *positions]`` (token).
+
+    ``noise [k, B, *noise_shape]`` is decoded ``chunk`` samples at a time."""
+    k, batch = noise.shape[:2]
+    step = k if chunk is None else min(chunk, k)
+    decode = torch.func.vmap(predict, randomness="different") if vectorize else None
+    parts = []
+    for start in range(0, k, step):
+        z = noise[start : start + step]  # [c, B, *noise_shape]
+        preds = decode(z) if decode is not None else torch.stack([predict(zi) for zi in z])  # [c, B, ...]
+        if preds.shape[1:] != target.shape:
+            raise ValueError(
+                f"predict(z) returned shape {tuple(preds.shape[1:])}, expected target shape {tuple(target.shape)}"
+            )
+        c = preds.shape[0]
+        if select == "token":
+            parts.append(_per_position_error(preds, target, mask, noise.ndim - 3))
+            continue
+        dist = per_example_squared_error(
+            preds.reshape(c * batch, *target.shape[1:]),
+            target.repeat(c, *([1] * (target.ndim - 1))),
+            None if mask is None else mask.repeat(c, *([1] * (mask.ndim - 1))),
+        )
+        parts.append(dist.reshape(c, batch))
+    if select == "token":
+        return torch.cat(parts).transpose(0, 1).contiguous()  # [B, k, *positions]
+    return torch.cat(parts).t().contiguous()  # [B, k]
+
+
+def _nearest_noise(noise: Tensor, distances: Tensor, select: str) -> tuple[Tensor, Tensor]:
+    """``(chosen noise [B, *noise_shape], index)``: the nearest sample per image, or per position (token)."""
+    index = distances.argmin(dim=1)  # [B] or [B, *positions]
+    if select == "token":
+        pick = index[None, ..., None].expand(1, *index.shape, noise.shape[-1])  # [1, B, *positions, dim]
+        return noise.gather(0, pick)[0], index  # [B, *positions, dim]
+    return noise[index, torch.arange(noise.shape[1], device=noise.device)], index  # [B, *noise_shape]
+
+
 def cimle(
     predict: Callable[[Tensor], Tensor],
     target: Tensor,
@@ -159,62 +220,13 @@ def cimle(
     depends only on noise row j, otherwise the assembled prediction differs
     from the samples that were compared.
     """
-    if select not in ("image", "token"):
-        raise ValueError(f"select must be 'image' or 'token', got {select!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
-    shape = _as_shape(noise_shape)
-    _check_mask(target, mask)
-    batch = target.shape[0]
-    if select == "token":
-        n_pos = len(shape) - 1 if mask is None else mask.ndim - 1
-        positions = tuple(target.shape[1 : 1 + n_pos])
-        if n_pos < 1 or len(shape) != n_pos + 1 or shape[:-1] != positions:
-            raise ValueError(
-                f"select='token' needs noise_shape (*positions, dim) with positions {positions} "
-                f"(the mask's dims after the batch), got {shape}"
-            )
-
+    shape = _check_cimle_args(target, k=k, noise_shape=noise_shape, mask=mask, chunk=chunk, select=select)
     gen_device = generator.device if generator is not None else target.device
-    noise = torch.randn((k, batch, *shape), generator=generator, device=gen_device, dtype=target.dtype)
+    noise = torch.randn((k, target.shape[0], *shape), generator=generator, device=gen_device, dtype=target.dtype)
     noise = noise.to(target.device)  # [k, B, *noise_shape]
-
     with torch.no_grad():
-        step = k if chunk is None else min(chunk, k)
-        if vectorize:
-            decode = torch.func.vmap(predict, randomness="different")
-        parts = []
-        for start in range(0, k, step):
-            z = noise[start : start + step]  # [c, B, *noise_shape]
-            if vectorize:
-                preds = decode(z)  # [c, B, ...]
-            else:
-                preds = torch.stack([predict(zi) for zi in z])
-            if preds.shape[1:] != target.shape:
-                raise ValueError(
-                    f"predict(z) returned shape {tuple(preds.shape[1:])}, expected target shape {tuple(target.shape)}"
-                )
-            c = preds.shape[0]
-            if select == "token":
-                parts.append(_per_position_error(preds, target.detach(), mask, len(shape) - 1))
-                continue
-            dist = per_example_squared_error(
-                preds.reshape(c * batch, *target.shape[1:]),
-                target.detach().repeat(c, *([1] * (target.ndim - 1))),
-                None if mask is None else mask.repeat(c, *([1] * (mask.ndim - 1))),
-            )
-            parts.append(dist.reshape(c, batch))
-        if select == "token":
-            distances = torch.cat(parts).transpose(0, 1).contiguous()  # [B, k, *positions]
-            index = distances.argmin(dim=1)  # [B, *positions]
-            pick = index[None, ..., None].expand(1, *index.shape, shape[-1])  # [1, B, *positions, dim]
-            chosen = noise.gather(0, pick)[0]  # [B, *positions, dim]
-        else:
-            distances = torch.cat(parts).t().contiguous()  # [B, k]
-            index = distances.argmin(dim=1)  # [B]
-            chosen = noise[index, torch.arange(batch, device=noise.device)]  # [B, *noise_shape]
+        distances = _sample_distances(predict, noise, target.detach(), mask, chunk, vectorize, select)
+        chosen, index = _nearest_noise(noise, distances, select)
 
     pred = predict(chosen)
     _check_pred(pred, target)

@@ -18,6 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from study.io import atomic_write_text
+from study.notebook import execute_notebook
+
 __all__ = ["REPORTS_DIR", "build_report", "scrub_notebook"]
 
 REPORTS_DIR = "reports"
@@ -61,9 +64,6 @@ def build_report(sweep) -> Path:
 
     Raises FileNotFoundError when the sweep has no report notebook or no results table yet.
     """
-    from study.io import atomic_write_text
-    from study.sweep import execute_notebook
-
     if not sweep.report_notebook:
         raise FileNotFoundError(f"sweep {sweep.name} names no report_notebook")
     results = sweep.path(sweep.results)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from study.config import ConfigError, config_from_dict
 from study.errors import UserError
 from study.io import writable_folder
 
@@ -27,10 +30,6 @@ def is_run_folder(folder: str | Path) -> bool:
     config = folder / "config.yaml"
     if not config.is_file():
         return False
-    import yaml
-
-    from study.config import ConfigError, config_from_dict
-
     try:
         data = yaml.safe_load(config.read_text())
         if not isinstance(data, dict):

@@ -31,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 from study.config import ConfigError, load_config, read_yaml
 from study.console import duration, interactive
 from study.io import atomic_write_text
-from study.results import drop_stale_points
+from study.notebook import execute_notebook
+from study.reports import build_report
+from study.results import check_table, drop_stale_points
 
-__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "execute_notebook", "error_cause"]
+__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "error_cause"]
 
 
 @dataclass
@@ -121,28 +124,6 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path) -> None:
-    """Execute a jupytext percent file (or .ipynb) with papermill into ``output`` (an .ipynb)."""
-    import jupytext
-    import papermill
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if source.suffix == ".py":
-        staged = output.with_name(output.stem + ".input.ipynb")
-        notebook = jupytext.read(source)
-        notebook.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
-        notebook.metadata.setdefault("language_info", {"name": "python"})
-        jupytext.write(notebook, staged)
-    else:
-        staged = source
-    try:
-        papermill.execute_notebook(str(staged), str(output), parameters=parameters, kernel_name="python3",
-                                   cwd=str(cwd), progress_bar=False)
-    finally:
-        if staged != source:
-            staged.unlink(missing_ok=True)
-
-
 def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
     folder = sweep.path(sweep.runs_dir) / sweep.name / point.slug
     folder.mkdir(parents=True, exist_ok=True)
@@ -192,10 +173,6 @@ def _limit_threads(threads: int) -> None:
 
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True, progress: bool = True) -> dict:
     """Run the missing points, then the report notebook; returns a summary dict (also printed)."""
-    from tqdm.auto import tqdm
-
-    from study.results import check_table
-
     points = expand(sweep)
     check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
@@ -235,8 +212,6 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
                "stale_rows_dropped": drop_stale_points(sweep.path(sweep.results), sweep.name,
                                                        [p.slug for p in points])}
     if report and sweep.report_notebook:
-        from study.reports import build_report
-
         try:
             summary["report"] = str(build_report(sweep))  # reports/<sweep>.ipynb, committed
         except Exception as exc:  # noqa: BLE001

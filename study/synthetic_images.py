@@ -39,7 +39,6 @@ patch) works in the distractor-free part of patch space, :meth:`strip`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -21,31 +21,34 @@ next checkpoint, so the last good one is kept.
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from study.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from study.checkpoint import (CHECKPOINT, CheckpointError, gathered_rng_states, load_checkpoint, resume_diffs,
+                              save_checkpoint, set_rng_state)
+from study.config import Config, config_to_dict, save_config
 from study.console import duration, interactive
-from study.errors import UserError, one_line
-from study.io import atomic_write, atomic_write_text, remove_stale_temps
+from study.data import build_datasets, check_images
+from study.errors import UserError
+from study.io import atomic_write_text, remove_stale_temps
+from study.masking import build_mask_generator
+from study.models import build_model
 from study.run_folder import check_run_folder
+from study.runtime import (Dist, adamw, autocast, grad_scaler, init_distributed, resolve_device, seed_everything,
+                           warmup_cosine)
 from study.tensorboard_log import open_tensorboard, require_tensorboard
 
 __all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "lr_at",
-           "load_checkpoint", "CHECKPOINT"]
+           "param_groups", "build_optimizer", "load_checkpoint", "CHECKPOINT"]
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -63,10 +66,6 @@ class ConfigMismatch(UserError, ValueError):
     """--resume with a config other than the checkpoint's (a larger ``epochs`` is allowed)."""
 
 
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read, or whose weights do not fit the model."""
-
-
 def _kept(epoch: int) -> str:
     """What is on disk when epoch ``epoch`` (0-based) fails: every earlier epoch wrote a checkpoint."""
     if epoch == 0:
@@ -74,92 +73,15 @@ def _kept(epoch: int) -> str:
     return f"The checkpoint of epoch {epoch} (the last finished one) is kept"
 
 
-# --------------------------------------------------------------------------- setup
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_kind: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain ``python`` run is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _device(cfg: Config, dd: Dist) -> torch.device:
-    kind = cfg.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA device is available; use --set device=cpu")
-        torch.cuda.set_device(dd.local_rank)
-        return torch.device("cuda", dd.local_rank)
-    return torch.device("cpu")
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    if device.type == "cpu" and dtype == torch.float16:
-        raise ValueError("precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state(mask_gen: torch.Generator) -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "study": mask_gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, mask_gen: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    mask_gen.set_state(state["study"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # --------------------------------------------------------------------------- optimisation
 
 
 def lr_at(epoch: float, cfg: Config, base_lr: float) -> float:
-    """Linear warmup then half-cosine decay to ``min_lr`` (MAE's schedule), per fractional epoch."""
-    o = cfg.optim
-    if epoch < o.warmup_epochs:
-        return base_lr * epoch / o.warmup_epochs
-    span = max(cfg.epochs - o.warmup_epochs, 1e-8)
-    progress = min((epoch - o.warmup_epochs) / span, 1.0)
-    return o.min_lr + (base_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """The pretraining lr at a fractional epoch: MAE's warmup and half-cosine over ``cfg.epochs``."""
+    return warmup_cosine(epoch, base_lr, cfg.epochs, cfg.optim.warmup_epochs, cfg.optim.min_lr)
 
 
-def _param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """No weight decay on biases, norms and tokens; the Masked VAE encoder gets its lr factor."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     groups: dict[tuple[bool, float], list] = {}
@@ -175,49 +97,16 @@ def _param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     ]
 
 
-# --------------------------------------------------------------------------- checkpoints
+def build_optimizer(model: torch.nn.Module, cfg: Config, base_lr: float, device: torch.device) -> torch.optim.AdamW:
+    return adamw(param_groups(model, cfg), base_lr, (cfg.optim.beta1, cfg.optim.beta2), device)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+def base_lr_of(cfg: Config, world: int = 1) -> float:
+    """MAE's rule: lr = blr x effective batch / 256."""
+    return cfg.optim.blr * cfg.optim.batch_size * cfg.optim.accum_steps * world / 256
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"cannot read checkpoint {path} (damaged, or not a torch checkpoint): "
-                              f"{one_line(exc)}") from exc
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        name = f"{prefix}{key}"
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += _config_diff(va, vb, name + ".")
-        elif va != vb:
-            diffs.append(f"{name}: {va!r} (checkpoint) vs {vb!r} (now)")
-    return diffs
-
-
-def _resume_diffs(saved: dict, cfg: Config) -> list[str]:
-    """Config differences that forbid a resume; a larger ``epochs`` extends the run and is allowed."""
-    try:  # fields added to Config since the checkpoint was written take their defaults
-        saved = config_to_dict(config_from_dict(saved))
-    except ConfigError:
-        saved = dict(saved)
-    now = config_to_dict(cfg)
-    for key in ("logging",):  # sections that do not change the run (e.g. the TensorBoard switch) may differ
-        saved.pop(key, None)
-        now.pop(key, None)
-    if isinstance(saved.get("epochs"), int) and now["epochs"] > saved["epochs"]:
-        now["epochs"] = saved["epochs"]
-    return _config_diff(saved, now)
+# --------------------------------------------------------------------------- run folder
 
 
 def _check_loss_growth(row: dict, first_loss: float | None, cfg: Config, epoch: int) -> float:
@@ -249,15 +138,37 @@ def _append_metrics(path: Path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
+
 # --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainingState:
+    """What every step of a run uses; built once by :func:`_build`."""
+
+    cfg: Config
+    model: torch.nn.Module  # the bare model: its parameters and state_dict
+    net: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    make_mask: Callable[..., torch.Tensor]
+    mask_noise_gen: torch.Generator  # masks and cIMLE noise: its own stream, saved and restored exactly
+    device: torch.device
+    dist_info: Dist
+    base_lr: float
+
+
+@dataclass
+class Progress:
+    """Where a run stands: restored from the checkpoint on --resume."""
+
+    start_epoch: int = 0
+    train_seconds: float = 0.0  # cumulative time in the training loop, for efficiency curves
+    first_loss: float | None = None  # the first epoch's loss, the reference of optim.max_loss_growth
 
 
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Pretrain ``cfg`` into ``out_dir``; returns the last epoch's metrics row."""
-    from study.data import build_datasets, check_images
-    from study.masking import build_mask_generator
-    from study.models import build_model
-
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     require_tensorboard(cfg)  # a missing extra stops the run before its folder is made
@@ -265,117 +176,135 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
     if ckpt_path.exists() and not resume:
         raise RunExists(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
 
-    dd = _init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
-    device = _device(cfg, dd)
-    _seed_everything(cfg.seed + dd.rank)
-    # masks and cIMLE noise come from their own generator so that their stream
-    # is saved and restored exactly, whatever the data pipeline draws.
-    study_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dd.rank)
-
-    train_set, val_set = build_datasets(cfg)
-    if dd.main and not ckpt_path.exists():
-        check_images({"train": train_set, "val": val_set}, num_workers=cfg.data.num_workers)
-    grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
-    make_mask = build_mask_generator(cfg.mask, grid)
-
-    model = build_model(cfg).to(device)
-    base_lr = cfg.optim.blr * cfg.optim.batch_size * cfg.optim.accum_steps * dd.world / 256
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-
-    start_epoch = 0
-    train_seconds = 0.0  # cumulative time in the training loop, for efficiency curves
-    first_loss = None  # the first epoch's loss, the reference of optim.max_loss_growth
+    state, train_set = _build(cfg, check_data=not ckpt_path.exists())
+    done = Progress()
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        diffs = _resume_diffs(state["config"], cfg)
-        if diffs:
-            raise ConfigMismatch(f"--resume with a different config than {ckpt_path}: " + "; ".join(diffs)
-                                 + " (only a larger epochs may change: it extends the run); drop the --set "
-                                 "overrides or choose another --out")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][min(dd.rank, len(state["rng"]) - 1)], study_gen)
-        start_epoch = state["epoch"] + 1
-        train_seconds = state.get("train_seconds", 0.0)
-        first_loss = state.get("first_loss")
-        if dd.main:
-            _print_resume(out, state, cfg, start_epoch, base_lr)
-    elif resume and dd.main:
+        done = _restore(state, ckpt_path, out)
+    elif resume and state.dist_info.main:
         print(f"--resume: no checkpoint in {out} yet, starting from scratch")
 
-    tb = open_tensorboard(cfg, out, start_epoch) if dd.main else None
-    if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for folder in (out, out / "snapshots"):
-            remove_stale_temps(folder)  # left by a killed run's half-done atomic writes
-        save_config(cfg, out / "config.yaml")
-        _rewrite_metrics(out / METRICS, start_epoch)
-
-    net: torch.nn.Module = model
-    if cfg.compile:
-        net = torch.compile(net)
-    if dd.world > 1:
-        # LS never feeds noise, so its noise parameters get no gradient.
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[dd.local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.objective == "ls",
-        )
+    tb = open_tensorboard(cfg, out, done.start_epoch) if state.dist_info.main else None
+    if state.dist_info.main:
+        _prepare_folder(cfg, out, done.start_epoch)
+    state.net = _wrap(state.model, cfg, state.device, state.dist_info)
 
     last_row: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        # the sampler's order depends only on (seed, epoch): a resumed epoch sees the same batches
-        if dd.world > 1:
-            sampler = DistributedSampler(train_set, num_replicas=dd.world, rank=dd.rank, seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        loader = DataLoader(
-            train_set, batch_size=cfg.optim.batch_size, sampler=sampler, drop_last=True,
-            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-        last_row = _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, study_gen,
-                                    cfg, device, dd, epoch, base_lr, progress)
-        first_loss = _check_loss_growth(last_row, first_loss, cfg, epoch)
-        train_seconds += last_row["seconds"]
-        last_row["train_seconds"] = train_seconds
-        if dd.main:
-            _append_metrics(out / METRICS, last_row)
-            if tb is not None:
-                tb.log(last_row)
-            if epoch + 1 in cfg.snapshot_epochs:
-                _save_checkpoint(out / "snapshots" / f"epoch_{epoch + 1:04d}.pt", {
-                    "model": model.state_dict(), "epoch": epoch, "config": config_to_dict(cfg),
-                    "train_seconds": train_seconds, "metrics": last_row,
-                })
-            rng = [_rng_state(study_gen)]
-            if dd.world > 1:
-                gathered: list = [None] * dd.world
-                dist.all_gather_object(gathered, rng[0])
-                rng = gathered
-            _save_checkpoint(ckpt_path, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "rng": rng,
-                "config": config_to_dict(cfg),
-                "metrics": last_row,
-                "train_seconds": train_seconds,
-                "first_loss": first_loss,
-            })
-        elif dd.world > 1:
-            dist.all_gather_object([None] * dd.world, _rng_state(study_gen))
+    for epoch in range(done.start_epoch, cfg.epochs):
+        last_row = _train_one_epoch(state, _epoch_loader(train_set, state, epoch), epoch, progress)
+        done.first_loss = _check_loss_growth(last_row, done.first_loss, cfg, epoch)
+        done.train_seconds += last_row["seconds"]
+        last_row["train_seconds"] = done.train_seconds
+        _end_epoch(state, out, epoch, last_row, done, tb)
     if tb is not None:
         tb.close()
     return last_row
 
 
-def _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, gen, cfg: Config,
-                     device, dd: Dist, epoch: int, base_lr: float, progress: bool) -> dict:
-    net.train()
+def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
+    """Processes, device, seeds, data, masks, model and optimiser, in the order the RNG streams expect."""
+    dist_info = init_distributed("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device, dist_info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(cfg.seed + dist_info.rank)
+    # masks and cIMLE noise come from their own generator so that their stream is saved and restored
+    # exactly, whatever the data pipeline draws; on the training device, so that a GPU draws them itself
+    mask_noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist_info.rank)
+
+    train_set, val_set = build_datasets(cfg)
+    if dist_info.main and check_data:
+        check_images({"train": train_set, "val": val_set}, num_workers=cfg.data.num_workers)
+    make_mask = build_mask_generator(cfg.mask, (cfg.model.img_size // cfg.model.patch_size,) * 2)
+    model = build_model(cfg).to(device)
+    base_lr = base_lr_of(cfg, dist_info.world)
+    state = TrainingState(cfg=cfg, model=model, net=model, optimizer=build_optimizer(model, cfg, base_lr, device),
+                          scaler=grad_scaler(cfg.precision, device), make_mask=make_mask, mask_noise_gen=mask_noise_gen,
+                          device=device, dist_info=dist_info, base_lr=base_lr)
+    return state, train_set
+
+
+def _restore(state: TrainingState, ckpt_path: Path, out: Path) -> Progress:
+    """Load weights, optimiser, scaler and RNG from the checkpoint; refuse a different config."""
+    saved = load_checkpoint(ckpt_path)
+    diffs = resume_diffs(saved["config"], state.cfg)
+    if diffs:
+        raise ConfigMismatch(f"--resume with a different config than {ckpt_path}: " + "; ".join(diffs)
+                             + " (only a larger epochs may change: it extends the run); drop the --set "
+                             "overrides or choose another --out")
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"][min(state.dist_info.rank, len(saved["rng"]) - 1)], state.mask_noise_gen)
+    done = Progress(start_epoch=saved["epoch"] + 1, train_seconds=saved.get("train_seconds", 0.0),
+                    first_loss=saved.get("first_loss"))
+    if state.dist_info.main:
+        _print_resume(out, saved, state.cfg, done.start_epoch, state.base_lr)
+    return done
+
+
+def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "snapshots"):
+        remove_stale_temps(folder)  # left by a killed run's half-done atomic writes
+    save_config(cfg, out / "config.yaml")
+    _rewrite_metrics(out / METRICS, start_epoch)
+
+
+def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device, dist_info: Dist) -> torch.nn.Module:
+    net = torch.compile(model) if cfg.compile else model
+    if dist_info.world > 1:
+        # LS never feeds noise, so its noise parameters get no gradient.
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.objective == "ls",
+        )
+    return net
+
+
+def _epoch_loader(train_set: Dataset, state: TrainingState, epoch: int) -> DataLoader:
+    """The epoch's batches; their order depends only on (seed, epoch), so a resumed epoch sees the same ones."""
+    cfg, dist_info = state.cfg, state.dist_info
+    if dist_info.world > 1:
+        sampler = DistributedSampler(train_set, num_replicas=dist_info.world, rank=dist_info.rank, seed=cfg.seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+    return DataLoader(train_set, batch_size=cfg.optim.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=cfg.data.num_workers, pin_memory=state.device.type == "cuda",
+                      persistent_workers=False)
+
+
+def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Progress, tb) -> None:
+    """Log the epoch, write a snapshot if one is due, and the checkpoint (rank 0; all ranks share their RNG)."""
+    cfg = state.cfg
+    rng = gathered_rng_states(state.mask_noise_gen, state.dist_info)  # collective: every rank calls it
+    if not state.dist_info.main:
+        return
+    _append_metrics(out / METRICS, row)
+    if tb is not None:
+        tb.log(row)
+    if epoch + 1 in cfg.snapshot_epochs:
+        save_checkpoint(out / "snapshots" / f"epoch_{epoch + 1:04d}.pt", {
+            "model": state.model.state_dict(), "epoch": epoch, "config": config_to_dict(cfg),
+            "train_seconds": done.train_seconds, "metrics": row,
+        })
+    save_checkpoint(out / CHECKPOINT, {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "epoch": epoch,
+        "rng": rng,
+        "config": config_to_dict(cfg),
+        "metrics": row,
+        "train_seconds": done.train_seconds,
+        "first_loss": done.first_loss,
+    })
+
+
+def _train_one_epoch(state: TrainingState, loader: DataLoader, epoch: int, progress: bool) -> dict:
+    cfg, dist_info, device, optimizer = state.cfg, state.dist_info, state.device, state.optimizer
+    state.net.train()
     steps = len(loader)
     if steps == 0:
         raise ValueError(f"the training set has fewer images than one batch ({cfg.optim.batch_size})")
@@ -387,34 +316,18 @@ def _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, gen, cfg:
     # a host sync per step is free on CPU; on CUDA check finiteness every few steps only
     check_every = 1 if device.type == "cpu" else 50
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-               disable=not (progress and dd.main and interactive()))
+               disable=not (progress and dist_info.main and interactive()))
     optimizer.zero_grad(set_to_none=True)  # no partial accumulation leaks across epochs
     t_epoch = time.perf_counter()
     t_ready = time.perf_counter()
-    lr = base_lr
+    lr = state.base_lr
     for step, (imgs, _) in enumerate(loader):
         wait += time.perf_counter() - t_ready
         if step % accum == 0:
-            lr = lr_at(epoch + step / steps, cfg, base_lr)
+            lr = lr_at(epoch + step / steps, cfg, state.base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-        imgs = imgs.to(device, non_blocking=True)
-        mask = make_mask(imgs.shape[0], generator=gen, device=device)  # [B, N] True = masked
-        sync = nullcontext()
-        if dd.world > 1 and (step + 1) % accum != 0:
-            sync = net.no_sync()
-        with sync:
-            with _autocast(cfg, device):
-                result = net(imgs, mask, generator=gen)
-            scaler.scale(result.loss / accum).backward()
-        if (step + 1) % accum == 0:
-            if cfg.optim.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
+        result = _step(state, imgs.to(device, non_blocking=True), last_micro_step=(step + 1) % accum == 0)
         loss_sum += result.loss.detach()
         for key, value in result.stats.items():
             stats_sum[key] = stats_sum.get(key, 0.0) + value.detach().float()
@@ -431,36 +344,46 @@ def _train_one_epoch(net, model, loader, optimizer, scaler, make_mask, gen, cfg:
         t_ready = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - t_epoch
-    if dd.world > 1:  # log and check the loss of the whole global batch, the same number on every rank
+    if dist_info.world > 1:  # log and check the loss of the whole global batch, the same number on every rank
         for total in (loss_sum, *stats_sum.values()):
-            dist.all_reduce(total)
-            total /= dd.world
-    row = {
-        "epoch": epoch,
-        "loss": loss_sum.item() / steps,
-        "lr": lr,
-        "images_per_sec": images * dd.world / elapsed,
-        "data_wait_frac": wait / elapsed,
-        "seconds": elapsed,
-    }
+            torch.distributed.all_reduce(total)
+            total /= dist_info.world
+    row = {"epoch": epoch, "loss": loss_sum.item() / steps, "lr": lr,
+           "images_per_sec": images * dist_info.world / elapsed, "data_wait_frac": wait / elapsed, "seconds": elapsed}
     row.update({key: value.item() / steps for key, value in stats_sum.items()})
-    if dd.main and progress:
+    if dist_info.main and progress:
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  lr {lr:.2e}  "
               f"{row['images_per_sec']:.0f} img/s  data wait {100 * row['data_wait_frac']:.0f}%  "
               f"left {duration(elapsed * (cfg.epochs - epoch - 1))}", flush=True)
     return row
 
 
-def _print_resume(out: Path, state: dict, cfg: Config, start_epoch: int, base_lr: float) -> None:
-    done = state["config"]["epochs"]
+def _step(state: TrainingState, imgs: torch.Tensor, last_micro_step: bool):
+    """Forward and backward one micro-batch; step the optimiser after the last one of an accumulation."""
+    cfg = state.cfg
+    mask = state.make_mask(imgs.shape[0], generator=state.mask_noise_gen, device=state.device)  # [B, N] True = masked
+    # gradients are all-reduced only on the micro-batch that ends an accumulation
+    sync = state.net.no_sync() if state.dist_info.world > 1 and not last_micro_step else nullcontext()
+    with sync:
+        with autocast(cfg.precision, state.device):
+            result = state.net(imgs, mask, generator=state.mask_noise_gen)
+        state.scaler.scale(result.loss / cfg.optim.accum_steps).backward()
+    if last_micro_step:
+        if cfg.optim.clip_grad is not None:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.clip_grad)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def _print_resume(out: Path, saved: dict, cfg: Config, start_epoch: int, base_lr: float) -> None:
+    trained = saved["config"]["epochs"]
     if start_epoch >= cfg.epochs:
         print(f"{out} is complete ({cfg.epochs} epochs); --resume --set epochs=N with a larger N extends it")
-    elif cfg.epochs > done:
-        print(f"extending {out} from {done} to {cfg.epochs} epochs: the lr schedule is now the one of "
+    elif cfg.epochs > trained:
+        print(f"extending {out} from {trained} to {cfg.epochs} epochs: the lr schedule is now the one of "
               f"{cfg.epochs} epochs, taken up at epoch {start_epoch + 1} (lr {lr_at(start_epoch, cfg, base_lr):.2e})")
     else:
         print(f"resuming {out} from epoch {start_epoch} (of {cfg.epochs})")
-
-
-def config_from_checkpoint(state: dict) -> Config:
-    return config_from_dict(state["config"])

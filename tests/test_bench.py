@@ -1,11 +1,17 @@
 """Smoke test of ``python -m study bench``: JSON structure and finite positive ratios (no timing assertions)."""
 
+import argparse
 import json
 import math
 
 import pytest
+import torch
 
+from study.bench.cli import _int_list
+from study.bench.settings import with_changes
+from study.bench.variants import Trainer
 from study.cli import main as cli_main
+from study.config import load_config
 
 TINY = [
     "model.img_size=16", "model.patch_size=4", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
@@ -73,3 +79,26 @@ def test_bench_with_transformers(tmp_path):
     p = res["parameters"]
     assert p["ours_ls"]["total"] == p["transformers"]["total"]  # same architecture, same tensors
     assert any(r["name"] == "transformers ViTMAE" for r in res["rows"])
+
+
+def test_int_list_minimum():
+    assert _int_list("1,2, 4") == [1, 2, 4]
+    assert _int_list("0,3", minimum=0) == [0, 3]
+    with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
+        _int_list("0,3")
+    with pytest.raises(argparse.ArgumentTypeError, match="integers"):
+        _int_list("1,x")
+
+
+def test_cimle_step_passes_k_per_call():
+    """k reaches the model as an argument of each call; the trainer's config and the model stay as built."""
+    cfg = with_changes(load_config(None, TINY + ["cimle.k=3"]), objective="cimle")
+    imgs = torch.randn(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+    tr = Trainer(cfg, torch.device("cpu"), imgs, compile_model=False)
+    seen = []
+    forward = tr.model.forward
+    tr.model.forward = lambda *args, **kwargs: seen.append(kwargs["k"]) or forward(*args, **kwargs)
+    for k in (1, 5, None):
+        assert torch.isfinite(tr.step_fn(k)())
+    assert seen == [1, 5, None]
+    assert tr.cfg is cfg and tr.model.cimle_k == 3 and not hasattr(tr.model, "cfg")

@@ -6,22 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from conftest import as_sets, tiny_overrides
 from study.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.name=synthetic", "data.synthetic_classes=2", "data.synthetic_per_class=20", "data.augment=false",
-    "model.img_size=8", "model.patch_size=4", "model.embed_dim=8", "model.depth=1", "model.num_heads=2",
-    "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2",
-    "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", "cimle.k=2", "mask.ratio=0.5", "epochs=1",
-]
+TINY = tiny_overrides("epochs=1")
 
 
 def sets(*items):
-    return [a for item in (*TINY, *items) for a in ("--set", item)]
+    return as_sets([*TINY, *items])
 
 
 def one_error_line(capsys, code, *words):

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import as_sets
 from study.evaluation.features import FeatureCache, extract_features
 from study.evaluation.finetune import ViTClassifier, finetune, finetune_settings
 from study.evaluation.knn import knn_accuracy, knn_predict
 from study.evaluation.linear_probe import LARS, linear_probe_settings, train_linear_probe
-from study.evaluation.run import EvaluationError, add_arguments, evaluate, parse_protocols, run_from_args
+from study.evaluate_cli import add_arguments, run_from_args
+from study.evaluation.run import EvaluationError, evaluate, parse_protocols
 
 # --------------------------------------------------------------------------- helpers
 
@@ -270,12 +272,12 @@ def test_evaluate_appends_rows_with_random_baseline(tmp_path):
 
 def test_random_baseline_is_the_seeded_init_and_differs_from_pretrained(tmp_path):
     from study.config import load_config
-    from study.evaluation.run import _build_encoders, load_for_evaluation
+    from study.evaluation.setup import build_encoders, load_for_evaluation
     from study.models import build_model
 
     _, model, ckpt = _tiny_checkpoint(tmp_path)
     cfg, state, fmt = load_for_evaluation(ckpt)
-    encs = _build_encoders(cfg, state, fmt, ("pretrained", "random"))
+    encs = build_encoders(cfg, state, fmt, ("pretrained", "random"))
     torch.manual_seed(load_config(None, TINY).seed)
     fresh = build_model(cfg).encoder
     for (name, a), b in zip(encs["random"].state_dict().items(), fresh.state_dict().values()):
@@ -294,7 +296,7 @@ def test_facebookresearch_format_needs_a_config(tmp_path, capsys):
     assert run_from_args(parser.parse_args(["--checkpoint", str(fb), "--quiet"])) == 2
     assert "--config" in capsys.readouterr().err
     results = tmp_path / "fb.csv"
-    sets = [a for item in TINY for a in ("--set", item)]
+    sets = as_sets(TINY)
     args = ["--checkpoint", str(fb), "--protocols", "knn", "--results", str(results), "--quiet"] + sets
     assert run_from_args(parser.parse_args(args)) == 0
     table = pd.read_csv(results)
@@ -338,7 +340,7 @@ def test_blank_results_file_takes_the_rows(tmp_path):
 
 
 def test_rows_survive_a_failed_write_in_a_side_file(tmp_path, monkeypatch):
-    import study.results
+    import study.evaluation.run as evaluation_run
 
     _, _, ckpt = _tiny_checkpoint(tmp_path)
     results = tmp_path / "results.csv"
@@ -346,7 +348,7 @@ def test_rows_survive_a_failed_write_in_a_side_file(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(study.results, "append_rows", disk_full)
+    monkeypatch.setattr(evaluation_run, "append_rows", disk_full)
     with pytest.raises(Exception, match="No space left on device") as info:
         evaluate(ckpt, "knn", results, progress=False, verbose=False)
     message = str(info.value)

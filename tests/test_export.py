@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import as_sets
 from study.cli import main
 from study.config import config_to_dict, load_config
 from study.export import ExportError, export, timm_architecture, verify_export
@@ -14,7 +15,7 @@ ARCH = ["model.img_size=8", "model.patch_size=4", "model.embed_dim=16", "model.d
 TINY = ["data.name=synthetic", "data.synthetic_classes=3", "data.synthetic_per_class=20", *ARCH,
         "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2", "mask.ratio=0.5", "noise.dim=4",
         "objective=cimle"]
-SETS = [a for item in TINY for a in ("--set", item)]
+SETS = as_sets(TINY)
 ATOL = 1e-5
 
 

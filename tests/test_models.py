@@ -405,12 +405,12 @@ def test_mvae_kl_is_a_per_feature_mean_weighted_by_beta():
 
 def test_mvae_published_defaults_reach_the_optimizer():
     from study.config import load_config
-    from study.train import _param_groups
+    from study.train import param_groups
 
     cfg = load_config("experiments/configs/cpu-small.yaml", ["objective=mvae"])
     assert (cfg.mvae.beta, cfg.mvae.lr_factor) == (30.0, 0.01)
     model = build_model(cfg)
-    groups = _param_groups(model, cfg)
+    groups = param_groups(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     for group in groups:
         variational = {names[id(p)].startswith("variational_encoder.") for p in group["params"]}

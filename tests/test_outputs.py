@@ -8,17 +8,13 @@ import pytest
 import torch
 
 import toy.regression_to_mean as rtm
+from conftest import as_sets, tiny_overrides
 from study.cli import main as cli_main
 from study.config import config_to_dict, load_config
 from study.figures.toy import FIGURE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.name=synthetic", "data.synthetic_classes=2", "data.synthetic_per_class=20", "data.augment=false",
-    "model.img_size=8", "model.patch_size=4", "model.embed_dim=8", "model.depth=1", "model.num_heads=2",
-    "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2",
-    "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", "cimle.k=2", "mask.ratio=0.5", "epochs=1",
-]
+TINY = tiny_overrides("epochs=1")
 SMALL_TOY = ["--steps", "10", "--seeds", "1", "--strengths", "1", "--k", "2", "--no-progress"]
 
 
@@ -76,7 +72,7 @@ def test_pretrain_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.yaml").write_text("my: own settings\n")
     (folder / "metrics.jsonl").write_text("mine\n")
-    sets = [a for item in TINY for a in ("--set", item)]
+    sets = as_sets(TINY)
     code = cli_main(["pretrain", "--out", str(folder), "--quiet", *sets])
     err = capsys.readouterr().err
     assert code == 2 and "holds no run" in err and err.count("\n") == 1, err

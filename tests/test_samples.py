@@ -7,8 +7,9 @@ import torch
 from study.config import config_to_dict, load_config
 from study.evaluation.context_completion import completion_metrics, train_oracle
 from study.evaluation.run import EvaluationError, evaluate
-from study.evaluation.samples import (build_models, completed_patches, fixed_batch, model_samples, num_samples,
-                                      sample_diversity)
+from study.evaluation.samples import completed_patches, fixed_batch, model_samples, num_samples, sample_diversity
+from study.evaluation.setup import build_models
+from study.figures.samples import draw_samples
 from study.figures.samples import main as figures_main
 from study.synthetic_images import SyntheticImageGenerator
 
@@ -192,7 +193,7 @@ def test_evaluate_samples_and_completion_rows(tmp_path):
     rows = []
     for objective in ("ls", "cimle"):
         rows += evaluate(weights_only(tmp_path, objective), "samples,completion", results, progress=False,
-                         verbose=False, figures=figs)
+                         verbose=False, on_samples=lambda drawing: draw_samples(drawing, figs))
     table = pd.read_csv(results)
     assert len(table) == len(rows)
     assert (figs / "samples_ls.png").is_file() and (figs / "samples_cimle.pdf").is_file()
@@ -217,7 +218,7 @@ def test_completion_needs_synthetic_data(tmp_path):
     path = tmp_path / "digits.pt"
     torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 0}, path)
     with pytest.raises(EvaluationError, match="data.name=synthetic"):
-        evaluate(path, "completion", None, progress=False, verbose=False, figures=None)
+        evaluate(path, "completion", None, progress=False, verbose=False)
 
 
 def test_completion_on_same_mean_images_reports_floors_and_masked_losses(tmp_path):

@@ -4,6 +4,7 @@ import os
 import time
 from pathlib import Path
 
+from conftest import as_sets
 from study.cli import main as cli_main
 
 TINY = [
@@ -12,7 +13,7 @@ TINY = [
     "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2",
     "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", "cimle.k=2", "mask.ratio=0.5", "epochs=1",
 ]
-SETS = [a for item in TINY for a in ("--set", item)]
+SETS = as_sets(TINY)
 
 
 def _processes_mentioning(text: str) -> list[str]:

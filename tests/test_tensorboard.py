@@ -5,17 +5,12 @@ import sys
 
 import pytest
 
+from conftest import as_sets, tiny_overrides
 from study.cli import main as cli_main
 from study.config import ConfigError, load_config
 from study.train import pretrain
 
-TINY = [
-    "data.name=synthetic", "data.synthetic_classes=2", "data.synthetic_per_class=16", "data.augment=false",
-    "model.img_size=8", "model.patch_size=4", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
-    "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2",
-    "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", "cimle.k=3", "mask.ratio=0.5",
-    "objective=cimle",
-]
+TINY = tiny_overrides("objective=cimle", width=16, decoder_width=8, per_class=16, k=3)
 
 
 def _scalars(log_dir):
@@ -46,7 +41,7 @@ def test_resume_drops_the_redone_epochs(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     import study.train
 
-    save = study.train._save_checkpoint
+    save = study.train.save_checkpoint
 
     def killed_at_third_checkpoint(path, state):
         if "optimizer" in state and state["epoch"] == 2:
@@ -54,10 +49,10 @@ def test_resume_drops_the_redone_epochs(tmp_path, monkeypatch):
         save(path, state)
 
     cfg = load_config(None, TINY + ["epochs=3", "logging.tensorboard=true"])
-    monkeypatch.setattr(study.train, "_save_checkpoint", killed_at_third_checkpoint)
+    monkeypatch.setattr(study.train, "save_checkpoint", killed_at_third_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, tmp_path, progress=False)
-    monkeypatch.setattr(study.train, "_save_checkpoint", save)
+    monkeypatch.setattr(study.train, "save_checkpoint", save)
     pretrain(cfg, tmp_path, resume=True, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     loss = _scalars(tmp_path / "tensorboard")["train/loss"]
@@ -77,5 +72,5 @@ def test_trains_without_the_extra_and_names_it_when_asked(tmp_path, monkeypatch,
                  progress=False)
     assert not (tmp_path / "tb").exists()  # stopped before writing anything
     args = ["pretrain", "--out", str(tmp_path / "cli"), "--quiet", "--set", "logging.tensorboard=true"]
-    assert cli_main(args + [a for item in TINY + ["epochs=1"] for a in ("--set", item)]) == 2
+    assert cli_main(args + as_sets(TINY + ["epochs=1"])) == 2
     assert "tensorboard" in capsys.readouterr().err

@@ -10,16 +10,12 @@ import time
 import pytest
 import torch
 
+from conftest import tiny_overrides
 from study.cli import main as cli_main
 from study.config import ConfigError, load_config
 from study.train import RunExists, TrainingDiverged, load_checkpoint, pretrain
 
-TINY = [
-    "data.name=synthetic", "data.synthetic_classes=2", "data.synthetic_per_class=40", "data.augment=false",
-    "model.img_size=16", "model.patch_size=4", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
-    "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=2",
-    "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", "cimle.k=3", "mask.ratio=0.5",
-]
+TINY = tiny_overrides(size=16, width=16, per_class=40, k=3)
 
 
 def tiny(*extra):
@@ -113,17 +109,17 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 def _poison(monkeypatch, after_calls: int, factor: float):
     """Multiply the model's loss by ``factor`` from forward call ``after_calls + 1`` on."""
-    import study.models as models
+    import study.train as train
 
-    real_build = models.build_model
+    real_build = train.build_model
     calls = {"n": 0}
 
     def build_poisoned(cfg):
         model = real_build(cfg)
         forward = model.forward
 
-        def poisoned(imgs, mask, generator=None):
-            out = forward(imgs, mask, generator=generator)
+        def poisoned(imgs, mask, generator=None, k=None):
+            out = forward(imgs, mask, generator=generator, k=k)
             calls["n"] += 1
             if calls["n"] > after_calls:
                 out.loss = out.loss * factor
@@ -132,7 +128,7 @@ def _poison(monkeypatch, after_calls: int, factor: float):
         model.forward = poisoned
         return model
 
-    monkeypatch.setattr(models, "build_model", build_poisoned)
+    monkeypatch.setattr(train, "build_model", build_poisoned)
     return calls
 
 

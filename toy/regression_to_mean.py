@@ -61,7 +61,9 @@ from study.console import interactive
 from study.errors import UserError, run_command
 from study.io import atomic_write_text, writable_folder
 from study.objectives import cimle, least_squares
+from study.figures.toy import plot_toy
 from study.results import read_results, write_results
+from study.runtime import cpu_threads
 from toy.conditionals import ToyConfig, ToyTask
 from toy.models import Decoder, Encoder, channel
 
@@ -361,13 +363,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    from study.figures.toy import plot_toy  # matplotlib only where figures are drawn
-
     args = parse_args(argv)
-    # restored afterwards: callers in the same process (tests, notebooks) keep their setting
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):  # restored afterwards: callers in the same process keep their setting
         csv = args.out / CSV_NAME
         if args.plot_only:
             frame = read_results(csv)
@@ -388,8 +385,6 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         paths = plot_toy(frame, args.figures)
         print("wrote", csv, *paths)
         return frame
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:

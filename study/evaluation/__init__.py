@@ -1,22 +1,13 @@
-"""Evaluation protocols for pretrained encoders: k-NN, linear probe, finetuning.
+"""Evaluation protocols for pretrained encoders and their decoders.
 
-    study.evaluation.features      frozen features (cls / mean pool), cached
-    study.evaluation.knn           weighted k-NN (DINO: k = 20, T = 0.07)
-    study.evaluation.linear_probe  BatchNorm(affine=False) + Linear, LARS (MAE)
-    study.evaluation.finetune      end to end, MAE recipe through timm
-    study.evaluation.run           the ``evaluate`` command: rows into the results table
+    study.evaluation.setup               the checkpoint, its config and the models (shared by all protocols)
+    study.evaluation.features            frozen features (cls / mean pool), cached
+    study.evaluation.knn                 weighted k-NN (DINO: k = 20, T = 0.07)
+    study.evaluation.linear_probe        BatchNorm(affine=False) + Linear, LARS (MAE)
+    study.evaluation.finetune            end to end, MAE recipe through timm
+    study.evaluation.samples             the decoder's completions and their diversity
+    study.evaluation.context_completion  Context-Completion on the synthetic images
+    study.evaluation.run                 ``evaluate``: every protocol, rows into the results table
+
+Importing the package loads none of them; import the module you need.
 """
-
-from study.evaluation.features import FeatureCache, extract_features
-from study.evaluation.finetune import (FINETUNE_PRESETS, FinetuneSettings, ViTClassifier, finetune,
-                                       finetune_settings)
-from study.evaluation.knn import knn_accuracy, knn_predict
-from study.evaluation.linear_probe import (LARS, LINEAR_PRESETS, LinearProbeSettings, linear_probe_settings,
-                                           train_linear_probe)
-from study.evaluation.run import PROTOCOLS, evaluate
-
-__all__ = [
-    "FeatureCache", "extract_features", "knn_predict", "knn_accuracy", "LARS", "LinearProbeSettings",
-    "LINEAR_PRESETS", "linear_probe_settings", "train_linear_probe", "FinetuneSettings", "FINETUNE_PRESETS",
-    "finetune_settings", "ViTClassifier", "finetune", "PROTOCOLS", "evaluate",
-]

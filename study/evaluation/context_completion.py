@@ -67,6 +67,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from study.data import build_eval_datasets
+from study.evaluation import samples as sampling
+from study.evaluation.setup import EvaluationError
+from study.synthetic_images import patchify
+
 __all__ = [
     "REJECT_FRACTION", "CLEAN_QUANTILE", "ORACLE_TRAIN", "ORACLE_TEST", "ORACLE_SEED",
     "PatchOracle", "train_oracle", "to_generator_layout", "completion_metrics", "context_completion",
@@ -109,8 +114,6 @@ class PatchOracle:
 
 def check_synthetic(cfg) -> None:
     """Refuse (``EvaluationError``) a config whose data is not the synthetic images."""
-    from study.evaluation.run import EvaluationError
-
     if cfg.data.name != "synthetic":
         raise EvaluationError(f"Context-Completion needs a checkpoint trained on data.name=synthetic (the plausible "
                               f"content under a mask is known only there); this one has data.name="
@@ -121,8 +124,6 @@ def synthetic_generator(cfg, dataset=None):
     """The :class:`SyntheticImageGenerator` behind a synthetic config's data (from its validation split)."""
     check_synthetic(cfg)
     if dataset is None:
-        from study.data import build_eval_datasets
-
         dataset = build_eval_datasets(cfg)[1]
     return dataset.generator
 
@@ -215,17 +216,13 @@ def context_completion(model, cfg, oracle: PatchOracle, *, k: int | None = None,
     """Mean Context-Completion metrics of ``model`` on fixed validation images with fixed masks
     (``cfg.mask``; :func:`study.evaluation.samples.fixed_batch`): ``k`` completions per image
     (default ``min(cimle.k, 8)``; least squares repeats its one output)."""
-    from study.evaluation import samples as S
-
     if dataset is None:
-        from study.data import build_eval_datasets
-
         dataset = build_eval_datasets(cfg)[1]
-    seed = S.SEED if seed is None else seed
-    k = S.num_samples(cfg) if k is None else int(k)
-    batch = S.fixed_batch(cfg, len(dataset) if n_images is None else n_images, seed, dataset)
+    seed = sampling.SEED if seed is None else seed
+    k = sampling.num_samples(cfg) if k is None else int(k)
+    batch = sampling.fixed_batch(cfg, len(dataset) if n_images is None else n_images, seed, dataset)
     model.to(device)
-    patches = S.model_samples(model, batch, k, seed, device)  # [k, B, N, D] pixel space
+    patches = sampling.model_samples(model, batch, k, seed, device)  # [k, B, N, D] pixel space
     model.cpu()
     comp = to_generator_layout(patches, cfg.model.patch_size, cfg.model.in_chans)
     res = completion_metrics(oracle, comp, batch.mask, batch.labels)
@@ -241,15 +238,13 @@ def masked_losses(model, cfg, dataset, *, n_images: int | None = None, seed: int
     ``masked_loss`` of the deterministic reconstruction (least squares' prediction; z = 0 otherwise),
     comparable with ``bayes_floor``; ``masked_loss_nearest`` of the nearest of ``cimle.k`` samples per
     masked patch (per-token cIMLE's loss), comparable with ``mode_floor``."""
-    from study.evaluation import samples as S
-
-    seed = S.SEED if seed is None else seed
-    batch = S.fixed_batch(cfg, len(dataset) if n_images is None else n_images, seed, dataset)
+    seed = sampling.SEED if seed is None else seed
+    batch = sampling.fixed_batch(cfg, len(dataset) if n_images is None else n_images, seed, dataset)
     model.to(device)
     target = model.patchify(batch.images.to(device)).float()  # [B, N, D] pixels
     mask = batch.mask.to(device)
     recon = model.reconstruct(batch.images.to(device), mask)
-    samples = S.model_samples(model, batch, max(1, int(cfg.cimle.k)), seed, device).to(device)  # [k, B, N, D]
+    samples = sampling.model_samples(model, batch, max(1, int(cfg.cimle.k)), seed, device).to(device)  # [k, B, N, D]
     model.cpu()
     if model.norm_pix_loss:  # reconstruct() answers in target space
         recon = model.denormalize_pred(recon, batch.images.to(device))
@@ -262,8 +257,6 @@ def masked_losses(model, cfg, dataset, *, n_images: int | None = None, seed: int
 def true_completions(generator, dataset, batch, k: int, seed: int = 0) -> Tensor:
     """``k`` draws from the true conditional of ``batch``'s masked patches, in the model's patch layout
     ``[k, B, N, p*p*C]`` (visible patches kept): same class and distractor, fresh signs and noise."""
-    from study.synthetic_images import patchify
-
     data = dataset.data
     idx = batch.indices
     g = torch.Generator().manual_seed(seed)
@@ -289,8 +282,6 @@ def _pixel_mask(mask: Tensor, generator) -> Tensor:
 def completion_protocol(cfg, models: dict, *, device="cpu", k: int | None = None, n_images: int | None = None,
                         seed: int | None = None) -> list[dict]:
     """Rows for the ``completion`` protocol: oracle quality once, ``cc_*`` per model in ``models``."""
-    from study.data import build_eval_datasets
-
     check_synthetic(cfg)
     dataset = build_eval_datasets(cfg)[1]
     generator = synthetic_generator(cfg, dataset)

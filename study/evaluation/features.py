@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -21,16 +20,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from study.console import interactive
+from study.io import atomic_write
+from study.runtime import autocast
 
 __all__ = ["POOLS", "FeatureCache", "extract_features", "feature_key", "checkpoint_identity"]
 
 POOLS = ("cls", "mean")
-
-
-def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -52,7 +47,7 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, pool: str = 
     feats, labels = [], []
     try:
         for imgs, y in tqdm(loader, desc=desc, disable=not (progress and interactive()), leave=False, dynamic_ncols=True):
-            with _autocast(device, precision):
+            with autocast(precision, device):
                 f = encoder.features(imgs.to(device, non_blocking=True), pool=pool)
             feats.append(f.float().cpu())
             labels.append(torch.as_tensor(y, dtype=torch.int64))
@@ -125,8 +120,6 @@ class FeatureCache:
         value = compute()
         self.memory[digest] = value
         if path is not None:
-            from study.io import atomic_write
-
             path.parent.mkdir(parents=True, exist_ok=True)
             payload = {"key_digest": digest, "key": json.dumps(key, sort_keys=True, default=str),
                        "features": value[0], "labels": value[1]}

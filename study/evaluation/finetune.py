@@ -44,11 +44,15 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from timm.data import Mixup, create_transform
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from study.console import interactive
-from study.evaluation.linear_probe import warmup_cosine
+from study.data import RobustImageFolder, build_datasets, build_eval_datasets
+from study.runtime import autocast, grad_scaler, seed_everything, warmup_cosine
 
 __all__ = ["FinetuneSettings", "FINETUNE_PRESETS", "FinetuneResult", "ViTClassifier", "finetune",
            "finetune_settings", "set_drop_path", "build_finetune_datasets"]
@@ -167,12 +171,8 @@ def build_finetune_datasets(cfg, settings: FinetuneSettings) -> tuple[Dataset, D
     data (digits, synthetic): the pretraining crops of ``build_datasets`` when
     ``settings.crop_augment``, else the eval images (mixup / cutmix still apply).
     """
-    from study.data import RobustImageFolder, build_datasets, build_eval_datasets
-
     train, val = build_eval_datasets(cfg)
     if isinstance(train, RobustImageFolder):
-        from timm.data import create_transform
-
         tf = create_transform(cfg.model.img_size, is_training=True, auto_augment=settings.rand_augment,
                               interpolation="bicubic", re_prob=settings.reprob, re_mode="pixel", re_count=1,
                               color_jitter=None, mean=tuple(train.mean), std=tuple(train.std))
@@ -184,16 +184,35 @@ def build_finetune_datasets(cfg, settings: FinetuneSettings) -> tuple[Dataset, D
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device, num_workers: int, autocast) -> float:
+def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device, num_workers: int, precision: str) -> float:
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     correct = total = 0
     for imgs, y in loader:
-        with autocast():
+        with autocast(precision, device):
             logits = model(imgs.to(device))
         correct += (logits.argmax(1).cpu() == torch.as_tensor(y)).sum().item()
         total += len(y)
     return correct / max(total, 1)
+
+
+def _batch_size(s: FinetuneSettings, n_train: int) -> int:
+    batch = min(s.batch_size, n_train)
+    use_mix = s.mixup > 0 or s.cutmix > 0
+    if use_mix and batch % 2:
+        batch -= 1  # timm's batch-mode mixup needs an even batch
+    if batch < 1 or (use_mix and batch < 2):
+        raise ValueError(f"finetune: the training set ({n_train} images) is too small for one batch")
+    return batch
+
+
+def _mixup_and_loss(s: FinetuneSettings, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm's batch mixup / cutmix with its soft-target loss, or plain cross-entropy when both are off."""
+    if s.mixup > 0 or s.cutmix > 0:
+        mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, switch_prob=s.mixup_switch_prob, mode="batch",
+                      label_smoothing=s.label_smoothing, num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    return None, nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
 
 
 def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
@@ -204,49 +223,29 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
 
     ``max_steps`` stops early (tests, smoke runs); the lr schedule still spans ``settings.epochs``.
     """
-    from contextlib import nullcontext
-
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-
     s = settings or FINETUNE_PRESETS["cpu"]
     device = torch.device(device)
     pool = s.pool or pool
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
+    seed_everything(seed)  # numpy too: timm's mixup draws its lambdas from it
     set_drop_path(encoder, s.drop_path)
     model = ViTClassifier(encoder, num_classes, pool=pool).to(device)
 
-    batch = min(s.batch_size, len(train_set))
-    use_mix = s.mixup > 0 or s.cutmix > 0
-    if use_mix and batch % 2:
-        batch -= 1  # timm's batch-mode mixup needs an even batch
-    if batch < 1 or (use_mix and batch < 2):
-        raise ValueError(f"finetune: the training set ({len(train_set)} images) is too small for one batch")
+    batch = _batch_size(s, len(train_set))
     base_lr = s.blr * batch / 256
     optimizer = create_optimizer_v2(model, "adamw", lr=base_lr, weight_decay=s.weight_decay,
                                     layer_decay=s.layer_decay, betas=s.betas)
-    mixup = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, switch_prob=s.mixup_switch_prob, mode="batch",
-                  label_smoothing=s.label_smoothing, num_classes=num_classes) if use_mix else None
-    criterion = SoftTargetCrossEntropy() if use_mix else nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-
-        def autocast():
-            return torch.autocast("cuda", dtype=dtype)
-    else:
-        autocast = nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "fp16")
-
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True, generator=gen,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    mixup, criterion = _mixup_and_loss(s, num_classes)
+    scaler = grad_scaler(precision, device)
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     steps = len(loader)
+    total_steps = s.epochs * steps if max_steps is None else min(max_steps, s.epochs * steps)
     losses: list[float] = []
     done = 0
-    bar = tqdm(total=s.epochs * steps if max_steps is None else min(max_steps, s.epochs * steps),
-               desc="finetune", disable=not (progress and interactive()), leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="finetune", disable=not (progress and interactive()), leave=False,
+               dynamic_ncols=True)
     for epoch in range(s.epochs):
         model.train()
         total, count = 0.0, 0
@@ -258,7 +257,7 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
             y = torch.as_tensor(y).to(device, non_blocking=True)
             if mixup is not None:
                 imgs, y = mixup(imgs, y)
-            with autocast():
+            with autocast(precision, device):
                 loss = criterion(model(imgs), y)
             if not torch.isfinite(loss):
                 bar.close()
@@ -271,17 +270,15 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad)
             scaler.step(optimizer)
             scaler.update()
-            total += loss.item()
-            count += 1
-            done += 1
+            total, count, done = total + loss.item(), count + 1, done + 1
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
-            if max_steps is not None and done >= max_steps:
+            if done >= total_steps:
                 break
         if count:
             losses.append(total / count)
-        if max_steps is not None and done >= max_steps:
+        if done >= total_steps:
             break
     bar.close()
-    top1 = _evaluate(model, val_set, max(batch, 256), device, num_workers, autocast)
+    top1 = _evaluate(model, val_set, max(batch, 256), device, num_workers, precision)
     return FinetuneResult(top1=top1, losses=losses, seconds=time.perf_counter() - t0)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,9 +40,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from study.console import interactive
+from study.runtime import cpu_threads, warmup_cosine
 
 __all__ = ["LARS", "LinearProbeSettings", "LINEAR_PRESETS", "LinearProbeResult", "linear_probe_settings",
-           "train_linear_probe", "warmup_cosine", "cpu_threads"]
+           "train_linear_probe"]
 
 
 class LARS(torch.optim.Optimizer):
@@ -93,15 +93,6 @@ class LARS(torch.optim.Optimizer):
                     buf.mul_(group["momentum"]).add_(d)
                 p.add_(buf, alpha=-group["lr"])
         return loss
-
-
-def warmup_cosine(epoch: float, base_lr: float, epochs: float, warmup_epochs: float, min_lr: float = 0.0) -> float:
-    """Linear warmup to ``base_lr`` over ``warmup_epochs``, then half-cosine to ``min_lr`` at ``epochs``."""
-    if warmup_epochs > 0 and epoch < warmup_epochs:
-        return base_lr * epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    t = min(max((epoch - warmup_epochs) / span, 0.0), 1.0)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @dataclass(frozen=True)
@@ -166,20 +157,6 @@ def _accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor, device, batch: 
         logits = head(x[i:i + batch].to(device))
         correct += (logits.argmax(1).cpu() == y[i:i + batch]).sum().item()
     return correct / max(x.shape[0], 1)
-
-
-@contextmanager
-def cpu_threads(n: int | None, device: torch.device | str = "cpu"):
-    """Run the block with ``n`` intra-op threads on CPU (None or a CUDA device: unchanged)."""
-    if n is None or torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,

@@ -34,17 +34,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from study.data import build_eval_datasets
+from study.masking import build_mask_generator
+
 __all__ = [
     "MAX_SAMPLES", "SHOWN_IMAGES", "DIVERSITY_IMAGES", "SEED",
-    "SampleBatch", "fixed_batch", "num_samples", "completed_patches", "model_samples", "completed_images",
-    "sample_diversity",
-    "build_models", "load_models", "samples_protocol",
+    "SampleBatch", "SamplesDrawing", "fixed_batch", "num_samples", "completed_patches", "model_samples",
+    "sample_diversity", "samples_protocol",
 ]
 
 MAX_SAMPLES = 8  # cap on k for figures and diversity
@@ -72,11 +73,7 @@ def fixed_batch(cfg, n: int, seed: int = SEED, dataset=None) -> SampleBatch:
     The same ``(cfg data/model/mask, n, seed)`` always gives the same batch.
     ``dataset``: the validation split (default: ``build_eval_datasets(cfg)[1]``).
     """
-    from study.masking import build_mask_generator
-
     if dataset is None:
-        from study.data import build_eval_datasets
-
         dataset = build_eval_datasets(cfg)[1]
     n = min(int(n), len(dataset))
     if n < 1:
@@ -123,13 +120,6 @@ def model_samples(model, batch: SampleBatch, k: int, seed: int = SEED, device=No
     return completed_patches(model, batch.images, batch.mask, k, torch.Generator().manual_seed(seed + 2), device)
 
 
-def completed_images(model, patches: Tensor) -> Tensor:
-    """``[..., B, N, p*p*C]`` -> ``[..., B, C, H, W]`` (``model.unpatchify``)."""
-    lead = patches.shape[:-2]
-    imgs = model.unpatchify(patches.reshape(-1, *patches.shape[-2:]))  # [prod(lead), C, H, W]
-    return imgs.reshape(*lead, *imgs.shape[1:])
-
-
 def sample_diversity(samples: Tensor, mask: Tensor) -> float:
     """Mean pairwise L2 distance between samples on the masked patches.
 
@@ -149,60 +139,27 @@ def sample_diversity(samples: Tensor, mask: Tensor) -> float:
     return float(d.mean())
 
 
-# --------------------------------------------------------------------------- models
-
-
-def _seed_all(seed: int) -> None:
-    from study.evaluation.run import _seed_all as seed_all
-
-    seed_all(seed)
-
-
-def build_models(cfg, state: dict, fmt: str, which: Sequence[str] = ("pretrained",)) -> dict:
-    """Whole models (encoder and decoder) for ``which`` in ("pretrained", "random").
-
-    "random" is the model of ``cfg`` initialised after seeding with ``cfg.seed``
-    (the same draw the pretraining loop starts from; its encoder is the
-    random-init baseline of the other protocols). Needs this project's
-    checkpoint format: a facebookresearch MAE checkpoint carries no decoder
-    that this code loads."""
-    from study.evaluation.run import EvaluationError
-    from study.models import build_model
-
-    if fmt != "study":
-        raise EvaluationError("samples / completion need the decoder: only this project's checkpoints (with a "
-                              "config) are supported, not the encoder-only facebookresearch format")
-    out = {}
-    for name in which:
-        if name not in ("pretrained", "random"):
-            raise ValueError(f"unknown model {name!r}")
-        _seed_all(cfg.seed)
-        model = build_model(cfg)
-        if name == "pretrained":
-            model.load_state_dict(state["model"])
-        out[name] = model.eval()
-    return out
-
-
-def load_models(checkpoint: str | Path, which: Sequence[str] = ("pretrained",), overrides: Sequence[str] = ()):
-    """``(cfg, state, {name: model})`` of a checkpoint (full ``checkpoint.pt`` or a weights-only copy)."""
-    from study.evaluation.run import load_for_evaluation
-
-    cfg, state, fmt = load_for_evaluation(checkpoint, None, overrides)
-    return cfg, state, build_models(cfg, state, fmt, which)
-
-
 # --------------------------------------------------------------------------- the protocol
 
 
-def samples_protocol(cfg, models: dict, *, figures: str | Path | None = "figures", device="cpu",
-                     n_images: int = DIVERSITY_IMAGES, n_shown: int = SHOWN_IMAGES, seed: int = SEED,
+@dataclass
+class SamplesDrawing:
+    """What the samples figure of one model shows; the caller draws it (:mod:`study.figures.samples`)."""
+
+    model: torch.nn.Module
+    batch: SampleBatch  # the shown images and masks
+    patches: Tensor  # [k, B, N, p*p*C] their completions, pixel space
+    name: str  # figure file name, without suffix
+
+
+def samples_protocol(cfg, models: dict, *, on_samples: Callable[[SamplesDrawing], object] | None = None,
+                     device="cpu", n_images: int = DIVERSITY_IMAGES, n_shown: int = SHOWN_IMAGES, seed: int = SEED,
                      max_samples: int = MAX_SAMPLES, name: str | None = None) -> list[dict]:
-    """Diversity rows for each model in ``models`` and, for "pretrained", the figure.
+    """Diversity rows for each model in ``models``; ``on_samples`` gets the pretrained model's drawing.
 
     Returns ``[{"encoder", "metric", "value", **settings}]``: ``sample_diversity``
-    and ``samples_seconds`` per model. The figure ``<name or samples_<objective>>``
-    goes to ``figures`` (skipped when None)."""
+    and ``samples_seconds`` per model. The drawing is named ``name`` (default
+    ``samples_<objective>``)."""
     batch = fixed_batch(cfg, n_images, seed)
     k = num_samples(cfg, max_samples)
     extra = {"samples_k": k, "samples_images": int(batch.images.shape[0]), "samples_seed": seed}
@@ -212,12 +169,10 @@ def samples_protocol(cfg, models: dict, *, figures: str | Path | None = "figures
         model.to(device)
         patches = model_samples(model, batch, k, seed, device)
         div = sample_diversity(patches, batch.mask)
-        if enc_name == "pretrained" and figures is not None:
-            from study.figures.samples import plot_samples
-
-            plot_samples(model, batch.head(n_shown), patches[:, :n_shown], figures,
-                         name or f"samples_{cfg.objective}", dataset_name=cfg.data.name)
         model.cpu()
+        if enc_name == "pretrained" and on_samples is not None:
+            on_samples(SamplesDrawing(model, batch.head(n_shown), patches[:, :n_shown],
+                                      name or f"samples_{cfg.objective}"))
         seconds = time.perf_counter() - t0
         rows.append({"encoder": enc_name, "metric": "sample_diversity", "value": div, **extra})
         rows.append({"encoder": enc_name, "metric": "samples_seconds", "value": seconds, **extra})

@@ -22,7 +22,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from study.figures.common import save_figure  # noqa: F401  (sets the Agg backend before pyplot loads)
+from study.figures import studies, synthetic
+from study.figures.masks import plot_mask_examples
+from study.figures.samples import redraw
+from study.figures.toy import plot_toy
+from study.results import read_results
+from study.runtime import cpu_threads
 
 STUDIES = {
     "mask_strength_cpu": "mask_strength",
@@ -40,23 +45,15 @@ SAMPLE_OBJECTIVES = ("ls", "cimle", "mvae")
 
 
 def _toy(results: Path, out: Path) -> list[Path]:
-    from study.figures.toy import plot_toy
-    from study.results import read_results
-
     return plot_toy(read_results(results / "toy" / "toy_results.csv"), out)
 
 
 def _masks(results: Path, out: Path) -> list[Path]:
-    from study.figures.masks import plot_mask_examples
-
     return plot_mask_examples(out)
 
 
 def _study(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
     def draw(results: Path, out: Path) -> list[Path]:
-        from study.figures import studies
-        from study.results import read_results
-
         table = read_results(results / f"{sweep.removesuffix('_paired')}.csv")
         return getattr(studies, f"{kind}_figure")(table, out, name=sweep)
 
@@ -65,9 +62,6 @@ def _study(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
 
 def _synthetic(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
     def draw(results: Path, out: Path) -> list[Path]:
-        from study.figures import synthetic
-        from study.results import read_results
-
         table = read_results(results / f"{sweep}.csv")
         if kind == "tradeoff":
             return synthetic.tradeoff_figure(table, out)
@@ -77,9 +71,6 @@ def _synthetic(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
 
 
 def _samples(results: Path, out: Path) -> list[Path]:
-    from study.evaluation.linear_probe import cpu_threads
-    from study.figures.samples import redraw
-
     checkpoints = [results / "checkpoints" / f"synthetic_{obj}.pt" for obj in SAMPLE_OBJECTIVES]
     missing = [str(p) for p in checkpoints if not p.is_file()]
     if missing:
@@ -90,9 +81,6 @@ def _samples(results: Path, out: Path) -> list[Path]:
 
 def _synthetic_samples(results: Path, out: Path) -> list[Path]:
     """LS's mean beside per-token cIMLE's modes on the same-mean synthetic images."""
-    from study.evaluation.linear_probe import cpu_threads
-    from study.figures.samples import redraw
-
     checkpoints = [results / "checkpoints" / f"synthetic_hidden_{obj}.pt" for obj in ("ls", "cimle_token")]
     missing = [str(p) for p in checkpoints if not p.is_file()]
     if missing:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import seaborn as sns
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import seaborn as sns  # noqa: E402
-
-from study.io import atomic_write  # noqa: E402
+from study.io import atomic_write
 
 # One style for every figure, set here rather than left to whichever figure a process drew first
 # (the toy's theme used to carry over into the later figures of `make figures`, not into a report's).
 sns.set_theme(style="whitegrid", context="paper")
 
-__all__ = ["save_figure", "OBJECTIVE_LABELS", "OBJECTIVE_PALETTE"]
+__all__ = ["save_figure", "subplots", "OBJECTIVE_LABELS", "OBJECTIVE_PALETTE"]
 
 METADATA = {
     "png": {"Software": None},
@@ -25,6 +22,13 @@ METADATA = {
 OBJECTIVE_LABELS = {"ls": "least squares", "cimle": "cIMLE", "cimle-token": "cIMLE (token)", "mvae": "Masked VAE"}
 OBJECTIVE_PALETTE = {"least squares": "#d95f02", "cIMLE": "#1b9e77", "cIMLE (token)": "#66a61e",
                      "Masked VAE": "#7570b3"}
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **subplot_kw):
+    """``(Figure, axes)`` as ``plt.subplots`` returns, without pyplot: no global figure registry to close,
+    no backend to select before import (saving picks the format's own backend)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
 def save_figure(fig, out_dir: str | Path, name: str, formats: tuple[str, ...] = ("png", "pdf"),

@@ -21,13 +21,20 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
 from torch import Tensor
 
+from study.data import IMAGENET_MEAN, IMAGENET_STD
+from study.evaluation import samples as sampling
+from study.evaluation.setup import load_models
 from study.figures.common import OBJECTIVE_LABELS, save_figure
+from study.runtime import cpu_threads
 
-__all__ = ["plot_samples", "plot_comparison", "redraw", "main"]
+__all__ = ["plot_samples", "draw_samples", "plot_comparison", "redraw", "main"]
 
 MASK_COLOR = (0.80, 0.86, 0.93)  # masked patches in the "masked" column
 OUTLINE_COLOR = "#2b8cbe"  # edge of the masked region on the output panels
@@ -69,8 +76,6 @@ def _paint_masked(rgb: np.ndarray, mask: Tensor, patch_size: int) -> np.ndarray:
 
 def _outline_masked(ax, mask: Tensor, grid: tuple[int, int], patch_size: int) -> None:
     """Outline the masked region on a panel: patch edges between masked and visible (or the border)."""
-    from matplotlib.collections import LineCollection
-
     gh, gw = grid
     m = mask.reshape(gh, gw).tolist()
     segs = []
@@ -94,8 +99,6 @@ def _outline_masked(ax, mask: Tensor, grid: tuple[int, int], patch_size: int) ->
 def _grid_figure(images: Tensor, mask: Tensor, labels: Tensor, columns: list[tuple[str, Tensor]],
                  patch_size: int, title: str, norm: tuple | None = None):
     """Rows = images; columns original | masked | ``columns`` (``(header, [B, C, H, W])``)."""
-    from matplotlib.figure import Figure
-
     b = images.shape[0]
     lo, hi = _display_range(images)
     headers = ["original", "masked"] + [h for h, _ in columns]
@@ -121,31 +124,23 @@ def _grid_figure(images: Tensor, mask: Tensor, labels: Tensor, columns: list[tup
     return fig
 
 
-def _norm(dataset_name: str | None, in_chans: int):
-    if in_chans != 3:
-        return None
-    from study.data import IMAGENET_MEAN, IMAGENET_STD
-
-    return IMAGENET_MEAN, IMAGENET_STD  # the RGB folder datasets' eval transform
+def _norm(in_chans: int):
+    """The RGB folder datasets' eval normalisation, to undo for display (grey images are shown by range)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else None
 
 
 def _output_columns(objective: str, patches: Tensor, model, label: str | None = None) -> list[tuple[str, Tensor]]:
     """One column for least squares (its outputs are all the same), else one per sample."""
-    from study.evaluation.samples import completed_images
-
-    imgs = completed_images(model, patches)  # [k, B, C, H, W]
+    imgs = model.completed_images(patches)  # [k, B, C, H, W]
     name = label or SHORT_LABELS.get(objective, objective)
     if objective == "ls":
         return [(f"{name} recon", imgs[0])]
     return [(f"{name} {s + 1}", imgs[s]) for s in range(imgs.shape[0])]
 
 
-def plot_samples(model, batch, patches: Tensor, out_dir: str | Path, name: str,
-                 dataset_name: str | None = None) -> list[Path]:
+def plot_samples(model, batch, patches: Tensor, out_dir: str | Path, name: str) -> list[Path]:
     """One checkpoint's figure: ``batch`` (a :class:`study.evaluation.samples.SampleBatch`) and its
     completions ``patches [k, B, N, p*p*C]``; saved as ``out_dir/name.{png,pdf}``."""
-    import matplotlib
-
     objective = model.objective
     cols = _output_columns(objective, patches, model)
     k = patches.shape[0]
@@ -155,15 +150,18 @@ def plot_samples(model, batch, patches: Tensor, out_dir: str | Path, name: str,
              "- masked patches (blue edges) from the model, the rest pasted from the input")
     with matplotlib.rc_context({"svg.hashsalt": name, "pdf.fonttype": 42}):
         fig = _grid_figure(batch.images, batch.mask, batch.labels, cols, model.patch_size, title,
-                           _norm(dataset_name, model.in_chans))
+                           _norm(model.in_chans))
         return save_figure(fig, out_dir, name)
 
 
-def plot_comparison(entries: Sequence[tuple[str, object, Tensor]], batch, out_dir: str | Path,
-                    name: str = "samples_comparison", dataset_name: str | None = None) -> list[Path]:
-    """Several checkpoints on the same images and masks: ``entries = [(label, model, patches)]``."""
-    import matplotlib
+def draw_samples(drawing: sampling.SamplesDrawing, out_dir: str | Path) -> list[Path]:
+    """The ``samples`` protocol's figure of one model (what ``python -m study evaluate`` draws)."""
+    return plot_samples(drawing.model, drawing.batch, drawing.patches, out_dir, drawing.name)
 
+
+def plot_comparison(entries: Sequence[tuple[str, object, Tensor]], batch, out_dir: str | Path,
+                    name: str = "samples_comparison") -> list[Path]:
+    """Several checkpoints on the same images and masks: ``entries = [(label, model, patches)]``."""
     if not entries:
         raise ValueError("plot_comparison needs at least one checkpoint")
     cols: list[tuple[str, Tensor]] = []
@@ -177,7 +175,7 @@ def plot_comparison(entries: Sequence[tuple[str, object, Tensor]], batch, out_di
              + " - masked patches (blue edges) from the model, the rest pasted from the input")
     with matplotlib.rc_context({"svg.hashsalt": name, "pdf.fonttype": 42}):
         fig = _grid_figure(batch.images, batch.mask, batch.labels, cols, model0.patch_size, title,
-                           _norm(dataset_name, model0.in_chans))
+                           _norm(model0.in_chans))
         return save_figure(fig, out_dir, name)
 
 
@@ -208,34 +206,32 @@ def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *
 
     Every checkpoint completes the images and masks of the first one's config
     (the masks follow the first checkpoint's mask kind and ratio)."""
-    from study.evaluation import samples as S
-
-    seed = S.SEED if seed is None else seed
-    n_shown = S.SHOWN_IMAGES if n_shown is None else n_shown
-    max_samples = S.MAX_SAMPLES if max_samples is None else max_samples
+    seed = sampling.SEED if seed is None else seed
+    n_shown = sampling.SHOWN_IMAGES if n_shown is None else n_shown
+    max_samples = sampling.MAX_SAMPLES if max_samples is None else max_samples
     if not checkpoints:
         raise ValueError("no checkpoint given")
-    loaded = [S.load_models(c) for c in checkpoints]
+    loaded = [load_models(c) for c in checkpoints]
     cfg0 = loaded[0][0]
     for path, (cfg, _, _) in zip(checkpoints[1:], loaded[1:]):
         diffs = _comparable(cfg0, cfg)
         if diffs:
             raise ValueError(f"{path} does not complete the same images as {checkpoints[0]}: " + "; ".join(diffs))
-    batch = S.fixed_batch(cfg0, S.DIVERSITY_IMAGES, seed)
+    batch = sampling.fixed_batch(cfg0, sampling.DIVERSITY_IMAGES, seed)
     shown = batch.head(n_shown)
     objectives = [cfg.objective for cfg, _, _ in loaded]
     paths: list[Path] = []
     entries = []
     for i, (cfg, _, models) in enumerate(loaded):
         model = models["pretrained"].to(device)
-        patches = S.model_samples(model, batch, S.num_samples(cfg, max_samples), seed, device)[:, :n_shown]
+        patches = sampling.model_samples(model, batch, sampling.num_samples(cfg, max_samples), seed, device)[:, :n_shown]
         name = f"{prefix}_{cfg.objective}"
         if objectives.count(cfg.objective) > 1:
             name += f"_{i}"
-        paths += plot_samples(model.cpu(), shown, patches, out_dir, name, dataset_name=cfg.data.name)
+        paths += plot_samples(model.cpu(), shown, patches, out_dir, name)
         entries.append((None, model, patches))
     if comparison and len(loaded) > 1:
-        paths += plot_comparison(entries, shown, out_dir, name=f"{prefix}_comparison", dataset_name=cfg0.data.name)
+        paths += plot_comparison(entries, shown, out_dir, name=f"{prefix}_comparison")
     return paths
 
 
@@ -248,9 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="images / masks / noise seed (default 0)")
     parser.add_argument("--images", type=int, default=None, help="rows (default 4)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # same reduction order on every run: byte-identical figures
-    paths = redraw(args.checkpoints, args.out, comparison=not args.no_comparison, seed=args.seed,
-                   n_shown=args.images)
+    with cpu_threads(1):  # same reduction order on every run: byte-identical figures
+        paths = redraw(args.checkpoints, args.out, comparison=not args.no_comparison, seed=args.seed,
+                       n_shown=args.images)
     for p in paths:
         print(p)
     return 0

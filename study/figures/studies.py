@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure  # first: selects Agg
+import pandas as pd
+import seaborn as sns
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from study.statistics import objective_variants, paired_differences  # noqa: E402
+from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure, subplots
+from study.statistics import objective_variants, paired_differences
 
 __all__ = ["mask_strength_figure", "mask_strength_table", "efficiency_figure", "efficiency_table",
            "noise_block_figure", "noise_block_table", "paired_difference_figure", "paired_difference_table"]
@@ -60,7 +58,6 @@ def _save_with_shared_legend(fig, axes, out_dir: str | Path, name: str) -> list[
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     paths = save_figure(fig, out_dir, name)
-    plt.close(fig)
     return paths
 
 
@@ -81,7 +78,7 @@ def mask_strength_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "
     baseline = rows[rows.encoder == "random"]
     panels = sorted(rows.panel.unique())
     metrics = list(METRICS.values())
-    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels), 3.4 * len(metrics)),
+    fig, axes = subplots(len(metrics), len(panels), figsize=(4.2 * len(panels), 3.4 * len(metrics)),
                              squeeze=False, sharex=True)
     for col, panel in enumerate(panels):
         for row, metric in enumerate(metrics):
@@ -112,7 +109,7 @@ def efficiency_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "eff
     panels = sorted(pretrained.panel.unique())
     metrics = list(METRICS.values())
     xs = [("epochs", "pretraining epochs"), ("train_seconds", "pretraining wall-clock (s)")]
-    fig, axes = plt.subplots(len(metrics), len(xs) * len(panels),
+    fig, axes = subplots(len(metrics), len(xs) * len(panels),
                              figsize=(4.0 * len(xs) * len(panels), 3.4 * len(metrics)), squeeze=False)
     for p, panel in enumerate(panels):
         for j, (x, label) in enumerate(xs):
@@ -173,7 +170,7 @@ def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "no
     if "pool" not in pretrained.columns:
         pretrained["pool"] = baseline["pool"] = "cls"
     panels = [(m, p) for p in sorted(pretrained["pool"].unique()) for m in METRICS.values()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     order = sorted(pretrained["where"].unique())
     for ax, (metric, pool) in zip(axes[0], panels):
         data = pretrained[(pretrained.metric == metric) & (pretrained["pool"] == pool)]
@@ -190,7 +187,6 @@ def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "no
         ax.grid(alpha=0.3)
     fig.tight_layout()
     paths = save_figure(fig, out_dir, name)
-    plt.close(fig)
     return paths
 
 
@@ -223,7 +219,7 @@ def paired_difference_figure(table: pd.DataFrame, out_dir: str | Path, name: str
     settings = list(dict.fromkeys(diffs.sort_values(order).setting))
     pools = sorted(diffs["pool"].unique()) if "pool" in diffs.columns else ["-"]
     labels = sorted(diffs.label.unique())
-    fig, axes = plt.subplots(len(pools), len(METRICS), figsize=(1.0 * len(settings) + 3.5, 3.0 * len(pools)),
+    fig, axes = subplots(len(pools), len(METRICS), figsize=(1.0 * len(settings) + 3.5, 3.0 * len(pools)),
                              squeeze=False, sharey="row")
     width = 0.6 / max(len(labels), 1)
     for r, pool in enumerate(pools):
@@ -253,5 +249,4 @@ def paired_difference_figure(table: pd.DataFrame, out_dir: str | Path, name: str
                title="same seed, mean and 95% t-interval; filled: interval excludes 0", title_fontsize=8)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths = save_figure(fig, out_dir, name)
-    plt.close(fig)
     return paths

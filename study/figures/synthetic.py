@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from study.figures.common import OBJECTIVE_PALETTE, save_figure  # first: selects Agg
+import pandas as pd
+import seaborn as sns
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from study.figures.common import OBJECTIVE_PALETTE, save_figure, subplots
 
 __all__ = ["variant_labels", "synthetic_figure", "tradeoff_figure", "synthetic_table"]
 
@@ -47,7 +46,7 @@ def _probe_panels(rows: pd.DataFrame, axis: str, xlabel: str, hue_order: list[st
                   chance: float) -> list[Path]:
     pools = sorted(rows["pool"].dropna().unique())
     sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(1, len(pools), figsize=(4.2 * len(pools), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(pools), figsize=(4.2 * len(pools), 3.4), squeeze=False)
     for ax, pool in zip(axes[0], pools):
         part = rows[rows["pool"] == pool]
         order = [h for h in hue_order if h in set(part.variant)]
@@ -60,7 +59,6 @@ def _probe_panels(rows: pd.DataFrame, axis: str, xlabel: str, hue_order: list[st
         ax.legend(title=None, fontsize=7)
     fig.tight_layout()
     paths = save_figure(fig, out_dir, name, bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 

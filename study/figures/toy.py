@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure  # noqa: E402
+from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure, subplots
 
 __all__ = ["plot_toy", "FIGURE_NAME"]
 
@@ -32,7 +28,7 @@ def plot_toy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     chance = 1.0 / frame["n_classes"].iloc[0]
 
     sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2))
+    fig, axes = subplots(1, 2, figsize=(8.0, 3.2))
     for ax, metric, title in zip(axes, ["probe_accuracy", "energy_distance"],
                                  ["linear probe accuracy of h(x)", "energy distance to p(y | c)"]):
         sns.lineplot(data=trained[trained.metric == metric], x="mask_strength", y="value", hue="objective",
@@ -50,5 +46,4 @@ def plot_toy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     fig.tight_layout()
 
     paths = save_figure(fig, out_dir, FIGURE_NAME, bbox_inches="tight")
-    plt.close(fig)
     return paths

@@ -93,8 +93,12 @@ class MaskedAutoencoder(nn.Module):
         m = cfg.model
         if cfg.objective not in ("ls", "cimle", "mvae"):
             raise ValueError(f"objective must be 'ls', 'cimle' or 'mvae', got {cfg.objective!r}")
-        self.cfg = cfg
         self.objective = cfg.objective
+        # the objective's settings, read once here; forward() takes k per call (as MAE takes mask_ratio)
+        self.cimle_k = cfg.cimle.k
+        self.cimle_chunk = cfg.cimle.chunk
+        self.cimle_select = cfg.cimle.select
+        self.mvae_beta = cfg.mvae.beta
         self.vectorize = vectorize
         self.patch_size = m.patch_size
         self.in_chans = m.in_chans
@@ -173,8 +177,12 @@ class MaskedAutoencoder(nn.Module):
     def noise_shape(self, num_masked: int) -> tuple[int, ...]:
         return self.decoder.noise_shape(num_masked)
 
-    def forward(self, imgs: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> PretrainOutput:
-        """``imgs [B, C, H, W]``, ``mask [B, N]`` bool -> loss and detached stats."""
+    def forward(self, imgs: Tensor, mask: Tensor, generator: torch.Generator | None = None,
+                k: int | None = None) -> PretrainOutput:
+        """``imgs [B, C, H, W]``, ``mask [B, N]`` bool -> loss and detached stats.
+
+        ``k``: cIMLE's samples per step (default the config's ``cimle.k``)."""
+        k = self.cimle_k if k is None else int(k)
         ids = mask_indices(mask, self.num_patches)
         latent = self.encoder(imgs, ids.keep)  # [B, 1+N_vis, D]
         hidden = self.decoder.prefix(latent, ids.restore)  # [B, 1+N, Dd]
@@ -185,17 +193,17 @@ class MaskedAutoencoder(nn.Module):
             loss = least_squares(pred, target, mask)
             return PretrainOutput(loss, {"recon": loss.detach()})
 
-        if self.objective == "cimle" and self.cfg.cimle.select == "token":
-            return self._cimle_token(hidden, target, mask, ids, generator)
+        if self.objective == "cimle" and self.cimle_select == "token":
+            return self._cimle_token(hidden, target, mask, ids, generator, k)
 
         if self.objective == "cimle":
             res = cimle(
                 lambda z: self.decoder.suffix(hidden, z, mask),
                 target,
-                k=self.cfg.cimle.k,
+                k=k,
                 noise_shape=self.noise_shape(ids.num_masked),
                 mask=mask,
-                chunk=self.cfg.cimle.chunk,
+                chunk=self.cimle_chunk,
                 generator=generator,
                 vectorize=self.vectorize,
             )
@@ -208,12 +216,12 @@ class MaskedAutoencoder(nn.Module):
         pred = self.decoder.suffix(hidden, z, mask)  # [B, N, p*p*C]
         recon = least_squares(pred, target, mask)
         kl = gaussian_kl(mu.float(), logvar.float(), features="mean")  # per latent feature, as the paper
-        loss = recon + self.cfg.mvae.beta * kl
+        loss = recon + self.mvae_beta * kl
         stats = {"recon": recon.detach(), "kl": kl.detach(), "sigma": (0.5 * logvar.detach().float()).exp().mean()}
         return PretrainOutput(loss, stats)
 
     def _cimle_token(self, hidden: Tensor, target: Tensor, mask: Tensor, ids: MaskIndices,
-                     generator: torch.Generator | None) -> PretrainOutput:
+                     generator: torch.Generator | None, k: int) -> PretrainOutput:
         """Factorised cIMLE: each masked patch keeps its nearest of k samples. The objective sees only the
         masked patches ``[B, N_mask, ...]``, whose rows line up with the token noise ``z [B, N_mask, dim]``;
         the config guarantees that a patch's output depends on its own noise row only (exact selection)."""
@@ -221,9 +229,9 @@ class MaskedAutoencoder(nn.Module):
         res = cimle(
             lambda z: self.decoder.suffix(hidden, z, mask).gather(1, rows),
             target.gather(1, rows),
-            k=self.cfg.cimle.k,
+            k=k,
             noise_shape=self.noise_shape(ids.num_masked),
-            chunk=self.cfg.cimle.chunk,
+            chunk=self.cimle_chunk,
             generator=generator,
             vectorize=self.vectorize,
             select="token",
@@ -248,6 +256,12 @@ class MaskedAutoencoder(nn.Module):
             z = torch.zeros((imgs.shape[0], *self.noise_shape(ids.num_masked)), device=hidden.device,
                             dtype=hidden.dtype)
         return self.decoder.suffix(hidden, z, mask)
+
+    def completed_images(self, patches: Tensor) -> Tensor:
+        """Completions in patch layout ``[..., B, N, p*p*C]`` -> images ``[..., B, C, H, W]``."""
+        lead = patches.shape[:-2]
+        imgs = self.unpatchify(patches.reshape(-1, *patches.shape[-2:]))  # [prod(lead), C, H, W]
+        return imgs.reshape(*lead, *imgs.shape[1:])
 
     @torch.no_grad()
     def sample(self, imgs: Tensor, mask: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:

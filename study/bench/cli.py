@@ -1,0 +1,68 @@
+"""The ``python -m study bench`` command: its arguments, and the run that prints the table and writes the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+
+from study.bench.run import run_bench
+from study.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS
+from study.bench.table import format_table
+from study.config import load_config
+from study.io import atomic_write_text
+
+__all__ = ["add_arguments", "run_from_args"]
+
+
+def _int_list(text: str, minimum: int = 1) -> list[int]:
+    """Comma-separated integers, each at least ``minimum`` (an argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= {minimum}, got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=_int_list, default=list(DEFAULT_KS), help="cIMLE k values (default 1,2,4,8,16)")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: optim.batch_size)")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (one step of every variant each)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--out", default=None, help="JSON file to write (atomically)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers' ViTMAEForPreTraining")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (falls back to eager on error)")
+    p.add_argument("--selection-k", type=_int_list, default=list(DEFAULT_SELECTION_KS),
+                   help="k values of the selection-memory grid (default 4,8,16)")
+    p.add_argument("--selection-chunk", type=_int_list, default=list(DEFAULT_SELECTION_CHUNKS),
+                   help="chunk values of the selection-memory grid (default 1,2,4,8)")
+    p.add_argument("--late-k", type=int, default=8, help="k of the late-noise rows (default 8)")
+    p.add_argument("--late-blocks", type=partial(_int_list, minimum=0), default=None,
+                   help="noise blocks of the late-noise rows (default: 0 and decoder_depth - 1)")
+    p.add_argument("--no-late-noise", action="store_true", help="skip the late-noise rows")
+    p.add_argument("--selection-block", type=int, default=None,
+                   help="noise block of the selection-memory grid (default: the config's noise.block)")
+    p.add_argument("--no-selection-timing", action="store_true",
+                   help="do not time the selection alone at the largest k (saves (k+1) D_f per round)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        res = run_bench(cfg, ks=args.k, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                        transformers=not args.no_transformers, compile_models=args.compile,
+                        selection_ks=args.selection_k, selection_chunks=args.selection_chunk,
+                        late_noise=not args.no_late_noise, late_k=args.late_k, late_blocks=args.late_blocks,
+                        selection_block=args.selection_block, selection_timing=not args.no_selection_timing,
+                        config_path=args.config)
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,65 @@
+"""Counting host syncs: a ``TorchFunctionMode`` that records every tensor call forcing a host-device sync on CUDA.
+
+It records ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``,
+``.numpy()``, ``.nonzero()``, ``.cpu()`` and boolean-mask indexing, each with
+the innermost line of code outside torch's dispatch glue and outside this
+package that made it, so that the report points at the study code to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["SyncCounter"]
+
+_SYNC_METHODS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "nonzero", "cpu"}
+_BENCH_DIR = Path(__file__).resolve().parent
+# reported paths are relative to the checkout (``study/models/mae.py:...``)
+_ROOT = str(_BENCH_DIR.parent.parent)
+_TORCH_GLUE = (os.sep + os.path.join("torch", "overrides.py"), os.sep + os.path.join("torch", "_tensor.py"),
+               os.sep + os.path.join("torch", "utils", "_device.py"))
+
+
+def _where(frame: traceback.FrameSummary) -> str:
+    fname = str(Path(frame.filename).resolve())
+    if "site-packages" + os.sep in fname:
+        fname = fname.split("site-packages" + os.sep, 1)[1]
+    elif fname.startswith(_ROOT + os.sep):
+        fname = os.path.relpath(fname, _ROOT)
+    return f"{fname}:{frame.lineno} ({frame.name}: {(frame.line or '').strip()[:80]})"
+
+
+def _caller() -> str:
+    """The innermost frame that made the call (leaving out torch's dispatch glue and the benchmark itself)."""
+    bench = str(_BENCH_DIR) + os.sep
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        fname = str(Path(frame.filename).resolve())
+        if not fname.startswith(bench) and not fname.endswith(_TORCH_GLUE):
+            return _where(frame)
+    return "?"
+
+
+class SyncCounter(torch.overrides.TorchFunctionMode):
+    """Records the tensor calls that force a host-device sync on CUDA, with the study line that made them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        hit = name in _SYNC_METHODS
+        if name == "__getitem__" and len(args) > 1:
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            hit = any(isinstance(i, Tensor) and i.dtype == torch.bool for i in idx)
+            name = "bool-mask indexing" if hit else name
+        if hit:
+            self.hits[f"{name} @ {_caller()}"] += 1
+        return func(*args, **kwargs)

@@ -1,0 +1,146 @@
+"""Runtime rules shared by every command: device, precision, seeding, threads, lr schedule, optimiser.
+
+Pretraining, evaluation (features, finetuning), the benchmark and the figures
+all go through these, so that one config means the same thing everywhere:
+``precision: bf16`` runs under bf16 autocast on CPU and CUDA alike, a seed
+seeds the same three generators, and the warmup-cosine schedule is one function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from study.errors import UserError
+
+__all__ = ["Dist", "init_distributed", "resolve_device", "autocast", "grad_scaler", "seed_everything",
+           "cpu_threads", "warmup_cosine", "adamw", "NoDevice"]
+
+
+class NoDevice(UserError, RuntimeError):
+    """``device: cuda`` on a machine without CUDA."""
+
+
+# --------------------------------------------------------------------------- processes and devices
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job; a plain ``python`` run is a world of one."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK): nccl on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda when there is one, else cpu; ``cuda`` without one is a user error."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NoDevice("device=cuda but no CUDA device is available; use --set device=cpu "
+                           "(evaluate: --device cpu)")
+        index = torch.device(kind).index
+        return torch.device("cuda", local_rank if index is None else index)
+    return torch.device(kind)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def _dtype(precision: str) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The one mixed-precision rule: fp32 runs as is; bf16 autocasts on CPU and CUDA; fp16 needs CUDA."""
+    dtype = _dtype(precision)
+    device = torch.device(device)
+    if dtype is None:
+        return nullcontext()
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler:
+    """Loss scaling only where fp16 needs it (bf16 has fp32's exponent range)."""
+    device = torch.device(device)
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+# --------------------------------------------------------------------------- randomness and threads
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (model init and data order draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def cpu_threads(n: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads on CPU (None or a CUDA device: unchanged)."""
+    if n is None or torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def warmup_cosine(epoch: float, base_lr: float, epochs: float, warmup_epochs: float, min_lr: float = 0.0) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup_epochs``, then half-cosine to ``min_lr`` at ``epochs`` (MAE's)."""
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    t = min(max((epoch - warmup_epochs) / span, 0.0), 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float],
+          device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` (each sets its own weight decay).
+
+    On CUDA the fused kernel: one launch for all parameters and no per-parameter
+    ``.item()`` host sync (the default for-each path syncs on every step count).
+    On CPU the default path, whose results the committed studies were made with.
+    """
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused or None)

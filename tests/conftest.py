@@ -1,0 +1,22 @@
+"""What many test files share: tiny configs that train in a fraction of a second on one core."""
+
+from __future__ import annotations
+
+
+def tiny_overrides(*extra: str, size: int = 8, width: int = 8, decoder_width: int | None = None,
+                   per_class: int = 20, k: int = 2) -> list[str]:
+    """``--set`` items for a tiny synthetic-image config: one block on each side, patch 4, two classes.
+
+    ``extra`` items come last, so they win over the base ones."""
+    return [
+        "data.name=synthetic", "data.synthetic_classes=2", f"data.synthetic_per_class={per_class}",
+        "data.augment=false", f"model.img_size={size}", "model.patch_size=4", f"model.embed_dim={width}",
+        "model.depth=1", "model.num_heads=2", f"model.decoder_dim={decoder_width or width}", "model.decoder_depth=1",
+        "model.decoder_heads=2", "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", f"cimle.k={k}",
+        "mask.ratio=0.5", *extra,
+    ]
+
+
+def as_sets(items: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` (a command line's overrides)."""
+    return [arg for item in items for arg in ("--set", item)]
