@@ -314,7 +314,7 @@ def _check_mask(mask: Tensor) -> Tensor:
     return mask
 
 
-def ids_from_mask(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def ids_from_mask(mask: Tensor, num_masked: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """MAE index tensors of a bool mask ``[B, N]`` (True = masked, every row masking equally many).
 
     Returns ``ids_keep [B, N_vis]`` and ``ids_masked [B, N_mask]`` (patch
@@ -323,16 +323,23 @@ def ids_from_mask(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     puts tokens back in patch order, where ``visible = gather(x, ids_keep)`` and
     ``masked = gather(x, ids_masked)``. Same convention as
     :func:`study.models.mae.mask_indices` (which wraps this one).
+
+    ``num_masked``: the patches masked per row, where the caller knows it (a
+    :class:`MaskGenerator`'s ``num_masked``); without it the count is read
+    from the mask, a host sync on CUDA. The check that every row masks as
+    many runs on CPU tensors only, so that a CUDA step makes no host sync.
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = masked), got {getattr(mask, 'dtype', type(mask))}")
     if mask.ndim != 2:
         raise ValueError(f"mask must be [B, N], got shape {tuple(mask.shape)}")
     counts = mask.sum(dim=1)
-    num_masked = int(counts[0]) if mask.shape[0] else 0
-    if bool((counts != num_masked).any()):
+    if num_masked is None:
+        num_masked = int(counts[0]) if mask.shape[0] else 0
+    if mask.device.type == "cpu" and bool((counts != num_masked).any()):
         raise ValueError(
-            f"every mask row must mask the same number of patches, got counts {sorted(set(counts.tolist()))}"
+            f"every mask row must mask the same number of patches ({num_masked}), got counts "
+            f"{sorted(set(counts.tolist()))}"
         )
     order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # visible ascending, then masked ascending
     ids_restore = torch.argsort(order, dim=1)

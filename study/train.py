@@ -26,7 +26,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
@@ -39,7 +38,7 @@ from study.console import duration, interactive
 from study.data import build_datasets, check_images
 from study.errors import UserError
 from study.io import atomic_write_text, remove_stale_temps
-from study.masking import build_mask_generator
+from study.masking import MaskGenerator, build_mask_generator
 from study.models import build_model
 from study.run_folder import check_run_folder
 from study.runtime import (Dist, adamw, autocast, grad_scaler, init_distributed, resolve_device, seed_everything,
@@ -151,7 +150,7 @@ class TrainingState:
     net: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    make_mask: Callable[..., torch.Tensor]
+    make_mask: MaskGenerator
     mask_noise_gen: torch.Generator  # masks and cIMLE noise: its own stream, saved and restored exactly
     device: torch.device
     dist_info: Dist
@@ -366,7 +365,7 @@ def _step(state: TrainingState, imgs: torch.Tensor, last_micro_step: bool):
     sync = state.net.no_sync() if state.dist_info.world > 1 and not last_micro_step else nullcontext()
     with sync:
         with autocast(cfg.precision, state.device):
-            result = state.net(imgs, mask, generator=state.mask_noise_gen)
+            result = state.net(imgs, mask, generator=state.mask_noise_gen, num_masked=state.make_mask.num_masked)
         state.scaler.scale(result.loss / cfg.optim.accum_steps).backward()
     if last_micro_step:
         if cfg.optim.clip_grad is not None:

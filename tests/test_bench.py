@@ -23,18 +23,21 @@ def _is_pos(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, precision="fp32"):
     out = tmp_path / "bench.json"
     argv = ["bench"]
     for item in TINY:
         argv += ["--set", item]
     argv += ["--batch", "4", "--k", "1,2", "--steps", "2", "--warmup", "1", "--late-k", "2",
-             "--selection-k", "2,4", "--selection-chunk", "1,2", "--out", str(out), *extra]
+             "--selection-k", "2,4", "--selection-chunk", "1,2", "--precision", precision, "--out", str(out), *extra]
     assert cli_main(argv) == 0
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    assert res["schema"] == 2 and list(res["precisions"]) == precision.split(",")
+    return res
 
 
 def _check_common(res):
+    """One precision's report."""
     for key in ("config", "settings", "environment", "rows", "components", "cimle_vs_cost_model", "cimle_vs_ls",
                 "late_noise", "selection_memory", "parameters", "host_syncs", "targets", "robust_ratios"):
         assert key in res
@@ -53,8 +56,8 @@ def _check_common(res):
         ratios += list(rr["cimle_vs_cost_model"].values()) + list(rr["cimle_vs_ls"].values())
         ratios += list(rr["late_noise_vs_ls"].values()) + [rr["mvae_vs_ls"]]
     assert all(_is_pos(v) for v in ratios), ratios
-    # late noise at the input and at the last decoder block (depth 2 -> blocks 0 and 1)
-    assert [r["noise_block"] for r in res["late_noise"]] == [0, 1]
+    # late noise at the input, at the last decoder block (depth 2 -> blocks 0 and 1) and in the token-wise head
+    assert [r["noise_block"] for r in res["late_noise"]] == [0, 1, "head"]
     for r in res["late_noise"]:
         assert _is_pos(r["vs_ls"]) and _is_pos(r["vs_cost_model"]) and r["k"] == 2
     sel = res["selection_memory"]
@@ -62,18 +65,33 @@ def _check_common(res):
     assert all(_is_pos(r["peak_bytes"]) for r in sel["rows"])
     assert isinstance(sel["verdict"]["grows_with_chunk_not_k"], bool)
     assert set(res["host_syncs"]) >= {"ls", "cimle k=1", "mvae"}
+    eff = res["efficiency"]
+    assert _is_pos(eff["matmul_peak"]["flop_per_s"]) and eff["matmul_peak"]["precision"] == res["settings"]["precision"]
+    flops = {name: r["flops"] for name, r in eff["rows"].items()}
+    # counted, so cIMLE's extra no-grad decodes show: LS < cIMLE k=1 < cIMLE k=2
+    assert 0 < flops["ls"] < flops["cimle k=1"] < flops["cimle k=2"]
+    for r in res["rows"]:
+        assert _is_pos(r["achieved_flop_per_s"]) and 0 < r["peak_share"] == pytest.approx(
+            r["flops"] / r["step_s"] / eff["matmul_peak"]["flop_per_s"])
 
 
 def test_bench_without_transformers(tmp_path):
-    res = _run(tmp_path, "--no-transformers")
+    res = _run(tmp_path, "--no-transformers")["precisions"]["fp32"]
     _check_common(res)
     assert res["ours_vs_transformers"] is None and "transformers" not in res["parameters"]
 
 
 def test_bench_with_transformers(tmp_path):
     pytest.importorskip("transformers")
-    res = _run(tmp_path)
-    _check_common(res)
+    full = _run(tmp_path, precision="fp32,bf16")
+    for precision in ("fp32", "bf16"):
+        _check_common(full["precisions"][precision])
+    speedups = full["across_precisions"]["speedup"]["bf16"]
+    assert full["across_precisions"]["reference"] == "fp32"
+    assert {"ls", "transformers ViTMAE"} <= set(speedups) and all(
+        _is_pos(v["speedup"]) and _is_pos(v["speedup_paired"]) for v in speedups.values())
+    assert isinstance(full["targets"]["ls bf16 vs fp32 speedup >= 3.5"], bool)
+    res = full["precisions"]["fp32"]
     assert _is_pos(res["ours_vs_transformers"])
     assert _is_pos(res["robust_ratios"]["paired_wall"]["ours_vs_transformers"])
     p = res["parameters"]
@@ -102,3 +120,29 @@ def test_cimle_step_passes_k_per_call():
         assert torch.isfinite(tr.step_fn(k)())
     assert seen == [1, 5, None]
     assert tr.cfg is cfg and tr.model.cimle_k == 3 and not hasattr(tr.model, "cfg")
+
+
+def test_step_flops_counts_forward_and_backward_matmuls_and_cpu_attention():
+    from study.bench.flops import step_flops
+
+    layer = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(16, 8, requires_grad=True)
+    assert step_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 16 * 8 * 4  # forward, grad input, grad weight
+    q = torch.randn(2, 3, 5, 4)  # [B, H, N, d]
+    flops = step_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert flops == 2 * (2 * 2 * 3 * 5 * 5 * 4)  # q k^T and attn v: 2 FLOPs per multiply-add each
+
+
+def test_matmul_peak_is_measured_at_the_precision():
+    from study.bench.flops import matmul_peak
+
+    for precision in ("fp32", "bf16"):
+        peak = matmul_peak(precision, torch.device("cpu"), shapes=((64, 64, 64), (32, 64, 16)), min_seconds=0.01)
+        assert peak["precision"] == precision and _is_pos(peak["flop_per_s"])
+        assert peak["flop_per_s"] == max(s["flop_per_s"] for s in peak["shapes"])
+
+
+def test_bench_refuses_fp16_on_cpu(capsys):
+    argv = ["bench", *[a for item in TINY for a in ("--set", item)], "--precision", "fp32,fp16", "--no-transformers"]
+    assert cli_main(argv) == 2
+    assert "fp16 needs CUDA" in capsys.readouterr().err

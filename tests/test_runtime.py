@@ -9,7 +9,7 @@ from conftest import tiny_overrides
 from study.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from study.config import load_config
 from study.models import build_model
-from study.runtime import NoDevice, adamw, autocast, cpu_threads, resolve_device, seed_everything, warmup_cosine
+from study.runtime import NoDevice, autocast, cpu_threads, resolve_device, seed_everything, warmup_cosine
 
 # bf16 keeps 8 bits of mantissa; measured here: relative gaps 5e-4 (ls), 6e-4 (cimle), 3e-5 (mvae). The
 # tolerance is 30x the largest: loose enough for other CPUs' kernels, tight enough to catch a wrong cast
@@ -70,12 +70,6 @@ def test_cpu_threads_restores():
     with cpu_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-
-
-def test_adamw_is_fused_only_on_cuda():
-    param = torch.nn.Parameter(torch.zeros(3))
-    opt = adamw([{"params": [param], "weight_decay": 0.0}], 1e-3, (0.9, 0.95), "cpu")
-    assert not opt.defaults.get("fused") and opt.defaults["betas"] == (0.9, 0.95)
 
 
 def test_checkpoints_load_without_running_pickled_code(tmp_path):

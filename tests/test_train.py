@@ -118,8 +118,8 @@ def _poison(monkeypatch, after_calls: int, factor: float):
         model = real_build(cfg)
         forward = model.forward
 
-        def poisoned(imgs, mask, generator=None, k=None):
-            out = forward(imgs, mask, generator=generator, k=k)
+        def poisoned(imgs, mask, **kwargs):
+            out = forward(imgs, mask, **kwargs)
             calls["n"] += 1
             if calls["n"] > after_calls:
                 out.loss = out.loss * factor

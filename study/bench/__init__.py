@@ -40,8 +40,13 @@ on the config's device (``auto``: CUDA when available) and precision:
   ``torch.no_grad`` (the selection, plus one no-gradient decode of the chosen
   sample) over a grid of k and ``chunk``, measured the same way.
 * **Late noise**: cIMLE at ``late_k`` with the noise entering at decoder block
-  0 and at ``decoder_depth - 1`` (the last block; ``--late-blocks`` picks
-  others, ``decoder_depth`` = after the last block), each step against LS.
+  0, at ``decoder_depth - 1`` (the last block) and in the token-wise head after
+  the last attention (``head``; ``--late-blocks`` picks others,
+  ``decoder_depth`` = after the last block), each step against LS.
+* **Hardware efficiency** (:mod:`~study.bench.flops`, as nanoGPT prints MFU):
+  the FLOPs of one step of every variant, counted by PyTorch's flop counter
+  (forward and backward matmuls and attention), the matmul peak of the device
+  at each precision measured in the same run, and each step's share of it.
 * **Host syncs**: the memory step of every variant runs under a ``TorchFunctionMode`` that
   records every ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``,
   ``.numpy()``, ``.nonzero()``, ``.cpu()`` and boolean-mask indexing, with
@@ -52,10 +57,12 @@ The modules, one job each: :mod:`~study.bench.settings` (checked settings),
 components), :mod:`~study.bench.transformers_side` (transformers' model, its
 trainer, parameter counts), :mod:`~study.bench.timing` (round-robin timing),
 :mod:`~study.bench.memory` (peak memory, the selection-memory grid),
-:mod:`~study.bench.host_sync` (the sync counter), :mod:`~study.bench.run`
-(the stages in order), :mod:`~study.bench.ratios` and
-:mod:`~study.bench.report` (the JSON report), :mod:`~study.bench.table` (the
-printed table) and :mod:`~study.bench.cli` (the command's arguments).
+:mod:`~study.bench.host_sync` (the sync counter), :mod:`~study.bench.flops`
+(FLOPs and the matmul peak), :mod:`~study.bench.run` (the stages in order),
+:mod:`~study.bench.ratios` and :mod:`~study.bench.report` (one precision's
+JSON report), :mod:`~study.bench.precisions` (the reports of every precision
+and the speed-ups across them), :mod:`~study.bench.table` (the printed table)
+and :mod:`~study.bench.cli` (the command's arguments).
 """
 
 from study.bench.cli import add_arguments, run_from_args

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import partial
 
 from study.bench.run import run_bench
-from study.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS
+from study.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS, PRECISIONS
 from study.bench.table import format_table
 from study.config import load_config
 from study.io import atomic_write_text
@@ -27,7 +26,26 @@ def _int_list(text: str, minimum: int = 1) -> list[int]:
     return values
 
 
+def _precision_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in PRECISIONS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(PRECISIONS)}, got {text!r}")
+    return values
+
+
+def _block_list(text: str) -> list[int | str]:
+    """Comma-separated decoder block indices >= 0 or ``head``."""
+    try:
+        return [v.strip() if v.strip() == "head" else int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices or 'head', got {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", type=_precision_list, default=None,
+                   help="precisions to time in the same rounds, e.g. fp32,bf16 (default: the config's); "
+                        "transformers' model runs at each")
     p.add_argument("--k", type=_int_list, default=list(DEFAULT_KS), help="cIMLE k values (default 1,2,4,8,16)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: optim.batch_size)")
     p.add_argument("--steps", type=int, default=20, help="timed rounds (one step of every variant each)")
@@ -40,10 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selection-chunk", type=_int_list, default=list(DEFAULT_SELECTION_CHUNKS),
                    help="chunk values of the selection-memory grid (default 1,2,4,8)")
     p.add_argument("--late-k", type=int, default=8, help="k of the late-noise rows (default 8)")
-    p.add_argument("--late-blocks", type=partial(_int_list, minimum=0), default=None,
-                   help="noise blocks of the late-noise rows (default: 0 and decoder_depth - 1)")
+    p.add_argument("--late-blocks", type=_block_list, default=None,
+                   help="noise blocks of the late-noise rows, indices or 'head' "
+                        "(default: 0, decoder_depth - 1 and head)")
     p.add_argument("--no-late-noise", action="store_true", help="skip the late-noise rows")
-    p.add_argument("--selection-block", type=int, default=None,
+    p.add_argument("--selection-block", type=lambda t: t if t == "head" else int(t), default=None,
                    help="noise block of the selection-memory grid (default: the config's noise.block)")
     p.add_argument("--no-selection-timing", action="store_true",
                    help="do not time the selection alone at the largest k (saves (k+1) D_f per round)")
@@ -52,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
-        res = run_bench(cfg, ks=args.k, batch=args.batch, steps=args.steps, warmup=args.warmup,
+        res = run_bench(cfg, precisions=args.precision, ks=args.k, batch=args.batch, steps=args.steps, warmup=args.warmup,
                         transformers=not args.no_transformers, compile_models=args.compile,
                         selection_ks=args.selection_k, selection_chunks=args.selection_chunk,
                         late_noise=not args.no_late_noise, late_k=args.late_k, late_blocks=args.late_blocks,

@@ -27,11 +27,11 @@ try:  # private API: without it the CPU figures are reported as unavailable inst
 except ImportError:  # pragma: no cover - depends on the torch build
     _EventType = None
 
-__all__ = ["cpu_peak_extra_bytes", "measure_memory", "selection_memory"]
+__all__ = ["cpu_peak_extra_bytes", "measure_memory", "quiet_stderr_fd", "selection_memory"]
 
 
 @contextlib.contextmanager
-def _quiet_stderr_fd():
+def quiet_stderr_fd():
     """Silence C-level writes to fd 2 (the profiler's start/stop chatter); Python exceptions still propagate."""
     try:
         sys.stderr.flush()
@@ -65,7 +65,7 @@ def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
     """
     if _EventType is None:
         raise RuntimeError("torch._C._profiler._EventType is missing from this torch build")
-    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     allocs = [e for e in _walk(prof.profiler.kineto_results.experimental_event_tree())
               if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"]

@@ -1,9 +1,11 @@
 """The benchmark run: check the settings, build the trainers, measure memory and host syncs, time, report.
 
-The stages run in a fixed order, which the results depend on: the trainers
-are built (each seeds the global generators), then the cost-model components
-(which draw their random gradients from them), then one memory step per
-variant, then the round-robin timing, then the selection-memory grid.
+The stages run in a fixed order, which the results depend on. Per precision:
+the trainers are built (each seeds the global generators), then the
+cost-model components (which draw their random gradients from them), then
+one memory step per variant. Then one FLOP-counting step per variant, the
+matmul peak of each precision, the round-robin timing of every precision's
+variants in the same rounds, and per precision the selection-memory grid.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from study.bench.flops import matmul_peak, step_flops
 from study.bench.host_sync import SyncCounter
 from study.bench.memory import measure_memory, selection_memory
+from study.bench.precisions import combine_precisions
 from study.bench.report import Measured, StepMemo, build_report
-from study.bench.settings import (DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS, Plan, check_counts,
-                                  late_noise_blocks, selection_block_of, with_changes)
+from study.bench.settings import (DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS, Block, Plan,
+                                  check_counts, check_precisions, late_noise_blocks, selection_block_of,
+                                  with_changes)
 from study.bench.timing import log, time_round_robin
 from study.bench.transformers_side import HFTrainer, import_transformers
 from study.bench.variants import CostParts, Trainer, Variant, cost_components, define_variants
@@ -35,6 +41,7 @@ __all__ = ["run_bench"]
 def run_bench(
     cfg: Config,
     *,
+    precisions: Sequence[str] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     batch: int | None = None,
     steps: int = 20,
@@ -45,28 +52,45 @@ def run_bench(
     selection_chunks: Sequence[int] = DEFAULT_SELECTION_CHUNKS,
     late_noise: bool = True,
     late_k: int = 8,
-    late_blocks: Sequence[int] | None = None,
-    selection_block: int | None = None,
+    late_blocks: Sequence[Block] | None = None,
+    selection_block: Block | None = None,
     selection_timing: bool = True,
     config_path: str | None = None,
 ) -> dict:
-    """Run the benchmark (see :mod:`study.bench`) and return the JSON-ready result."""
+    """Run the benchmark (see :mod:`study.bench`) at each of ``precisions`` (default: the config's) and return
+    the JSON-ready result."""
     ks = check_counts(steps, warmup, ks)
     if transformers:
         import_transformers()  # fail before any work when the bench extra is missing
     device = resolve_device(cfg.device)
+    precisions = check_precisions(precisions or [cfg.precision], device)
     batch = int(batch or cfg.optim.batch_size)
     cfg = with_changes(cfg, compile=compile_models, optim={"batch_size": batch})
     t_start = time.perf_counter()
-    plan = Plan(cfg=cfg, device=device, batch=batch, ks=ks, steps=steps, warmup=warmup, transformers=transformers,
-                compile_models=compile_models, late=late_noise_blocks(cfg, late_noise, late_blocks), late_k=late_k,
-                selection_ks=selection_ks, selection_chunks=selection_chunks,
-                selection_block=selection_block_of(cfg, selection_block), selection_timing=selection_timing,
-                config_path=config_path)
-    return _measure(plan, t_start)
+    plans = [Plan(cfg=with_changes(cfg, precision=p), device=device, batch=batch, ks=ks, steps=steps, warmup=warmup,
+                  transformers=transformers, compile_models=compile_models,
+                  late=late_noise_blocks(cfg, late_noise, late_blocks), late_k=late_k, selection_ks=selection_ks,
+                  selection_chunks=selection_chunks, selection_block=selection_block_of(cfg, selection_block),
+                  selection_timing=selection_timing, config_path=config_path)
+             for p in precisions]
+    return _measure(plans, t_start)
 
 
-def _measure(plan: Plan, t_start: float) -> dict:
+@dataclass
+class _Prepared:
+    """One precision's trainers, timed variants, cost-model parts, memory steps and FLOP counts."""
+
+    plan: Plan
+    compile_info: dict
+    trainers: dict[str, Any]
+    variants: dict[str, Variant]
+    late_spec: list[tuple[Block, str]]
+    parts: CostParts
+    memos: dict[str, StepMemo]
+    imgs: Tensor
+
+
+def _prepare(plan: Plan) -> _Prepared:
     gen = torch.Generator().manual_seed(plan.cfg.seed)
     m = plan.cfg.model
     imgs = torch.randn(plan.batch, m.in_chans, m.img_size, m.img_size, generator=gen).to(plan.device)  # [B, C, H, W]
@@ -76,18 +100,35 @@ def _measure(plan: Plan, t_start: float) -> dict:
     variants, late_spec = define_variants(trainers, plan.cfg, plan.ks, plan.late, plan.late_k)
     parts = cost_components(trainers, plan.cfg, late_spec, plan.selection_block, plan.ks[-1], plan.selection_timing)
     memos = _memory_and_syncs(variants, plan.device, imgs, compiled=bool(compile_info.get("ok")))
-    times, cpu_times, load_before = _time_all(plan, variants, parts)
-    selection = selection_memory(parts.selection.selection, imgs.shape[0], plan.device, plan.selection_ks,
-                                 plan.selection_chunks, plan.selection_block)
-    block = plan.cfg.noise.block
-    measured = Measured(
-        variants=variants, late_spec=late_spec, memos=memos, times=times, cpu_times=cpu_times,
-        component_blocks=parts.blocks, component_names=list(parts.tasks), selection_name=parts.selection_name,
-        selection_memory=selection, load_before=load_before,
-        models={"ours_ls": trainers["ls"].model, "ours_cimle": trainers[f"cimle@{block}"].model,
-                "ours_mvae": trainers["mvae"].model},
-        hf_model=trainers["hf"].model if "hf" in trainers else None)
-    return build_report(plan, compile_info, measured, t_start)
+    return _Prepared(plan, compile_info, trainers, variants, late_spec, parts, memos, imgs)
+
+
+def _measure(plans: list[Plan], t_start: float) -> dict:
+    prepared = {plan.cfg.precision: _prepare(plan) for plan in plans}
+    first = next(iter(prepared.values()))
+    log("bench: FLOPs, one step per variant")  # the same ops at every precision: counted once
+    flops = {name: step_flops(v.step) for name, v in first.variants.items()}
+    flops |= {f"[{n}]": step_flops(fn) for n, fn in first.parts.tasks.items()}
+    peaks = {}
+    for precision in prepared:
+        log(f"bench: matmul peak at {precision}")
+        peaks[precision] = matmul_peak(precision, first.plan.device)
+    times, cpu_times, load_before = _time_all(prepared)
+    reports = {}
+    for precision, p in prepared.items():
+        selection = selection_memory(p.parts.selection.selection, p.imgs.shape[0], p.plan.device,
+                                     p.plan.selection_ks, p.plan.selection_chunks, p.plan.selection_block)
+        block = p.plan.cfg.noise.block
+        measured = Measured(
+            variants=p.variants, late_spec=p.late_spec, memos=p.memos, times=times[precision],
+            cpu_times=cpu_times[precision], component_blocks=p.parts.blocks, component_names=list(p.parts.tasks),
+            selection_name=p.parts.selection_name, selection_memory=selection, load_before=load_before,
+            models={"ours_ls": p.trainers["ls"].model, "ours_cimle": p.trainers[f"cimle@{block}"].model,
+                    "ours_mvae": p.trainers["mvae"].model},
+            hf_model=p.trainers["hf"].model if "hf" in p.trainers else None,
+            flops=flops, matmul_peak=peaks[precision])
+        reports[precision] = build_report(p.plan, p.compile_info, measured, t_start)
+    return combine_precisions(reports, first.plan.config_path, t_start)
 
 
 def _make_trainers(plan: Plan, cfg: Config, imgs: Tensor, compile_now: bool) -> dict[str, Any]:
@@ -150,13 +191,25 @@ def _memory_and_syncs(variants: dict[str, Variant], device: torch.device, imgs: 
     return memos
 
 
-def _time_all(plan: Plan, variants: dict[str, Variant],
-              parts: CostParts) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float] | None]:
-    """Round-robin timing of every variant and component: (wall, CPU seconds per round, load average before)."""
-    log(f"bench: {len(variants)} variants + {len(parts.tasks)} components, batch {plan.batch}, "
-        f"device {plan.device}, {plan.steps} rounds after {plan.warmup} warm-up")
-    tasks: dict[str, Callable[[], Any]] = {name: v.step for name, v in variants.items()}
-    tasks |= {f"[{n}]": fn for n, fn in parts.tasks.items()}
+def _time_all(prepared: dict[str, _Prepared]) -> tuple[dict, dict, list[float] | None]:
+    """Round-robin timing of every variant and component of every precision in the same rounds, so that
+    ratios across precisions are paired like those within one: (wall, CPU seconds per round, load average
+    before), each keyed by precision, then by task name."""
+    tasks: dict[str, Callable[[], Any]] = {}
+    for precision, p in prepared.items():
+        tasks |= {f"{precision}/{name}": v.step for name, v in p.variants.items()}
+        tasks |= {f"{precision}/[{n}]": fn for n, fn in p.parts.tasks.items()}
+    plan = next(iter(prepared.values())).plan
+    log(f"bench: {len(tasks)} tasks ({', '.join(prepared)}), batch {plan.batch}, device {plan.device}, "
+        f"{plan.steps} rounds after {plan.warmup} warm-up")
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    times, cpu_times = time_round_robin(tasks, plan.steps, plan.warmup, plan.device)
-    return times, cpu_times, load_before
+    wall, cpu = time_round_robin(tasks, plan.steps, plan.warmup, plan.device)
+
+    def split(src: dict[str, list[float]]) -> dict[str, dict[str, list[float]]]:
+        out: dict[str, dict[str, list[float]]] = {p: {} for p in prepared}
+        for key, values in src.items():
+            precision, name = key.split("/", 1)
+            out[precision][name] = values
+        return out
+
+    return split(wall), split(cpu), load_before

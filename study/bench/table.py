@@ -21,7 +21,8 @@ def _row_lines(res: dict) -> list[str]:
     env, st = res["environment"], res["settings"]
     lines = [f"device {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['threads']}, "
              f"batch {st['batch']}, precision {st['precision']}, {st['steps']} rounds after {st['warmup']} warm-up"]
-    head = f"{'variant':<30} {'step ms':>9} {'img/s':>9} {'peak MiB':>9} {'vs LS':>7} {'model ms':>9} {'meas/model':>10}"
+    head = (f"{'variant':<30} {'step ms':>9} {'img/s':>9} {'peak MiB':>9} {'vs LS':>7} {'model ms':>9} "
+            f"{'meas/model':>10} {'GFLOP':>8} {'TFLOP/s':>8} {'of peak':>7}")
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
         model = r.get("cost_model_s")
@@ -30,8 +31,13 @@ def _row_lines(res: dict) -> list[str]:
         ratio_txt = "" if ratio is None else f"{ratio:10.2f}"
         lines.append(
             f"{r['name']:<30} {1e3 * r['step_s']:9.2f} {r['images_per_s']:9.1f} {_fmt_bytes(r['peak_bytes']):>9} "
-            f"{r['vs_ls']:7.2f} {model_txt:>9} {ratio_txt:>10}"
+            f"{r['vs_ls']:7.2f} {model_txt:>9} {ratio_txt:>10} {r['flops'] / 1e9:8.2f} "
+            f"{r['achieved_flop_per_s'] / 1e12:8.3f} {100 * r['peak_share']:6.1f}%"
         )
+    peak = res["efficiency"]["matmul_peak"]
+    lines.append(f"matmul peak at {peak['precision']} (measured in this run, best of {len(peak['shapes'])} shapes, "
+                 f"{peak['threads']} threads): {peak['flop_per_s'] / 1e12:.3f} TFLOP/s at "
+                 f"{'x'.join(str(d) for d in peak['best_shape'])}")
     return lines
 
 
@@ -103,7 +109,21 @@ def _parameter_sync_target_lines(res: dict) -> list[str]:
     return lines
 
 
-def format_table(res: dict) -> str:
-    """The text summary of a report made by :func:`study.bench.report.build_report`."""
+def _precision_table(res: dict) -> str:
+    """The text summary of one precision's report (:func:`study.bench.report.build_report`)."""
     lines = _row_lines(res) + _ratio_lines(res) + _late_and_selection_lines(res)
     return "\n".join(lines + _parameter_sync_target_lines(res))
+
+
+def format_table(res: dict) -> str:
+    """The text summary of a run (:func:`study.bench.precisions.combine_precisions`): each precision's table,
+    then the speed-ups across precisions."""
+    parts = [f"=== precision {p} ===\n" + _precision_table(rep) for p, rep in res["precisions"].items()]
+    across = res["across_precisions"]
+    for p, rows in across["speedup"].items():
+        parts.append(f"{p} vs {across['reference']} (step speed-up; paired per round):\n" + "\n".join(
+            f"  {name:<30} {_num(v['speedup'])}  ({_num(v['speedup_paired'])})" for name, v in rows.items()))
+    top = {k: v for k, v in res["targets"].items() if k not in res["precisions"]}
+    if top:
+        parts.append("targets across precisions: " + "; ".join(f"{k}: {v}" for k, v in top.items()))
+    return "\n".join(parts)

@@ -22,6 +22,7 @@ from study.masking import build_mask_generator
 from study.models import build_model
 from study.models.mae import mask_indices
 from study.objectives import cimle, least_squares, per_example_squared_error
+from study.bench.settings import Block, block_order
 from study.runtime import autocast, grad_scaler, seed_everything
 from study.train import build_optimizer
 
@@ -80,7 +81,7 @@ class Trainer:
         def step() -> Tensor:
             mask = self.make_mask(imgs.shape[0], generator=self.gen, device=self.device)  # [B, N]
             with autocast(self.cfg.precision, self.device):
-                out = net(imgs, mask, generator=self.gen, k=k)
+                out = net(imgs, mask, generator=self.gen, k=k, num_masked=self.make_mask.num_masked)
             return optimizer_step(out.loss, scaler, opt)
 
         return step
@@ -100,8 +101,8 @@ class Variant:
         return cls(trainer.step_fn(k), row, trainer, k)
 
 
-def define_variants(trainers: dict[str, Any], cfg: Config, ks: Sequence[int], late: Sequence[int],
-                    late_k: int) -> tuple[dict[str, Variant], list[tuple[int, str]]]:
+def define_variants(trainers: dict[str, Any], cfg: Config, ks: Sequence[int], late: Sequence[Block],
+                    late_k: int) -> tuple[dict[str, Variant], list[tuple[Block, str]]]:
     """The timed rows by name, and (noise block, row name) of the late-noise rows.
 
     ``trainers``: ``ls``, ``mvae``, ``cimle@<block>`` for every block used, and ``hf`` where transformers runs.
@@ -113,7 +114,7 @@ def define_variants(trainers: dict[str, Any], cfg: Config, ks: Sequence[int], la
         variants[f"cimle k={k}"] = Variant.ours(
             main, {"objective": "cimle", "k": k, "noise_block": block, "chunk": chunk}, k)
     variants["mvae"] = Variant.ours(trainers["mvae"], {"objective": "mvae", "k": None, "noise_block": block})
-    late_spec: list[tuple[int, str]] = []
+    late_spec: list[tuple[Block, str]] = []
     for b in late:
         name = f"cimle k={late_k}" if b == block and late_k in ks else f"cimle k={late_k} block={b}"
         if name not in variants:
@@ -193,17 +194,18 @@ class Components:
 class CostParts:
     """The cost-model tasks timed with the variants, and the model whose selection memory is measured."""
 
-    blocks: list[int]  # noise blocks with D_fb and D_f components
+    blocks: list[Block]  # noise blocks with D_fb and D_f components
     tasks: dict[str, Callable[[], Any]]  # component name -> closure
     selection_name: str  # the selection timing's task name (present only when it is timed)
     selection: Components  # on the selection grid's noise block
 
 
-def cost_components(trainers: dict[str, Any], cfg: Config, late_spec: Sequence[tuple[int, str]],
-                    selection_block: int, kmax: int, selection_timing: bool) -> CostParts:
+def cost_components(trainers: dict[str, Any], cfg: Config, late_spec: Sequence[tuple[Block, str]],
+                    selection_block: Block, kmax: int, selection_timing: bool) -> CostParts:
     """E_fb and the optimizer step on the main cIMLE model; D_fb and D_f at the main and every late-noise block."""
     block = cfg.noise.block
-    comps = {b: Components(trainers[f"cimle@{b}"]) for b in sorted({block} | {b for b, _ in late_spec})}
+    comps = {b: Components(trainers[f"cimle@{b}"])
+             for b in sorted({block} | {b for b, _ in late_spec}, key=block_order)}
     sel_comp = comps[selection_block] if selection_block in comps else Components(
         trainers[f"cimle@{selection_block}"])
     main = comps[block]

@@ -55,11 +55,11 @@ class MaskIndices(NamedTuple):
     num_masked: int
 
 
-def mask_indices(mask: Tensor, num_patches: int | None = None) -> MaskIndices:
+def mask_indices(mask: Tensor, num_patches: int | None = None, num_masked: int | None = None) -> MaskIndices:
     """Index tensors of a bool mask ``[B, N]`` (True = masked); see :func:`study.masking.ids_from_mask`."""
     if num_patches is not None and mask.ndim == 2 and mask.shape[1] != num_patches:
         raise ValueError(f"mask has {mask.shape[1]} patches per row, the model has {num_patches}")
-    keep, masked, restore = ids_from_mask(mask)
+    keep, masked, restore = ids_from_mask(mask, num_masked)
     return MaskIndices(keep, masked, restore, masked.shape[1])
 
 
@@ -178,12 +178,13 @@ class MaskedAutoencoder(nn.Module):
         return self.decoder.noise_shape(num_masked)
 
     def forward(self, imgs: Tensor, mask: Tensor, generator: torch.Generator | None = None,
-                k: int | None = None) -> PretrainOutput:
+                k: int | None = None, num_masked: int | None = None) -> PretrainOutput:
         """``imgs [B, C, H, W]``, ``mask [B, N]`` bool -> loss and detached stats.
 
-        ``k``: cIMLE's samples per step (default the config's ``cimle.k``)."""
+        ``k``: cIMLE's samples per step (default the config's ``cimle.k``). ``num_masked``: the masked
+        patches per image where the mask generator knows it (saves reading it from the mask, a host sync)."""
         k = self.cimle_k if k is None else int(k)
-        ids = mask_indices(mask, self.num_patches)
+        ids = mask_indices(mask, self.num_patches, num_masked)
         latent = self.encoder(imgs, ids.keep)  # [B, 1+N_vis, D]
         hidden = self.decoder.prefix(latent, ids.restore)  # [B, 1+N, Dd]
         target = self.target(imgs)  # [B, N, p*p*C]

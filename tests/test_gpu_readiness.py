@@ -1,0 +1,105 @@
+"""The CUDA path, checked without a GPU: no host syncs in a training step, fused AdamW, noise on the device.
+
+A step's host syncs are counted by the benchmark's counter (``study.bench.host_sync``)
+on PyTorch's ``meta`` device: like CUDA it is not the CPU, so every CPU-only
+check is skipped, and any value read back to the host would fail there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from study.bench.host_sync import SyncCounter
+from study.config import load_config
+from study.masking import build_mask_generator
+from study.models import build_model
+from study.objectives import cimle
+from study.runtime import adamw
+
+OBJECTIVES = {
+    "ls": ["objective=ls"],
+    "cimle image": ["objective=cimle"],
+    "cimle token": ["objective=cimle", "cimle.select=token", "noise.scope=token", "noise.block=head"],
+    "mvae": ["objective=mvae"],
+}
+# host syncs of one model step (forward + backward) off the CPU, per objective
+EXPECTED_SYNCS_PER_STEP = {name: 0 for name in OBJECTIVES}
+
+
+def _model_and_batch(extra: list[str], device: str):
+    cfg = load_config(None, tiny_overrides(*extra))
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    make_mask = build_mask_generator(cfg.mask, (cfg.model.img_size // cfg.model.patch_size,) * 2)
+    mask = make_mask(4, generator=torch.Generator().manual_seed(0)).to(device)  # [B, N]
+    imgs = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size).to(device)
+    return model, make_mask, mask, imgs
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_a_step_off_the_cpu_makes_the_expected_host_syncs(objective):
+    model, make_mask, mask, imgs = _model_and_batch(OBJECTIVES[objective], "meta")
+    counter = SyncCounter()
+    with counter:
+        out = model(imgs, mask, num_masked=make_mask.num_masked)  # as study.train passes it
+        out.loss.backward()
+    assert sum(counter.hits.values()) == EXPECTED_SYNCS_PER_STEP[objective], dict(counter.hits)
+
+
+def test_the_counter_sees_the_syncs_it_should():
+    """On the CPU the same step reads the mask count back and checks it: the counter is not blind."""
+    model, _, mask, imgs = _model_and_batch(OBJECTIVES["ls"], "cpu")
+    counter = SyncCounter()
+    with counter:
+        model(imgs, mask).loss.backward()
+    assert any("ids_from_mask" in where for where in counter.hits), dict(counter.hits)
+
+
+def _step_syncs(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    for p in params:
+        p.grad = torch.ones_like(p)
+    counter = SyncCounter()
+    with counter:
+        opt.step()
+    return sum(counter.hits.values())
+
+
+def test_adamw_is_fused_on_cuda_and_its_step_makes_no_host_sync():
+    params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(4)]
+    groups = [{"params": params[:2], "weight_decay": 0.05}, {"params": params[2:], "weight_decay": 0.0}]
+    fused = adamw(groups, 1e-3, (0.9, 0.95), "cuda")  # the CUDA rule; fused AdamW also runs on CPU tensors
+    assert fused.defaults["fused"] is True
+    _step_syncs(fused, params)  # the first step creates the state
+    assert _step_syncs(fused, params) == 0
+    default = adamw([{"params": params, "weight_decay": 0.0}], 1e-3, (0.9, 0.95), "cpu")
+    assert not default.defaults.get("fused")  # CPU keeps the path the committed studies were made with
+    _step_syncs(default, params)
+    assert _step_syncs(default, params) == len(params)  # one .item() of the step count per parameter
+
+
+def test_cimle_noise_is_drawn_on_the_generators_device(monkeypatch):
+    """The noise comes from the generator's device (study.train makes it on the training device)."""
+    seen = []
+    randn = torch.randn
+
+    def recording(*args, **kwargs):
+        seen.append(torch.device(kwargs.get("device", "cpu")))
+        return randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", recording)
+    target = torch.zeros(2, 3, 4, device="meta")
+    cimle(lambda z: target + z[:, None, :4].sum(), target, k=2, noise_shape=(4,),
+          generator=torch.Generator(device="cpu").manual_seed(0))
+    assert seen == [torch.device("cpu")]
+    seen.clear()
+    cimle(lambda z: target + z[:, None, :4].sum(), target, k=2, noise_shape=(4,))
+    assert seen == [torch.device("meta")]  # no generator: on the target's device
+
+
+def test_training_draws_masks_and_noise_with_a_generator_on_the_training_device():
+    from study.train import _build
+
+    state, _ = _build(load_config(None, tiny_overrides("objective=cimle")), check_data=False)
+    assert state.mask_noise_gen.device == state.device
