@@ -8,7 +8,7 @@ __all__ = ["TIMM_TESTED", "UnsupportedDependency", "check_timm_attention", "timm
 
 # The timm releases the test suite passed with; pyproject.toml pins the same range.
 TIMM_TESTED = ">=1.0.29,<=1.0.31"
-# timm Attention attributes that study.models.decoder.VmapSafeAttention reads
+# timm Attention attributes that study.models.attention.Attention reads
 ATTENTION_ATTRIBUTES = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm", "attn_drop", "attn_dim",
                         "norm", "proj", "proj_drop", "gate")
 
@@ -21,7 +21,7 @@ def _unsupported_timm(what: str) -> UnsupportedDependency:
     import timm
 
     return UnsupportedDependency(
-        f"timm {timm.__version__} is not supported: {what}, which study/models/decoder.py needs; install a tested "
+        f"timm {timm.__version__} is not supported: {what}, which study/models/attention.py needs; install a tested "
         f"timm: pip install 'timm{TIMM_TESTED}' (make setup installs the tested versions from constraints.txt)")
 
 

@@ -471,3 +471,18 @@ def test_least_squares_gets_the_same_head_fed_zero_noise():
         assert torch.equal(p, cim_sd[name]), name
     imgs, mask = make_batch()
     torch.testing.assert_close(ls.reconstruct(imgs, mask), cim.reconstruct(imgs, mask))
+
+
+def test_attention_explicit_path_matches_sdpa_and_runs_where_wanted(monkeypatch):
+    """The explicit matmul path (vmap, bf16 on CPU) computes what timm's SDPA path does."""
+    import study.models.attention as attention
+
+    torch.manual_seed(0)
+    layer = attention.Attention(16, num_heads=2, qkv_bias=True)
+    x = torch.randn(3, 7, 16)
+    assert not attention.explicit_attention_wanted(x)  # fp32 on CPU: timm's forward, as the studies ran
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.explicit_attention_wanted(x)
+    sdpa = layer(x)
+    monkeypatch.setattr(attention, "explicit_attention_wanted", lambda t: True)
+    torch.testing.assert_close(layer(x), sdpa, rtol=1e-5, atol=1e-6)

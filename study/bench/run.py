@@ -106,8 +106,8 @@ def _prepare(plan: Plan) -> _Prepared:
 def _measure(plans: list[Plan], t_start: float) -> dict:
     prepared = {plan.cfg.precision: _prepare(plan) for plan in plans}
     first = next(iter(prepared.values()))
-    log("bench: FLOPs, one step per variant")  # the same ops at every precision: counted once
-    flops = {name: step_flops(v.step) for name, v in first.variants.items()}
+    log("bench: FLOPs, one step per variant")  # the same ops at every precision: counted once, eager
+    flops = {name: step_flops(_eager_step(v)) for name, v in first.variants.items()}
     flops |= {f"[{n}]": step_flops(fn) for n, fn in first.parts.tasks.items()}
     peaks = {}
     for precision in prepared:
@@ -129,6 +129,13 @@ def _measure(plans: list[Plan], t_start: float) -> dict:
             flops=flops, matmul_peak=peaks[precision])
         reports[precision] = build_report(p.plan, p.compile_info, measured, t_start)
     return combine_precisions(reports, first.plan.config_path, t_start)
+
+
+def _eager_step(v: Variant) -> Callable[[], Any]:
+    """The variant's step without torch.compile (the flop counter does not see into compiled graphs)."""
+    if isinstance(v.trainer, HFTrainer):
+        return v.trainer.step_fn(eager=True)
+    return v.trainer.step_fn(v.k, eager=True)
 
 
 def _make_trainers(plan: Plan, cfg: Config, imgs: Tensor, compile_now: bool) -> dict[str, Any]:

@@ -43,47 +43,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.models.vision_transformer import Block
 
-from study.compat import check_timm_attention, timm_attention
 from study.config import NoiseConfig
+from study.models.attention import Attention
 from study.models.encoder import _layer_norm, init_mae_weights, position_embedding
 
-__all__ = ["MAEDecoder", "DecoderBlock", "VmapSafeAttention", "masked_rank"]
-
-Attention = timm_attention()  # a clear error if the installed timm is too old
-
-try:  # functorch's marker for tensors seen inside torch.func.vmap
-    from torch._C._functorch import is_batchedtensor as _is_batched
-except ImportError:  # pragma: no cover - older/newer torch without the hook
-    def _is_batched(x: Tensor) -> bool:
-        return False
-
-
-class VmapSafeAttention(Attention):
-    """timm ``Attention`` that leaves ``F.scaled_dot_product_attention`` under vmap.
-
-    On CPU (torch 2.14) SDPA has no vmap batching rule: it works, but through
-    functorch's slow per-sample fallback (with a warning). Inside vmap this
-    class computes softmax(q k^T / sqrt(d)) v explicitly, which batches;
-    outside vmap it is timm's forward unchanged. Same parameters and names.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        check_timm_attention(self)  # the forward below reads timm internals: fail at build, clearly
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if not _is_batched(x) or attn_mask is not None or is_causal or self.gate is not None:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, N, hd] each
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)  # [B, N, H*hd]
-        x = self.norm(x)
-        return self.proj_drop(self.proj(x))  # [B, N, D]
-
+__all__ = ["MAEDecoder", "DecoderBlock", "masked_rank"]
 
 class DecoderBlock(Block):
     """timm ``Block`` whose LayerNorms can be modulated: ``forward(x, mod)``.
@@ -94,7 +58,7 @@ class DecoderBlock(Block):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True,
-                         norm_layer=_layer_norm, attn_layer=VmapSafeAttention)
+                         norm_layer=_layer_norm, attn_layer=Attention)
 
     def forward(self, x: Tensor, mod: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
         if mod is None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from study.models.attention import Attention
 from study.models.pos_embed import sincos_2d
 
 __all__ = ["ViTEncoder", "load_pretrained_encoder", "init_mae_weights", "position_embedding"]
@@ -87,7 +88,7 @@ class ViTEncoder(nn.Module):
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth rule (timm)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rates[i],
-                  norm_layer=_layer_norm)
+                  norm_layer=_layer_norm, attn_layer=Attention)
             for i in range(depth)
         )
         self.norm = _layer_norm(embed_dim)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from study.models.attention import Attention
 from study.models.encoder import _layer_norm, init_mae_weights, init_patch_embed
 from study.models.pos_embed import sincos_2d
 
@@ -40,7 +41,7 @@ class VariationalEncoder(nn.Module):
             sincos_2d(embed_dim, self.patch_embed.grid_size)[None], requires_grad=False
         )  # [1, N, D]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm, attn_layer=Attention)
             for _ in range(depth)
         )
         self.norm = _layer_norm(embed_dim)
