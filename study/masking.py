@@ -333,10 +333,11 @@ def ids_from_mask(mask: Tensor, num_masked: int | None = None) -> tuple[Tensor, 
         raise TypeError(f"mask must be a bool tensor (True = masked), got {getattr(mask, 'dtype', type(mask))}")
     if mask.ndim != 2:
         raise ValueError(f"mask must be [B, N], got shape {tuple(mask.shape)}")
-    counts = mask.sum(dim=1)
+    on_cpu = mask.device.type == "cpu"
+    counts = mask.sum(dim=1) if num_masked is None or on_cpu else None  # off the CPU with a count: not needed
     if num_masked is None:
         num_masked = int(counts[0]) if mask.shape[0] else 0
-    if mask.device.type == "cpu" and bool((counts != num_masked).any()):
+    if on_cpu and bool((counts != num_masked).any()):
         raise ValueError(
             f"every mask row must mask the same number of patches ({num_masked}), got counts "
             f"{sorted(set(counts.tolist()))}"

@@ -7,7 +7,7 @@ import json
 import sys
 
 from study.bench.run import run_bench
-from study.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS, PRECISIONS
+from study.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS
 from study.bench.table import format_table
 from study.config import load_config
 from study.io import atomic_write_text
@@ -26,24 +26,26 @@ def _int_list(text: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def _precision_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in PRECISIONS]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(PRECISIONS)}, got {text!r}")
-    return values
+def _name_list(text: str) -> list[str]:
+    """Comma-separated names (checked by the bench's settings, which give the one-line error)."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _block(text: str) -> int | str:
+    """A decoder block index or ``head`` (an argparse type; the range is checked by the settings)."""
+    text = text.strip()
+    try:
+        return text if text == "head" else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block index or 'head', got {text!r}") from None
 
 
 def _block_list(text: str) -> list[int | str]:
-    """Comma-separated decoder block indices >= 0 or ``head``."""
-    try:
-        return [v.strip() if v.strip() == "head" else int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices or 'head', got {text!r}") from None
+    return [_block(v) for v in text.split(",") if v.strip()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", type=_precision_list, default=None,
+    p.add_argument("--precision", type=_name_list, default=None,
                    help="precisions to time in the same rounds, e.g. fp32,bf16 (default: the config's); "
                         "transformers' model runs at each")
     p.add_argument("--k", type=_int_list, default=list(DEFAULT_KS), help="cIMLE k values (default 1,2,4,8,16)")
@@ -62,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="noise blocks of the late-noise rows, indices or 'head' "
                         "(default: 0, decoder_depth - 1 and head)")
     p.add_argument("--no-late-noise", action="store_true", help="skip the late-noise rows")
-    p.add_argument("--selection-block", type=lambda t: t if t == "head" else int(t), default=None,
+    p.add_argument("--selection-block", type=_block, default=None,
                    help="noise block of the selection-memory grid (default: the config's noise.block)")
     p.add_argument("--no-selection-timing", action="store_true",
                    help="do not time the selection alone at the largest k (saves (k+1) D_f per round)")

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from study.bench.timing import sync
+
 __all__ = ["step_flops", "matmul_peak", "PEAK_SHAPES"]
 
 # (M, K, N): two squares and the in100 decoder's MLP at batch 32 (32 x 197 tokens, 512 -> 2048)
@@ -57,11 +59,6 @@ def step_flops(step: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(precision: str, device: torch.device, shapes=PEAK_SHAPES, min_seconds: float = 0.5) -> dict:
     """The best matmul throughput (FLOP/s) at ``precision`` on ``device`` over ``shapes``, each timed for
     at least ``min_seconds`` after one warm-up call."""
@@ -72,12 +69,12 @@ def matmul_peak(precision: str, device: torch.device, shapes=PEAK_SHAPES, min_se
         a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
         b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
         torch.mm(a, b)
-        _sync(device)
+        sync(device)
         calls, t0 = 0, time.perf_counter()
         while True:
             torch.mm(a, b)
             calls += 1
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - t0
             if elapsed >= min_seconds:
                 break
