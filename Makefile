@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test figures toy experiments experiments-synthetic reports bench clean-venv
+.PHONY: setup test figures toy experiments experiments-mnist experiments-synthetic reports bench clean-venv
 
 setup: $(STAMP)
 
@@ -30,19 +30,22 @@ test: $(STAMP)
 figures: $(STAMP)
 	$(BIN)/python -m study.figures --results results --out figures
 
-# The CPU studies (papermill sweeps) that write results/*.csv; points already
+# Every CPU study (papermill sweeps) that writes results/*.csv; points already
 # done under runs/ are skipped, so an interrupted `make experiments` resumes.
-experiments: $(STAMP)
+experiments: experiments-mnist experiments-synthetic
+
+# The MNIST studies (mask strength, efficiency, noise block).
+experiments-mnist: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml
 
-# The same-mean synthetic image studies (issue 9). Long: about 4 minutes a point on one core,
-# 122 points; points already done are skipped, so it can be run in parts.
+# The same-mean synthetic images: one sweep over mean shift, mask ratio and the
+# cue-to-distractor trade-off (78 points, 2 at a time), then Context-Completion at
+# k = 8 on its default point and the samples checkpoints.
 experiments-synthetic: $(STAMP)
-	$(BIN)/python -m study sweep experiments/sweeps/synthetic_tradeoff_cpu.yaml
 	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml
-	$(BIN)/python -m study sweep experiments/sweeps/synthetic_ratio_cpu.yaml
+	$(BIN)/python experiments/synthetic_completion.py --checkpoints
 
 # The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.
 # `make experiments` rebuilds them too, after its runs.
@@ -50,6 +53,7 @@ reports: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml --report-only
 	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml --report-only
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml --report-only
+	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --report-only
 
 # Training-step benchmarks (needs the bench extra: transformers): every committed results/bench file.
 # About 30 minutes on 2 cores; run it on an otherwise idle machine (other jobs distort every timing).

@@ -55,7 +55,7 @@ def runs(roots: list[Path], default) -> list[Path]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", default=["runs/synthetic_cpu", "runs/synthetic_tradeoff_cpu"])
+    p.add_argument("--runs", nargs="+", default=["runs/synthetic_cpu"])
     p.add_argument("--config", default="experiments/configs/synthetic.yaml")
     p.add_argument("--out", default="results/synthetic_completion.csv")
     p.add_argument("--k", type=int, default=8)

@@ -23,6 +23,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,7 +34,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from study.config import ConfigError, load_config, read_yaml
+from study.config import ConfigError, config_to_dict, load_config, read_yaml
 from study.console import duration, interactive
 from study.io import atomic_write_text
 from study.notebook import execute_notebook
@@ -120,12 +121,34 @@ def expand(sweep: Sweep) -> list[Point]:
     return points
 
 
+def config_fingerprint(sweep: Sweep, point: Point) -> str:
+    """Hash of the point's resolved config: its slug names only the overrides, so a changed base
+    config (or a changed default in the code) leaves the slug alone but changes this."""
+    cfg = config_to_dict(load_config(sweep.path(sweep.config), point.overrides))
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def is_done(sweep: Sweep, point: Point) -> bool:
+    """The point ran to the end with the config it would run with now."""
+    done = sweep.path(sweep.runs_dir) / sweep.name / point.slug / "done.json"
+    if not done.exists():
+        return False
+    try:
+        return json.loads(done.read_text()).get("config") == config_fingerprint(sweep, point)
+    except (OSError, ValueError):
+        return False
+
+
 def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
     folder = sweep.path(sweep.runs_dir) / sweep.name / point.slug
+    stale = (folder / "done.json").exists()  # done with another config: start over, not resume
+    (folder / "done.json").unlink(missing_ok=True)
+    if stale and (folder / "run").exists():
+        shutil.rmtree(folder / "run")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed.json").unlink(missing_ok=True)
     params = {
@@ -148,7 +171,8 @@ def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
              "traceback": traceback.format_exc()[-4000:]}, indent=1))
         return point.slug, error, time.time() - start
     atomic_write_text(folder / "done.json", json.dumps(
-        {"point": point.slug, "overrides": point.overrides, "seconds": time.time() - start}, indent=1))
+        {"point": point.slug, "overrides": point.overrides, "config": config_fingerprint(sweep, point),
+         "seconds": time.time() - start}, indent=1))
     return point.slug, None, time.time() - start
 
 
@@ -176,7 +200,10 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
     points = expand(sweep)
     check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
-    todo = [p for p in points if not (base / p.slug / "done.json").exists()]
+    todo = [p for p in points if not is_done(sweep, p)]
+    changed = sum((base / p.slug / "done.json").exists() for p in todo)
+    if changed and progress:
+        print(f"{changed} point(s) done before with another config (base config or defaults changed): rerunning them")
     skipped = len(points) - len(todo)
     workers = max(1, parallel or sweep.parallel)
     failures: dict[str, str] = {}

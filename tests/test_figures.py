@@ -74,3 +74,22 @@ def test_synthetic_figures_are_deterministic(tmp_path, kind):
         assert a.read_bytes() == b.read_bytes(), a.name
     labels = synthetic.variant_labels(_synthetic_table())
     assert set(labels) == {"least squares", "cIMLE (image)", "cIMLE (token)", "Masked VAE"}
+
+
+def test_axis_slice_keeps_one_axis_with_the_others_at_the_default():
+    from study.figures import synthetic
+
+    table = _synthetic_table()
+    shift = synthetic.axis_slice(table, "synthetic_mean_shift")
+    assert set(shift.synthetic_distractor) == {0.5} and set(shift.synthetic_mean_shift) == {0.0, 1.0}
+    trade = synthetic.axis_slice(table, "synthetic_distractor")
+    assert set(trade.synthetic_mean_shift) == {0.0} and set(trade.synthetic_distractor) == {0.5, 1.0}
+
+
+def test_synthetic_default_point_is_the_configs():
+    from study.config import load_config
+    from study.figures.synthetic import DEFAULT_POINT
+
+    cfg = load_config("experiments/configs/synthetic.yaml")
+    assert DEFAULT_POINT == {"synthetic_mean_shift": cfg.data.synthetic_mean_shift, "mask_ratio": cfg.mask.ratio,
+                             "synthetic_distractor": cfg.data.synthetic_distractor}

@@ -130,3 +130,15 @@ def test_rows_of_points_no_longer_in_the_grid_are_dropped(tmp_path, capsys):
     assert summary["stale_rows_dropped"] == 1 and "dropped 1 rows" in capsys.readouterr().out
     assert "an-old-point_s0_deadbeef" not in set(table.point) and "x" in set(table.point)
     assert set(table.point) - {"x"} <= {p.slug for p in expand(sweep)}
+
+
+def test_points_rerun_when_the_base_config_changes(tmp_path, capsys):
+    path = _write_sweep(tmp_path)
+    sweep = load_sweep(path)
+    run_sweep(sweep, progress=False, report=False)
+    again = run_sweep(sweep, progress=False, report=False)
+    assert again["ran"] == 1 and again["skipped_done"] == 3  # only the failing point
+    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 3\n")  # same overrides, other config
+    changed = run_sweep(sweep, report=False)
+    assert changed["ran"] == 4 and changed["skipped_done"] == 0
+    assert "3 point(s) done before with another config" in capsys.readouterr().out

@@ -6,8 +6,8 @@
 * masks: drawn from the mask generators (fixed seeds)
 * mask strength (and its paired differences), efficiency, noise block: ``results/<sweep>.csv``
   (``make experiments``)
-* same-mean synthetic images (mean shift, mask ratio, cue-to-distractor trade-off):
-  ``results/synthetic_*.csv`` (``make experiments-synthetic``)
+* same-mean synthetic images (mean shift, mask ratio, cue-to-distractor trade-off): one
+  table, ``results/synthetic_cpu.csv`` (``make experiments-synthetic``)
 * samples: the small committed checkpoints ``results/checkpoints/*.pt``
 
 A figure whose stored results are missing is reported and skipped (exit
@@ -35,11 +35,10 @@ STUDIES = {
     "efficiency_cpu": "efficiency",
     "noise_block_cpu": "noise_block",
 }
-SYNTHETIC = {  # same-mean synthetic images: sweep -> x axis of its figure
+SYNTHETIC = {  # same-mean synthetic images: figure -> its axis, all from results/synthetic_cpu.csv
     "synthetic_cpu": "synthetic_mean_shift",
-    # synthetic_ratio_cpu ("mask_ratio") has no committed table yet: its report draws its figure
-    # when `make experiments-synthetic` runs it; list it here once results/synthetic_ratio_cpu.csv is in
-    "synthetic_tradeoff_cpu": "tradeoff",
+    "synthetic_ratio_cpu": "mask_ratio",
+    "synthetic_tradeoff": "tradeoff",
 }
 SAMPLE_OBJECTIVES = ("ls", "cimle", "mvae")
 
@@ -60,12 +59,12 @@ def _study(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
     return draw
 
 
-def _synthetic(sweep: str, kind: str) -> Callable[[Path, Path], list[Path]]:
+def _synthetic(name: str, kind: str) -> Callable[[Path, Path], list[Path]]:
     def draw(results: Path, out: Path) -> list[Path]:
-        table = read_results(results / f"{sweep}.csv")
+        table = read_results(results / "synthetic_cpu.csv")
         if kind == "tradeoff":
-            return synthetic.tradeoff_figure(table, out)
-        return synthetic.synthetic_figure(table, out, name=sweep, axis=kind)
+            return synthetic.tradeoff_figure(table, out, name=name)
+        return synthetic.synthetic_figure(table, out, name=name, axis=kind)
 
     return draw
 
@@ -101,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     jobs: dict[str, Callable[[Path, Path], list[Path]]] = {"toy": _toy, "masks": _masks}
     jobs.update({sweep: _study(sweep, kind) for sweep, kind in STUDIES.items()})
-    jobs.update({sweep: _synthetic(sweep, kind) for sweep, kind in SYNTHETIC.items()})
+    jobs.update({name: _synthetic(name, kind) for name, kind in SYNTHETIC.items()})
     jobs["samples"] = _samples
     jobs["synthetic_samples"] = _synthetic_samples
     skipped = []

@@ -8,6 +8,11 @@
 * ``tradeoff_figure``: random-init, LS and cIMLE-token probes against the
   cue-to-distractor ratio (``synthetic_cue / synthetic_distractor``).
 * ``synthetic_table``: every metric, mean ± std over seeds.
+
+One sweep (``experiments/sweeps/synthetic_cpu.yaml``) varies one axis at a time
+away from the default point; :func:`axis_slice` keeps the rows of one axis
+(the other two at their defaults), so the default point is trained once and
+appears on all three axes.
 """
 
 from __future__ import annotations
@@ -19,11 +24,24 @@ import seaborn as sns
 
 from study.figures.common import OBJECTIVE_PALETTE, save_figure, subplots
 
-__all__ = ["variant_labels", "synthetic_figure", "tradeoff_figure", "synthetic_table"]
+__all__ = ["DEFAULT_POINT", "axis_slice", "variant_labels", "synthetic_figure", "tradeoff_figure",
+           "synthetic_table"]
+
+# experiments/configs/synthetic.yaml's values of the three swept axes (a test keeps them in step)
+DEFAULT_POINT = {"synthetic_mean_shift": 0.0, "mask_ratio": 0.75, "synthetic_distractor": 0.5}
 
 PALETTE = {"least squares": OBJECTIVE_PALETTE["least squares"], "cIMLE (image)": "#66a61e",
            "cIMLE (token)": OBJECTIVE_PALETTE["cIMLE"], "Masked VAE": OBJECTIVE_PALETTE["Masked VAE"],
            "random init": "grey"}
+
+
+def axis_slice(table: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """The rows along ``axis``: every other swept axis at its default value (columns the table lacks are free)."""
+    keep = pd.Series(True, index=table.index)
+    for column, value in DEFAULT_POINT.items():
+        if column != axis and column in table.columns:
+            keep &= (table[column] - value).abs() < 1e-9
+    return table[keep]
 
 
 def variant_labels(table: pd.DataFrame) -> pd.Series:
@@ -72,13 +90,14 @@ def _chance(table: pd.DataFrame) -> float:
 def synthetic_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "synthetic_cpu",
                      axis: str = "synthetic_mean_shift") -> list[Path]:
     """Probe accuracy against ``axis`` (mean shift, or mask_ratio), per pooling and objective variant."""
-    rows = _probe_rows(table, axis)
+    rows = _probe_rows(axis_slice(table, axis), axis)
     xlabel = {"synthetic_mean_shift": "class mean shift (toy: 1 - s)", "mask_ratio": "mask ratio"}.get(axis, axis)
     return _probe_panels(rows, axis, xlabel, list(PALETTE), out_dir, name, _chance(table))
 
 
 def tradeoff_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "synthetic_tradeoff") -> list[Path]:
     """Random-init, LS and cIMLE-token probes against the cue-to-distractor ratio."""
+    table = axis_slice(table, "synthetic_distractor")
     table = table.assign(cue_to_distractor=table.synthetic_cue / table.synthetic_distractor)
     rows = _probe_rows(table, "cue_to_distractor")
     rows = rows[rows.variant.isin(["random init", "least squares", "cIMLE (token)"])]
