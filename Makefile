@@ -44,8 +44,9 @@ experiments-mnist: $(STAMP)
 # cue-to-distractor trade-off (78 points, 2 at a time), then Context-Completion at
 # k = 8 on its default point and the samples checkpoints.
 experiments-synthetic: $(STAMP)
-	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml
+	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --no-report
 	$(BIN)/python experiments/synthetic_completion.py --checkpoints
+	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --report-only
 
 # The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.
 # `make experiments` rebuilds them too, after its runs.
