@@ -203,7 +203,8 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
     todo = [p for p in points if not is_done(sweep, p)]
     changed = sum((base / p.slug / "done.json").exists() for p in todo)
     if changed and progress:
-        print(f"{changed} point(s) done before with another config (base config or defaults changed): rerunning them")
+        print(f"{changed} point(s) done before with another config (base config or defaults changed, "
+              "or run before configs were fingerprinted): rerunning them")
     skipped = len(points) - len(todo)
     workers = max(1, parallel or sweep.parallel)
     failures: dict[str, str] = {}
