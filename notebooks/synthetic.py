@@ -75,7 +75,7 @@ def probes(part, variant_objective, select=None):
     return rows
 
 
-default = axis_slice(axis_slice(table, "synthetic_mean_shift"), "mask_ratio")
+default = axis_slice(table, "synthetic_mean_shift")  # ratio and distractor at their defaults
 default = default[default.synthetic_mean_shift == 0.0]
 checks = []
 for pool in ("cls", "mean"):
