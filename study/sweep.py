@@ -71,6 +71,9 @@ class Sweep:
 class Point:
     overrides: list[str]
     seed: int
+    # hash of the resolved config: the slug names only the overrides, so a changed base config
+    # (or a changed default in the code) leaves the slug alone but changes this
+    config: str = ""
 
     @property
     def slug(self) -> str:
@@ -116,16 +119,13 @@ def expand(sweep: Sweep) -> list[Point]:
         for values in itertools.product(*(grid[k] for k in keys)):
             for seed in sweep.seeds:
                 overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
-                load_config(sweep.path(sweep.config), overrides)  # fail before any work
-                points.append(Point(overrides=overrides, seed=seed))
+                cfg = load_config(sweep.path(sweep.config), overrides)  # fail before any work
+                points.append(Point(overrides=overrides, seed=seed, config=_fingerprint(cfg)))
     return points
 
 
-def config_fingerprint(sweep: Sweep, point: Point) -> str:
-    """Hash of the point's resolved config: its slug names only the overrides, so a changed base
-    config (or a changed default in the code) leaves the slug alone but changes this."""
-    cfg = config_to_dict(load_config(sweep.path(sweep.config), point.overrides))
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def _fingerprint(cfg) -> str:
+    return hashlib.sha1(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def is_done(sweep: Sweep, point: Point) -> bool:
@@ -134,7 +134,7 @@ def is_done(sweep: Sweep, point: Point) -> bool:
     if not done.exists():
         return False
     try:
-        return json.loads(done.read_text()).get("config") == config_fingerprint(sweep, point)
+        return json.loads(done.read_text()).get("config") == point.config
     except (OSError, ValueError):
         return False
 
@@ -171,7 +171,7 @@ def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
              "traceback": traceback.format_exc()[-4000:]}, indent=1))
         return point.slug, error, time.time() - start
     atomic_write_text(folder / "done.json", json.dumps(
-        {"point": point.slug, "overrides": point.overrides, "config": config_fingerprint(sweep, point),
+        {"point": point.slug, "overrides": point.overrides, "config": point.config,
          "seconds": time.time() - start}, indent=1))
     return point.slug, None, time.time() - start
 
