@@ -24,7 +24,8 @@ sweep = "synthetic_cpu"
 figures = "figures"
 
 # %%
-from study.figures.synthetic import axis_slice, synthetic_figure, synthetic_table, tradeoff_figure
+from study.figures.synthetic import (axis_slice, probe_rows, synthetic_figure, synthetic_table, tradeoff_figure,
+                                     variant_labels)
 from study.results import read_results
 
 table = read_results(results)
@@ -68,21 +69,14 @@ import pandas as pd
 completion = "results/synthetic_completion.csv"
 
 
-def probes(part, variant_objective, select=None):
-    rows = part[(part.metric == "linear_top1") & (part.objective == variant_objective)]
-    if select is not None:
-        rows = rows[rows.cimle_select == select]
-    return rows
-
-
-default = axis_slice(table, "synthetic_mean_shift")  # ratio and distractor at their defaults
-default = default[default.synthetic_mean_shift == 0.0]
+along_shift = axis_slice(table, "synthetic_mean_shift")  # ratio and distractor at their defaults
+default = along_shift[along_shift.synthetic_mean_shift == 0.0]
+probe = probe_rows(default, "synthetic_mean_shift")
 checks = []
 for pool in ("cls", "mean"):
-    at = default[default["pool"] == pool]
-    ls = probes(at[at.encoder == "pretrained"], "ls").set_index("seed").value
-    rnd = at[(at.metric == "linear_top1") & (at.encoder == "random")].drop_duplicates("seed").set_index("seed").value
-    tok = probes(at[at.encoder == "pretrained"], "cimle", "token").set_index("seed").value
+    at = probe[probe["pool"] == pool]
+    ls, rnd, tok = (at[at.variant == v].set_index("seed").value
+                    for v in ("least squares", "random init", "cIMLE (token)"))
     gap = (tok - ls).dropna()
     checks += [
         (f"{pool}: LS probe {ls.mean():.3f} <= random init {rnd.mean():.3f} + 0.05", ls.mean() <= rnd.mean() + 0.05),
@@ -91,30 +85,27 @@ for pool in ("cls", "mean"):
          len(gap) > 0 and gap.min() >= 0.3),
     ]
 loss = default[(default.encoder == "pretrained") & (default.protocol == "completion")]
-loss = loss.drop_duplicates(["objective", "cimle_select", "seed", "metric"])
+loss = loss.assign(variant=variant_labels(loss)).drop_duplicates(["variant", "seed", "metric"])  # one per pool
 
 
-def loss_mean(metric, objective, select=None):
-    rows = loss[(loss.metric == metric) & (loss.objective == objective)]
-    return (rows[rows.cimle_select == select] if select else rows).value.mean()
+def loss_mean(metric, variant):
+    return loss[(loss.metric == metric) & (loss.variant == variant)].value.mean()
 
 
-bayes, modes = loss_mean("bayes_floor", "ls"), loss_mean("mode_floor", "ls")
-ls_loss, tok_nearest = loss_mean("masked_loss", "ls"), loss_mean("masked_loss_nearest", "cimle", "token")
+bayes, modes = loss_mean("bayes_floor", "least squares"), loss_mean("mode_floor", "least squares")
+ls_loss, tok_nearest = loss_mean("masked_loss", "least squares"), loss_mean("masked_loss_nearest", "cIMLE (token)")
+precision, recall = loss_mean("cc_precision", "cIMLE (token)"), loss_mean("cc_recall", "cIMLE (token)")
 way = (bayes - tok_nearest) / (bayes - modes)
 checks += [
     (f"LS masked loss {ls_loss:.4f} within 5% of the analytic floor {bayes:.4f}", ls_loss <= 1.05 * bayes),
     (f"cIMLE-token nearest-of-k loss {tok_nearest:.4f}: {way:.0%} of the way from the LS floor to the "
      f"mode floor {modes:.4f} (need >= 1/3)", way >= 1 / 3),
-    (f"cIMLE-token Context-Completion precision {loss_mean('cc_precision', 'cimle', 'token'):.3f} >= 0.7",
-     loss_mean("cc_precision", "cimle", "token") >= 0.7),
-    (f"cIMLE-token Context-Completion recall {loss_mean('cc_recall', 'cimle', 'token'):.3f} >= 0.7",
-     loss_mean("cc_recall", "cimle", "token") >= 0.7),
+    (f"cIMLE-token Context-Completion precision {precision:.3f} >= 0.7", precision >= 0.7),
+    (f"cIMLE-token Context-Completion recall {recall:.3f} >= 0.7", recall >= 0.7),
 ]
-shifted = axis_slice(table, "synthetic_mean_shift")
+shift_one = probe_rows(along_shift[along_shift.synthetic_mean_shift == 1.0], "synthetic_mean_shift")
 for pool in ("cls", "mean"):
-    ls1 = probes(shifted[(shifted.synthetic_mean_shift == 1.0) & (shifted["pool"] == pool)
-                         & (shifted.encoder == "pretrained")], "ls").value
+    ls1 = shift_one[(shift_one["pool"] == pool) & (shift_one.variant == "least squares")].value
     checks.append((f"{pool}: mean shift 1, LS probe {ls1.mean():.3f} >= 0.85 (n={len(ls1)})", ls1.mean() >= 0.85))
 if Path(completion).is_file():
     div = pd.read_csv(completion)
@@ -136,12 +127,11 @@ for text, ok in checks:
 # random-init probe among the distractors where it does.
 
 # %%
-trade = axis_slice(table, "synthetic_distractor")
+trade = probe_rows(axis_slice(table, "synthetic_distractor"), "synthetic_distractor")
 for pool in ("cls", "mean"):
-    at = trade[(trade.metric == "linear_top1") & (trade["pool"] == pool)]
-    rnd = at[at.encoder == "random"].drop_duplicates(["synthetic_distractor", "seed"])
-    rnd = rnd.groupby("synthetic_distractor").value.mean()
-    tok = probes(at[at.encoder == "pretrained"], "cimle", "token").groupby("synthetic_distractor").value
+    at = trade[trade["pool"] == pool]
+    rnd = at[at.variant == "random init"].groupby("synthetic_distractor").value.mean()
+    tok = at[at.variant == "cIMLE (token)"].groupby("synthetic_distractor").value
     frame = pd.DataFrame({"random init": rnd, "cIMLE-token lowest seed": tok.min(), "seeds": tok.count()})
     frame["cIMLE-token >= 0.9 in every seed"] = frame["cIMLE-token lowest seed"] >= 0.9
     print(f"{pool} features\n{frame.to_string()}\n")

@@ -24,7 +24,7 @@ import seaborn as sns
 
 from study.figures.common import OBJECTIVE_PALETTE, save_figure, subplots
 
-__all__ = ["DEFAULT_POINT", "axis_slice", "variant_labels", "synthetic_figure", "tradeoff_figure",
+__all__ = ["DEFAULT_POINT", "axis_slice", "probe_rows", "variant_labels", "synthetic_figure", "tradeoff_figure",
            "synthetic_table"]
 
 # experiments/configs/synthetic.yaml's values of the three swept axes (a test keeps them in step)
@@ -51,7 +51,9 @@ def variant_labels(table: pd.DataFrame) -> pd.Series:
     return pd.Series([names.get(o) or f"cIMLE ({s})" for o, s in zip(table.objective, select)], index=table.index)
 
 
-def _probe_rows(table: pd.DataFrame, axis: str) -> pd.DataFrame:
+def probe_rows(table: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Linear-probe rows with a ``variant`` column: the pretrained encoders, plus the random-init
+    encoder once per (``axis`` value, seed, pool) under the variant "random init"."""
     rows = table[(table.metric == "linear_top1")].copy()
     if rows.empty:
         raise ValueError("results table has no linear_top1 rows")
@@ -90,7 +92,7 @@ def _chance(table: pd.DataFrame) -> float:
 def synthetic_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "synthetic_cpu",
                      axis: str = "synthetic_mean_shift") -> list[Path]:
     """Probe accuracy against ``axis`` (mean shift, or mask_ratio), per pooling and objective variant."""
-    rows = _probe_rows(axis_slice(table, axis), axis)
+    rows = probe_rows(axis_slice(table, axis), axis)
     xlabel = {"synthetic_mean_shift": "class mean shift (toy: 1 - s)", "mask_ratio": "mask ratio"}.get(axis, axis)
     return _probe_panels(rows, axis, xlabel, list(PALETTE), out_dir, name, _chance(table))
 
@@ -99,7 +101,7 @@ def tradeoff_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "synth
     """Random-init, LS and cIMLE-token probes against the cue-to-distractor ratio."""
     table = axis_slice(table, "synthetic_distractor")
     table = table.assign(cue_to_distractor=table.synthetic_cue / table.synthetic_distractor)
-    rows = _probe_rows(table, "cue_to_distractor")
+    rows = probe_rows(table, "cue_to_distractor")
     rows = rows[rows.variant.isin(["random init", "least squares", "cIMLE (token)"])]
     return _probe_panels(rows, "cue_to_distractor", "cue-to-distractor ratio (cue / distractor std)",
                          ["random init", "least squares", "cIMLE (token)"], out_dir, name, _chance(table))
