@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from study.config import load_config
-from study.evaluation.run import evaluate
+from study.evaluation.run import DECODER_PROTOCOLS, evaluate, parse_protocols
 from study.results import append_rows
 from study.train import pretrain
 
@@ -51,12 +51,17 @@ metrics[["epoch", "loss", "images_per_sec", "train_seconds"]].tail()
 checkpoints = [Path(out) / "checkpoint.pt"]
 if snapshots:
     checkpoints = sorted((Path(out) / "snapshots").glob("epoch_*.pt")) + checkpoints
+requested = parse_protocols(protocols)
 rows = []
-for pool in pools.split(","):
+for j, pool in enumerate(pools.split(",")):
+    # the decoder's protocols do not read pooled features: run them with the first pool only
+    wanted = [p for p in requested if j == 0 or p not in DECODER_PROTOCOLS]
+    if not wanted:
+        continue
     for i, checkpoint in enumerate(checkpoints):
         # the random-init baseline does not depend on the snapshot: evaluate it once
         last = i == len(checkpoints) - 1
-        rows += evaluate(checkpoint, protocols, results=None, pool=pool, progress=False, verbose=False,
+        rows += evaluate(checkpoint, wanted, results=None, pool=pool, progress=False, verbose=False,
                          random_baseline=last and cfg.objective in random_baseline_objectives.split(","))
 for r in rows:
     r.update(sweep=sweep, point=point)

@@ -72,12 +72,12 @@ from study.evaluation.setup import (ENCODERS, EvaluationError, build_encoders, b
 from study.results import append_rows, check_table, write_results
 from study.runtime import cpu_threads
 
-__all__ = ["PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols", "run_params",
+__all__ = ["PROTOCOLS", "DECODER_PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols", "run_params",
            "EvaluationError", "ResultsNotSaved"]
 
 PROTOCOLS = ("knn", "linear", "finetune", "samples", "completion")
 DEFAULT_RESULTS = "runs/results.csv"
-DECODER_PROTOCOLS = ("samples", "completion")
+DECODER_PROTOCOLS = ("samples", "completion")  # read the decoder, not pooled features: no pool
 
 
 def parse_protocols(protocols: str | Iterable[str]) -> list[str]:
