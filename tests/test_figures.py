@@ -55,7 +55,7 @@ def _synthetic_table() -> pd.DataFrame:
     rows = []
     variants = [("ls", "token"), ("cimle", "image"), ("cimle", "token"), ("mvae", "image")]
     for (objective, select), shift, distractor, seed, encoder, pool in itertools.product(
-            variants, [0.0, 1.0], [0.5, 1.0], [0, 1], ["pretrained", "random"], ["cls", "mean"]):
+            variants, [0.0, 1.0], [0.75, 1.0], [0, 1], ["pretrained", "random"], ["cls", "mean"]):
         value = 0.9 if encoder == "random" else 0.4 + 0.5 * (select == "token") + 0.1 * shift
         rows.append(dict(objective=objective, cimle_select=select, synthetic_mean_shift=shift, synthetic_cue=2.0,
                          synthetic_distractor=distractor, mask_ratio=0.75, seed=seed, encoder=encoder, pool=pool,
@@ -81,9 +81,9 @@ def test_axis_slice_keeps_one_axis_with_the_others_at_the_default():
 
     table = _synthetic_table()
     shift = synthetic.axis_slice(table, "synthetic_mean_shift")
-    assert set(shift.synthetic_distractor) == {0.5} and set(shift.synthetic_mean_shift) == {0.0, 1.0}
+    assert set(shift.synthetic_distractor) == {0.75} and set(shift.synthetic_mean_shift) == {0.0, 1.0}
     trade = synthetic.axis_slice(table, "synthetic_distractor")
-    assert set(trade.synthetic_mean_shift) == {0.0} and set(trade.synthetic_distractor) == {0.5, 1.0}
+    assert set(trade.synthetic_mean_shift) == {0.0} and set(trade.synthetic_distractor) == {0.75, 1.0}
 
 
 def test_synthetic_default_point_is_the_configs():

@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_POINT", "axis_slice", "probe_rows", "variant_labels", "synth
            "synthetic_table"]
 
 # experiments/configs/synthetic.yaml's values of the three swept axes (a test keeps them in step)
-DEFAULT_POINT = {"synthetic_mean_shift": 0.0, "mask_ratio": 0.75, "synthetic_distractor": 0.5}
+DEFAULT_POINT = {"synthetic_mean_shift": 0.0, "mask_ratio": 0.75, "synthetic_distractor": 0.75}
 
 PALETTE = {"least squares": OBJECTIVE_PALETTE["least squares"], "cIMLE (image)": "#66a61e",
            "cIMLE (token)": OBJECTIVE_PALETTE["cIMLE"], "Masked VAE": OBJECTIVE_PALETTE["Masked VAE"],
