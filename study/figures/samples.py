@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -103,7 +104,8 @@ def _grid_figure(images: Tensor, mask: Tensor, labels: Tensor, columns: list[tup
     lo, hi = _display_range(images)
     headers = ["original", "masked"] + [h for h, _ in columns]
     ncol = len(headers)
-    fig = Figure(figsize=(PANEL_INCHES * ncol + 0.4, PANEL_INCHES * b + 0.7), layout="constrained")
+    width = PANEL_INCHES * ncol + 0.4
+    fig = Figure(figsize=(width, PANEL_INCHES * b + 0.7), layout="constrained")
     axes = fig.subplots(b, ncol, squeeze=False)
     for i in range(b):
         orig = _to_rgb(images[i], float(lo[i]), float(hi[i]), norm)
@@ -120,7 +122,8 @@ def _grid_figure(images: Tensor, mask: Tensor, labels: Tensor, columns: list[tup
             if i == 0:
                 ax.set_title(headers[j], fontsize=7)
         axes[i, 0].set_ylabel(f"class {int(labels[i])}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    # constrained layout does not shrink a suptitle wider than the figure: wrap it (~13 chars per inch at 9 pt)
+    fig.suptitle(textwrap.fill(title, width=max(40, int(13 * width))), fontsize=9)
     return fig
 
 
