@@ -85,7 +85,7 @@ for pool in ("cls", "mean"):
          len(gap) > 0 and gap.min() >= 0.3),
     ]
 loss = default[(default.encoder == "pretrained") & (default.protocol == "completion")]
-loss = loss.assign(variant=variant_labels(loss)).drop_duplicates(["variant", "seed", "metric"])  # one per pool
+loss = loss.assign(variant=variant_labels(loss))
 
 
 def loss_mean(metric, variant):

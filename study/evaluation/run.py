@@ -72,8 +72,8 @@ from study.evaluation.setup import (ENCODERS, EvaluationError, build_encoders, b
 from study.results import append_rows, check_table, write_results
 from study.runtime import cpu_threads
 
-__all__ = ["PROTOCOLS", "DECODER_PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols", "run_params",
-           "EvaluationError", "ResultsNotSaved"]
+__all__ = ["PROTOCOLS", "DECODER_PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols",
+           "run_params", "EvaluationError", "ResultsNotSaved"]
 
 PROTOCOLS = ("knn", "linear", "finetune", "samples", "completion")
 DEFAULT_RESULTS = "runs/results.csv"
