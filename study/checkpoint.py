@@ -10,6 +10,7 @@ non-tensor objects this project's checkpoints hold are numpy's RNG state
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,24 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS), warnings.catch_warnings():
+            # torch warns about the pickle protocol of a file it then fails on: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"cannot read checkpoint {path} (damaged, not a torch checkpoint, or it holds "
-                              f"objects other than tensors and plain data): {one_line(exc)}") from exc
+                              f"objects other than tensors and plain data): {_load_failure(exc)}") from exc
+
+
+def _load_failure(exc: BaseException) -> str:
+    """The cause of a failed ``torch.load``, without torch's advice to load unsafely (which we never do)."""
+    text = str(exc)
+    _, found, cause = text.partition("WeightsUnpickler error:")
+    if found:
+        for advice in ("Check the documentation of torch.load", "Please use `torch.serialization"):
+            cause = cause.split(advice)[0]
+        return "the weights-only unpickler stopped at: " + " ".join(cause.split())
+    return one_line(exc)
 
 
 # --------------------------------------------------------------------------- resume checks

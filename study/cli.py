@@ -105,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run folder (as for pretrain)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--partition", default=None)
-    p.add_argument("--timeout-min", type=int, default=72 * 60)
+    p.add_argument("--nodes", type=int, default=1, help="SLURM nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs, one process each, per node (default 8)")
+    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--timeout-min", type=int, default=72 * 60,
+                   help="job time limit in minutes (default 4320); a requeued job resumes from its checkpoint")
     p.add_argument("--slurm-folder", default=None,
                    help="submitit's logs, %%j = job id (default: OUT/slurm/%%j)")
     p.add_argument("--local", action="store_true",

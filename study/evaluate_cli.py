@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set data.root=/data/in100 (repeatable)")
     parser.add_argument("--pool", choices=POOLS, default="cls",
                         help="frozen features for k-NN / linear: cls token or mean of patch tokens (default cls)")
-    parser.add_argument("--knn-k", type=int, default=20)
-    parser.add_argument("--knn-temperature", type=float, default=0.07)
+    parser.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN protocol (default 20)")
+    parser.add_argument("--knn-temperature", type=float, default=0.07,
+                        help="each neighbour votes exp(cosine similarity / T) (default 0.07, as DINO)")
     parser.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
                         help="linear-probe and finetune settings (auto: gpu on CUDA, else cpu)")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="override the preset's finetune epochs")

@@ -22,8 +22,11 @@ def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path) ->
     else:
         staged = source
     try:
+        # the kernel logs a warning about its local TCP transport at every start (ipykernel 7), once per
+        # sweep point in a sweep's log; its errors still show
         papermill.execute_notebook(str(staged), str(output), parameters=parameters, kernel_name="python3",
-                                   cwd=str(cwd), progress_bar=False)
+                                   cwd=str(cwd), progress_bar=False,
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
     finally:
         if staged != source:
             staged.unlink(missing_ok=True)

@@ -58,7 +58,7 @@ def _write_sweep(tmp_path: Path) -> Path:
     return tmp_path / "sweep.yaml"
 
 
-def test_failure_is_reported_and_restart_runs_only_missing(tmp_path, capsys):
+def test_failure_is_reported_and_restart_runs_only_missing(tmp_path, capfd):
     sweep = load_sweep(_write_sweep(tmp_path))
     points = expand(sweep)
     assert len(points) == 4
@@ -67,12 +67,13 @@ def test_failure_is_reported_and_restart_runs_only_missing(tmp_path, capsys):
     assert first["ran"] == 4 and len(first["failed"]) == 1
     (failed,) = first["failed"]
     assert "0.9" in failed and "boom" in first["failed"][failed]
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()  # file descriptors: the kernels' output too
     out = captured.out
     # the console names the cause raised inside the notebook, not only papermill's wrapper
     assert f"FAILED {failed}: RuntimeError: boom at {failed}" in out, out
     assert "PapermillExecutionError" not in out
     assert "\r" not in out + captured.err
+    assert "IPKernelApp" not in captured.err  # no kernel start-up chatter, once per point
     points = [line for line in out.splitlines() if line.startswith("point ")]
     assert len(points) == 4 and sum(line.endswith(": done") for line in points) == 3, out
     assert (tmp_path / "runs" / "tiny" / failed / "failed.json").exists()

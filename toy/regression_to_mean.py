@@ -328,9 +328,17 @@ QUICK = dict(strengths=[0.0, 0.5, 1.0], seeds=3, steps=600)
 DEFAULT = dict(strengths=[0.0, 0.25, 0.5, 0.75, 0.9, 1.0], seeds=5, steps=2000)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends the default, except to flags and to options left None (their help states the default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsFormatter)
     p.add_argument("--quick", action="store_true", help=f"small grid: {QUICK}")
     p.add_argument("--strengths", type=float, nargs="+", help=f"mask strengths in [0, 1] (default {DEFAULT['strengths']})")
     p.add_argument("--seeds", type=int, help=f"number of seeds, 0..N-1 (default {DEFAULT['seeds']})")
