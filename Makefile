@@ -56,13 +56,17 @@ reports: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml --report-only
 	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --report-only
 
-# Training-step benchmarks (needs the bench extra: transformers): every committed results/bench file.
-# About 30 minutes on 2 cores; run it on an otherwise idle machine (other jobs distort every timing).
+# Training-step benchmarks (needs the bench extra: transformers): every committed results/bench file
+# (in100-vit-t-head-cpu: cIMLE with the noise in the head against LS on that same model).
+# About 35 minutes on 2 cores; run it on an otherwise idle machine (other jobs distort every timing).
 BENCH := OMP_NUM_THREADS=2 $(BIN)/python -m study bench
 bench: $(STAMP)
 	$(BENCH) --config experiments/configs/cpu-small.yaml --precision fp32,bf16 --out results/bench/cpu-small.json
 	$(BENCH) --config experiments/configs/in100-vit-t.yaml --set device=cpu --precision fp32,bf16 --batch 32 \
 	    --k 1,8 --steps 5 --warmup 1 --selection-k 8 --selection-chunk 1,8 --out results/bench/in100-vit-t-cpu.json
+	$(BENCH) --config experiments/configs/in100-vit-t.yaml --set device=cpu --set noise.block=head --precision fp32,bf16 \
+	    --batch 32 --k 8 --steps 5 --warmup 1 --no-transformers --no-late-noise --selection-k 8 --selection-chunk 1 \
+	    --out results/bench/in100-vit-t-head-cpu.json
 	OMP_NUM_THREADS=2 $(BIN)/python experiments/profile_step.py --config experiments/configs/in100-vit-t.yaml \
 	    --set device=cpu --batch 32 --precision fp32,bf16 --out results/bench/in100-vit-t-cpu-profile.txt
 
