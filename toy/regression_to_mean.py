@@ -332,7 +332,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends the default, except to flags and to options left None (their help states the default)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # not "in": 0 == False
             return action.help
         return super()._get_help_string(action)
 
