@@ -41,7 +41,7 @@ experiments-mnist: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml
 
 # The same-mean synthetic images: one sweep over mean shift, mask ratio and the
-# cue-to-distractor trade-off (102 points, 2 at a time; about 100 minutes on 2 cores),
+# cue-to-distractor trade-off (102 points, 2 at a time; 61 minutes from a fresh clone on 2 cores),
 # then Context-Completion at k = 8 on its default point, the samples checkpoints and the report.
 experiments-synthetic: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --no-report
