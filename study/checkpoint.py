@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"cannot read checkpoint {path} (damaged, not a torch checkpoint, or it holds "
-                              f"objects other than tensors and plain data): {_load_failure(exc)}") from exc
+                              f"objects other than tensors and plain data): {_load_failure(path, exc)}") from exc
 
 
-def _load_failure(exc: BaseException) -> str:
+def _load_failure(path: Path, exc: BaseException) -> str:
     """The cause of a failed ``torch.load``, without torch's advice to load unsafely (which we never do)."""
     text = str(exc)
     _, found, cause = text.partition("WeightsUnpickler error:")
@@ -64,6 +65,12 @@ def _load_failure(exc: BaseException) -> str:
         for advice in ("Check the documentation of torch.load", "Please use `torch.serialization"):
             cause = cause.split(advice)[0]
         return "the weights-only unpickler stopped at: " + " ".join(cause.split())
+    # torch's legacy reader fails on arbitrary bytes with KeyError '101', IndexError, bare EOFError ...
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return f"the file ({size} bytes) is not the zip archive torch.save writes ({one_line(exc)})"
     return one_line(exc)
 
 

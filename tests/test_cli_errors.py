@@ -118,6 +118,16 @@ def test_unreadable_checkpoint(run, tmp_path, capsys):
     one_error_line(capsys, code, "cannot read checkpoint")
 
 
+@pytest.mark.parametrize("content, cause", [(b"", "the file is empty"),
+                                            (b"root:x:0:0:root:/root:/bin/bash\n", "not the zip archive")])
+def test_checkpoint_that_is_not_a_torch_file(tmp_path, capsys, content, cause):
+    # torch's own cause here is KeyError '101', IndexError or an empty EOFError: the line must say what is wrong
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    code = cli_main(["evaluate", "--checkpoint", str(path), "--protocols", "knn", "--results", str(tmp_path / "r.csv")])
+    one_error_line(capsys, code, "cannot read checkpoint", cause)
+
+
 def test_checkpoint_of_another_architecture(run, tmp_path, capsys):
     code = cli_main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--protocols", "knn",
                      "--results", str(tmp_path / "r.csv"), "--set", "model.embed_dim=16"])
