@@ -1,7 +1,10 @@
 """SLURM submission through submitit: one task per GPU, DDP set up from SLURM's variables.
 
-On preemption or timeout submitit requeues the job, which resumes from the
-run's last checkpoint (``pretrain(..., resume=True)``). Without ``sbatch`` there
+``--out`` becomes a run folder at submission (its ``config.yaml`` is written
+then), so that the job, which finds submitit's logs and pickles in
+``out/slurm/`` when it starts, still takes the folder for its run. On
+preemption or timeout submitit requeues the job, which resumes from the run's
+last checkpoint (``pretrain(..., resume=True)``). Without ``sbatch`` there
 is nothing to submit to: :func:`submit` refuses rather than let submitit fall
 back to its local executor, which would start one detached training process
 per requested GPU on this machine.
@@ -12,7 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from study.config import Config
+from study.checkpoint import CHECKPOINT
+from study.config import Config, save_config
 from study.errors import UserError
 from study.run_folder import check_run_folder
 from study.train import pretrain
@@ -43,6 +47,15 @@ def slurm_available() -> bool:
     return all(shutil.which(cmd) is not None for cmd in ("sbatch", "srun"))
 
 
+def _claim_run_folder(cfg: Config, out: Path) -> None:
+    """Make ``out`` a run before submitit writes into it, as the run's first start would.
+
+    A run that has a checkpoint keeps its files: the job itself checks the config against the checkpoint.
+    """
+    if not (out / CHECKPOINT).exists():
+        save_config(cfg, out / "config.yaml")
+
+
 def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int = 8, partition: str | None = None,
            timeout_min: int = 72 * 60, slurm_folder: str | Path | None = None):
     """Submit the run to SLURM; returns ``(job, log folder)``. The logs go to ``out/slurm/%j`` by default."""
@@ -51,7 +64,7 @@ def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int =
     if not slurm_available():
         raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; run 'python -m study "
                         "pretrain' or 'torchrun -m study pretrain' instead")
-    check_run_folder(out)
+    _claim_run_folder(cfg, check_run_folder(out))
     folder = Path(slurm_folder) if slurm_folder is not None else Path(out) / "slurm" / "%j"
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     params = dict(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=gpus_per_node,
