@@ -13,9 +13,12 @@
 #
 # Executed by `python -m study sweep ...` once per grid point (papermill fills the
 # `parameters` cell). Pretraining resumes if the run folder already holds a
-# checkpoint; the evaluation rows (k-NN, linear probe, ... on the pretrained
-# and the random-init encoder) are appended to the results table in one atomic
-# write at the end, so a point that fails midway adds no rows.
+# checkpoint. The point's rows from an earlier run are dropped from the results
+# table first; then the rows of each evaluation (k-NN, linear probe, ... on the
+# pretrained and the random-init encoder) are appended as soon as it ends, so a
+# failure later in the point keeps the rows before it. A failure (a protocol
+# included: the rows of the others are kept) still fails the notebook, and so
+# the point.
 
 # %% tags=["parameters"]
 config = "experiments/configs/cpu-small.yaml"
@@ -29,6 +32,10 @@ snapshots = False  # also evaluate every snapshots/epoch_*.pt (efficiency curves
 # objectives whose points also evaluate the random-init encoder; it depends only on the seed and
 # the encoder's config, so a sweep over objectives needs it from one of them ("ls") only
 random_baseline_objectives = "ls,cimle,mvae"
+# True / False: evaluate / skip the random-init encoder at this point whatever its objective (a sweep
+# with random_baseline: once_per_seed passes it); None: the objective rule above
+random_baseline = None
+finetune_epochs = None  # None: the finetune preset's (cpu: 10, gpu: 100); fewer for a quick sweep
 sweep = ""
 point = ""
 
@@ -38,11 +45,15 @@ from pathlib import Path
 import pandas as pd
 
 from study.config import load_config
-from study.evaluation.run import DECODER_PROTOCOLS, evaluate, parse_protocols
+from study.evaluation.finetune import finetune_settings
+from study.evaluation.run import DECODER_PROTOCOLS, ProtocolFailed, evaluate, parse_protocols
+from study.evaluation.setup import eval_device
 from study.results import append_rows
 from study.train import pretrain
 
 cfg = load_config(config, overrides)
+if point:  # a rerun of this point replaces its rows rather than adding a second copy
+    append_rows(results, [], replace={"sweep": sweep, "point": point})
 pretrain(cfg, out, resume=True, progress=False)
 metrics = pd.read_json(Path(out) / "metrics.jsonl", lines=True)
 metrics[["epoch", "loss", "images_per_sec", "train_seconds"]].tail()
@@ -52,19 +63,37 @@ checkpoints = [Path(out) / "checkpoint.pt"]
 if snapshots:
     checkpoints = sorted((Path(out) / "snapshots").glob("epoch_*.pt")) + checkpoints
 requested = parse_protocols(protocols)
+# finetuning trains on the images with its preset's own pool, and the decoder's protocols read no
+# pooled features: run them with the first pool only
+POOL_FREE = ("finetune", *DECODER_PROTOCOLS)
+if random_baseline is None:
+    random_baseline = cfg.objective in random_baseline_objectives.split(",")
+finetune = None
+if finetune_epochs is not None:
+    finetune = finetune_settings("gpu" if eval_device(None, cfg).type == "cuda" else "cpu", epochs=finetune_epochs)
 rows = []
+
+
+def save(new_rows):
+    if not new_rows:
+        return
+    for r in new_rows:
+        r.update(sweep=sweep, point=point)
+    append_rows(results, new_rows)
+    rows.extend(new_rows)
+
+
 for j, pool in enumerate(pools.split(",")):
-    # the decoder's protocols do not read pooled features: run them with the first pool only
-    wanted = [p for p in requested if j == 0 or p not in DECODER_PROTOCOLS]
+    wanted = [p for p in requested if j == 0 or p not in POOL_FREE]
     if not wanted:
         continue
     for i, checkpoint in enumerate(checkpoints):
         # the random-init baseline does not depend on the snapshot: evaluate it once
         last = i == len(checkpoints) - 1
-        rows += evaluate(checkpoint, wanted, results=None, pool=pool, progress=False, verbose=False,
-                         random_baseline=last and cfg.objective in random_baseline_objectives.split(","))
-for r in rows:
-    r.update(sweep=sweep, point=point)
-# a rerun of this point replaces its rows rather than adding a second copy
-append_rows(results, rows, replace={"sweep": sweep, "point": point} if point else None)
+        try:
+            save(evaluate(checkpoint, wanted, results=None, pool=pool, progress=False, verbose=False,
+                          finetune=finetune, random_baseline=last and bool(random_baseline)))
+        except ProtocolFailed as exc:
+            save(exc.rows)
+            raise
 pd.DataFrame(rows)[["encoder", "pool", "epochs", "metric", "value"]]

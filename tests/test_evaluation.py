@@ -14,6 +14,7 @@ from study.evaluation.features import FeatureCache, extract_features
 from study.evaluation.finetune import ViTClassifier, finetune, finetune_settings
 from study.evaluation.knn import knn_accuracy, knn_predict
 from study.evaluation.linear_probe import LARS, linear_probe_settings, train_linear_probe
+from study.errors import UserError
 from study.evaluate_cli import add_arguments, run_from_args
 from study.evaluation.run import EvaluationError, evaluate, parse_protocols
 
@@ -367,3 +368,73 @@ def test_evaluate_log_is_one_line_per_protocol_without_bars(tmp_path, capsys):
     for protocol in ("knn", "linear", "finetune"):
         assert len([line for line in lines if line.strip().startswith(protocol + " ")]) == 1, captured.out
     assert len(lines) == 5, captured.out  # header, three protocols, where the rows went
+
+
+# --------------------------------------------------------------------------- a protocol that fails
+
+
+def _crash(*args, **kwargs):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_crashed_protocol_keeps_the_others_rows_and_is_named(tmp_path, monkeypatch):
+    import study.evaluation.run as evaluation_run
+
+    _, _, ckpt = _tiny_checkpoint(tmp_path)
+    results = tmp_path / "results.csv"
+    monkeypatch.setattr(evaluation_run, "finetune", _crash)
+    with pytest.raises(RuntimeError) as info:
+        evaluate(ckpt, "knn,linear,finetune", results, progress=False, verbose=False)
+    assert results.exists(), "the rows of the protocols that succeeded were not saved"
+    table = pd.read_csv(results)
+    assert set(table.protocol) == {"knn", "linear"}
+    for metric in ("knn_top1", "linear_top1"):
+        assert sorted(table[table.metric == metric].encoder) == ["pretrained", "random"]
+    error = info.value
+    assert isinstance(error, evaluation_run.ProtocolFailed)
+    assert not isinstance(error, UserError)  # a crash keeps its traceback in the command
+    assert isinstance(error.__cause__, RuntimeError) and "illegal memory access" in str(error.__cause__)
+    message = str(error)
+    assert message.startswith("protocol finetune failed: RuntimeError: CUDA error"), message
+    assert f"the {len(table)} rows of knn, linear are in {results}" in message
+    assert len(error.rows) == len(table)
+
+
+def test_a_protocol_that_fails_on_the_random_encoder_adds_no_rows(tmp_path, monkeypatch):
+    import study.evaluation.run as evaluation_run
+
+    _, _, ckpt = _tiny_checkpoint(tmp_path)
+    calls = []
+
+    def fails_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            _crash()
+        return train_linear_probe(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation_run, "train_linear_probe", fails_second_time)
+    with pytest.raises(RuntimeError, match="protocol linear failed") as info:
+        evaluate(ckpt, "knn,linear", None, progress=False, verbose=False)
+    rows = info.value.rows
+    assert {r["protocol"] for r in rows} == {"knn"} and {r["encoder"] for r in rows} == {"pretrained", "random"}
+    assert "are on this error's .rows" in str(info.value)
+
+
+def test_a_failed_protocol_is_one_error_line_when_it_is_the_users_to_fix(tmp_path, monkeypatch, capsys):
+    import study.evaluation.run as evaluation_run
+    from study.image_folders import BadImageError
+
+    def bad_image(*args, **kwargs):
+        raise BadImageError("cannot decode /data/train/n01/x.JPEG: truncated file")
+
+    _, _, ckpt = _tiny_checkpoint(tmp_path)
+    results = tmp_path / "results.csv"
+    monkeypatch.setattr(evaluation_run, "finetune", bad_image)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    status = run_from_args(parser.parse_args(["--checkpoint", str(ckpt), "--protocols", "knn,finetune",
+                                              "--results", str(results), "--quiet"]))
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: protocol finetune failed: cannot decode"), err
+    assert set(pd.read_csv(results).metric) == {"knn_top1", "knn_seconds"}

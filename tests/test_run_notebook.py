@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 
 from study.notebook import execute_notebook
 from conftest import tiny_overrides
@@ -10,18 +12,73 @@ from conftest import tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_notebook_evaluates_decoder_protocols_once_and_pooled_ones_per_pool(tmp_path):
+def _run(tmp_path, **parameters) -> None:
     (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 1\n")
-    results = tmp_path / "results.csv"
     execute_notebook(ROOT / "notebooks" / "run.py", tmp_path / "run.ipynb", cwd=ROOT, parameters=dict(
         config=str(tmp_path / "base.yaml"), overrides=tiny_overrides(), out=str(tmp_path / "run"),
-        results=str(results), protocols="knn,completion", pools="cls,mean", random_baseline_objectives="ls",
-        sweep="tiny", point="ls_s0"))
-    table = pd.read_csv(results)
+        results=str(tmp_path / "results.csv"), sweep="tiny", point="ls_s0", **parameters))
+
+
+def _old_rows(results: Path) -> None:
+    """A row of this point from an earlier run, and one of another point."""
+    pd.DataFrame([{"sweep": "tiny", "point": "ls_s0", "metric": "knn_top1", "value": 0.5, "protocol": "old"},
+                  {"sweep": "tiny", "point": "other", "metric": "knn_top1", "value": 0.5, "protocol": "old"}]
+                 ).to_csv(results, index=False)
+
+
+def test_run_notebook_evaluates_finetune_and_decoder_protocols_once_and_pooled_ones_per_pool(tmp_path):
+    # ls is not among the objectives, random_baseline=True evaluates the random-init encoder anyway
+    _run(tmp_path, protocols="knn,finetune,completion", pools="cls,mean", random_baseline_objectives="cimle",
+         random_baseline=True)
+    table = pd.read_csv(tmp_path / "results.csv")
+    for protocol in ("finetune", "completion"):  # once per point, not once per pool
+        rows = table[table.protocol == protocol]
+        assert len(rows) > 0 and not rows.duplicated(["encoder", "metric"]).any(), protocol
+        assert set(rows.encoder) == {"pretrained", "random"}, protocol
     knn = table[table.metric == "knn_top1"]
     assert sorted(zip(knn.encoder, knn["pool"])) == [("pretrained", "cls"), ("pretrained", "mean"),
                                                       ("random", "cls"), ("random", "mean")]
-    completion = table[table.protocol == "completion"]
-    assert len(completion) > 0 and completion["pool"].isna().all()
-    assert not completion.duplicated(["encoder", "metric"]).any()  # once per point, not once per pool
+    assert table[table.protocol == "completion"]["pool"].isna().all()
+    assert set(table[table.protocol == "finetune"]["pool"]) == {"mean"}  # the finetune preset's pool
     assert set(table.point) == {"ls_s0"} and set(table.sweep) == {"tiny"}
+
+
+def test_rows_of_each_evaluation_are_kept_when_a_later_one_fails(tmp_path):
+    results = tmp_path / "results.csv"
+    _old_rows(results)
+    # ls is among the objectives, random_baseline=False skips the random-init encoder anyway;
+    # the second pool is not one, so the point fails after the first pool's evaluation
+    with pytest.raises(Exception, match="pool must be one of"):
+        _run(tmp_path, protocols="knn", pools="cls,nopool", random_baseline_objectives="ls",
+             random_baseline=False)
+    table = pd.read_csv(results)
+    mine = table[table.point == "ls_s0"]
+    assert sorted(mine.metric) == ["knn_seconds", "knn_top1"]
+    assert set(mine.encoder) == {"pretrained"} and set(mine["pool"]) == {"cls"}
+    assert len(table[table.point == "other"]) == 1
+
+
+def test_a_failed_protocol_keeps_the_others_rows_and_fails_the_point(tmp_path):
+    from study.config import config_to_dict, load_config
+    from study.models import build_model
+    from study.train import pretrain
+
+    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 1\n")
+    cfg = load_config(tmp_path / "base.yaml", tiny_overrides())
+    pretrain(cfg, tmp_path / "run", progress=False)
+    # a snapshot whose weights diverged: the linear probe's loss is not finite, k-NN still gives rows
+    diverged = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in build_model(cfg).state_dict().items()}
+    (tmp_path / "run" / "snapshots").mkdir(exist_ok=True)
+    torch.save({"model": diverged, "config": config_to_dict(cfg), "epoch": 0},
+               tmp_path / "run" / "snapshots" / "epoch_0001.pt")
+    results = tmp_path / "results.csv"
+    _old_rows(results)
+    with pytest.raises(Exception) as info:
+        _run(tmp_path, protocols="knn,linear", pools="cls", snapshots=True)
+    table = pd.read_csv(results)
+    mine = table[table.point == "ls_s0"]
+    assert sorted(mine.metric) == ["knn_seconds", "knn_top1"] and set(mine.protocol) == {"knn"}
+    assert all(Path(c).name == "epoch_0001.pt" for c in mine.checkpoint)
+    assert len(table[table.point == "other"]) == 1
+    assert "protocol linear failed" in str(info.value)

@@ -6,7 +6,8 @@ Pieces (all from timm, not rewritten): layer-wise lr decay through
 path (``timm.layers.DropPath`` set on the encoder's timm Blocks, rate rising
 linearly with depth), mixup / cutmix (``timm.data.Mixup``) with
 ``timm.loss.SoftTargetCrossEntropy``, RandAugment and random erasing
-(``timm.data.create_transform``), label smoothing.
+(``timm.data.create_transform``; its posterize op keeping 0 bits gives a black
+image, as with Pillow < 13, where Pillow 13 raises), label smoothing.
 
 Presets (:data:`FINETUNE_PRESETS`)
 ----------------------------------
@@ -40,11 +41,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn as nn
+from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import AugmentOp
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
@@ -55,7 +58,7 @@ from study.data import RobustImageFolder, build_datasets, build_eval_datasets
 from study.runtime import autocast, grad_scaler, seed_everything, warmup_cosine
 
 __all__ = ["FinetuneSettings", "FINETUNE_PRESETS", "FinetuneResult", "ViTClassifier", "finetune",
-           "finetune_settings", "set_drop_path", "build_finetune_datasets"]
+           "finetune_settings", "set_drop_path", "build_finetune_datasets", "finetune_train_transform"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,49 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
+def finetune_train_transform(img_size: int, settings: FinetuneSettings, mean: tuple[float, ...],
+                             std: tuple[float, ...]):
+    """timm's training transform for PIL images: random resized crop, flip, RandAugment, random erasing."""
+    tf = create_transform(img_size, is_training=True, auto_augment=settings.rand_augment, interpolation="bicubic",
+                          re_prob=settings.reprob, re_mode="pixel", re_count=1, color_jitter=None, mean=mean,
+                          std=std)
+    for op in augment_ops(tf):
+        if "Posterize" in op.name and not isinstance(op.aug_fn, _ZeroBitsPosterize):
+            op.aug_fn = _ZeroBitsPosterize(op.aug_fn)
+    return tf
+
+
+def augment_ops(transform) -> Iterator[AugmentOp]:
+    """timm's ``AugmentOp``s inside a built transform: a Compose's ``transforms``, RandAugment's and
+    AugMix's ``ops``, AutoAugment's ``policy`` (lists of ops)."""
+    if isinstance(transform, AugmentOp):
+        yield transform
+        return
+    if isinstance(transform, (list, tuple)):
+        for item in transform:
+            yield from augment_ops(item)
+        return
+    for attr in ("transforms", "ops", "policy"):
+        yield from augment_ops(getattr(transform, attr, ()))
+
+
+class _ZeroBitsPosterize:
+    """A posterize op that keeps 0 bits as an all-black image.
+
+    RandAugment's increasing posterize keeps ``4 - int(0.4 * magnitude)`` bits, so magnitude 10 (reached
+    through the ``mstd`` noise) asks for 0; Pillow < 13 returned black there, Pillow 13 raises ValueError
+    and with it the DataLoader. A class, not a closure, so the transform still pickles for spawned workers.
+    """
+
+    def __init__(self, posterize) -> None:
+        self.posterize = posterize
+
+    def __call__(self, img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return self.posterize(img, bits_to_keep, **kwargs)
+
+
 def build_finetune_datasets(cfg, settings: FinetuneSettings) -> tuple[Dataset, Dataset]:
     """Training set with the finetune augmentation, val with the eval transform.
 
@@ -173,9 +219,7 @@ def build_finetune_datasets(cfg, settings: FinetuneSettings) -> tuple[Dataset, D
     """
     train, val = build_eval_datasets(cfg)
     if isinstance(train, RobustImageFolder):
-        tf = create_transform(cfg.model.img_size, is_training=True, auto_augment=settings.rand_augment,
-                              interpolation="bicubic", re_prob=settings.reprob, re_mode="pixel", re_count=1,
-                              color_jitter=None, mean=tuple(train.mean), std=tuple(train.std))
+        tf = finetune_train_transform(cfg.model.img_size, settings, mean=tuple(train.mean), std=tuple(train.std))
         return train.with_transform(tf), val
     if not settings.crop_augment:
         return train, val

@@ -44,6 +44,14 @@ extraction). Every row carries the run's parameters (objective,
 mask_kind, mask_ratio, k = cimle.k, noise_dim, noise_block, ..., seed, epochs =
 epochs trained, dataset, checkpoint) and the evaluation's (protocol, pool,
 encoder, preset and protocol settings).
+
+A protocol that raises does not take the others with it: they still run,
+their rows are saved as above (the failed protocol adds none, not even those
+of the encoder it finished), and then :class:`ProtocolFailed` names each
+failed protocol with its cause, raised from the first cause so its traceback
+shows. When every cause is the user's to fix (an unreadable image, a missing
+file) it is a :class:`ProtocolUserError`: the command prints one ``error:``
+line and exits 2; a crash keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import dataclasses
 import datetime as _dt
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -60,7 +69,7 @@ import torch
 
 from study.config import Config
 from study.data import build_eval_datasets
-from study.errors import UserError, one_line
+from study.errors import USER_ERRORS, UserError, one_line
 from study.evaluation.context_completion import check_synthetic, completion_protocol
 from study.evaluation.features import POOLS, FeatureCache, extract_features, feature_key
 from study.evaluation.finetune import FinetuneSettings, build_finetune_datasets, finetune, finetune_settings
@@ -73,7 +82,7 @@ from study.results import append_rows, check_table, write_results
 from study.runtime import cpu_threads
 
 __all__ = ["PROTOCOLS", "DECODER_PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols",
-           "run_params", "EvaluationError", "ResultsNotSaved"]
+           "run_params", "EvaluationError", "ResultsNotSaved", "ProtocolFailed", "ProtocolUserError"]
 
 PROTOCOLS = ("knn", "linear", "finetune", "samples", "completion")
 DEFAULT_RESULTS = "runs/results.csv"
@@ -184,6 +193,8 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
     table, ...). ``threads`` sets torch's CPU threads for the call (the linear
     probe always trains on one CPU thread). ``on_samples`` receives the
     ``samples`` protocol's drawing of the pretrained model (the command draws it).
+    A failed protocol raises :class:`ProtocolFailed` after the other protocols'
+    rows are saved; they are also on its ``rows`` (for ``results=None``).
     """
     s = EvaluateSettings(protocols=tuple(parse_protocols(protocols)), **settings)
     with cpu_threads(threads):
@@ -204,11 +215,25 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
             run.finetune_protocol()
         if decoder_protos:
             run.decoder_protocols(decoder_protos, on_samples)
-    if results is not None and run.rows:
-        _save_rows(results, run.rows)
-        if s.verbose:
-            print(f"{len(run.rows)} rows -> {results}")
+    _finish(run, results)
     return run.rows
+
+
+def _finish(run: "_Evaluation", results: str | Path | None) -> None:
+    """Save the rows, then raise :class:`ProtocolFailed` if a protocol failed."""
+    try:
+        if results is not None and run.rows:
+            _save_rows(results, run.rows)
+            if run.s.verbose:
+                print(f"{len(run.rows)} rows -> {results}")
+    except ResultsNotSaved as exc:
+        if not run.failed:
+            raise
+        saved = one_line(exc)
+    else:
+        saved = _where_rows_are(run.rows, results)
+    if run.failed:
+        raise _protocol_failure(run.failed, run.rows, saved) from next(iter(run.failed.values()))
 
 
 class _Evaluation:
@@ -225,6 +250,24 @@ class _Evaluation:
         self.base.update(evaluated_at=_dt.datetime.now().isoformat(timespec="seconds"),
                          eval_device=self.device.type, preset=self.preset)
         self.rows: list[dict] = []
+        self.failed: dict[str, Exception] = {}  # protocol -> what stopped it
+
+    @contextmanager
+    def attempt(self, *protocols: str):
+        """Run a block of ``protocols``; an error there marks them failed and drops their rows so far,
+        so the other protocols still run and keep theirs."""
+        try:
+            yield
+        except Exception as exc:  # not KeyboardInterrupt: Ctrl-C stops the whole evaluation
+            for protocol in protocols:
+                if protocol not in self.failed:
+                    self.failed[protocol] = exc
+                    if self.s.verbose:
+                        print(f"  {protocol:<10} failed: {_cause(exc)}", flush=True)
+            self.rows = [r for r in self.rows if r["protocol"] not in protocols]
+
+    def running(self, protocols: Sequence[str]) -> list[str]:
+        return [p for p in protocols if p not in self.failed]
 
     def row(self, protocol: str, encoder: str, metric: str, value: float, pool: str | None, extra: dict) -> None:
         self.rows.append({**self.base, "protocol": protocol, "pool": pool, "encoder": encoder, **extra,
@@ -250,37 +293,56 @@ class _Evaluation:
 
     def frozen_protocols(self) -> None:
         """k-NN and the linear probe, on features shared between them."""
-        s = self.s
-        frozen = [p for p in s.protocols if p in ("knn", "linear")]
+        frozen = [p for p in self.s.protocols if p in ("knn", "linear")]
         if not frozen:
             return
-        train_set, val_set = build_eval_datasets(self.cfg)
-        for enc_name, encoder in build_encoders(self.cfg, self.state, self.fmt, s.encoders).items():
-            encoder.to(self.device)
-            t_feat = time.perf_counter()
-            feats = self._features(enc_name, encoder, {"train": train_set, "val": val_set})
-            feat_seconds = time.perf_counter() - t_feat
-            (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
-            c = _num_classes(train_set, torch.cat([ytr, yva]))
-            if "knn" in frozen:
-                t0 = time.perf_counter()
-                acc = knn_accuracy(xtr, ytr, xva, yva, k=s.knn_k, temperature=s.knn_temperature, num_classes=c,
-                                   device=self.device)
-                extra = {"knn_k": s.knn_k, "knn_temperature": s.knn_temperature}
-                self.row("knn", enc_name, "knn_top1", acc, s.pool, extra)
-                self.row("knn", enc_name, "knn_seconds", time.perf_counter() - t0 + feat_seconds, s.pool, extra)
-            if "linear" in frozen:
-                res = train_linear_probe(xtr, ytr, xva, yva, self.linear, num_classes=c, device=self.device,
-                                         seed=self.cfg.seed, progress=s.progress)
-                extra = {f"probe_{f.name}": getattr(self.linear, f.name) for f in dataclasses.fields(self.linear)}
-                self.row("linear", enc_name, "linear_top1", res.top1, s.pool, extra)
-                self.row("linear", enc_name, "linear_train_top1", res.train_top1, s.pool, extra)
-                self.row("linear", enc_name, "linear_seconds", res.seconds + feat_seconds, s.pool, extra)
-            encoder.cpu()
-        for protocol in frozen:
+        with self.attempt(*frozen):
+            train_set, val_set = build_eval_datasets(self.cfg)
+            for enc_name, encoder in build_encoders(self.cfg, self.state, self.fmt, self.s.encoders).items():
+                if not self.running(frozen):
+                    break
+                encoder.to(self.device)
+                t_feat = time.perf_counter()
+                feats = self._features(enc_name, encoder, {"train": train_set, "val": val_set})
+                feat_seconds = time.perf_counter() - t_feat
+                c = _num_classes(train_set, torch.cat([feats["train"][1], feats["val"][1]]))
+                if "knn" in self.running(frozen):
+                    with self.attempt("knn"):
+                        self._knn(enc_name, feats, c, feat_seconds)
+                if "linear" in self.running(frozen):
+                    with self.attempt("linear"):
+                        self._linear(enc_name, feats, c, feat_seconds)
+                encoder.cpu()
+        for protocol in self.running(frozen):
             self.done(protocol)
 
+    def _knn(self, enc_name: str, feats: dict, num_classes: int, feat_seconds: float) -> None:
+        s = self.s
+        (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
+        t0 = time.perf_counter()
+        acc = knn_accuracy(xtr, ytr, xva, yva, k=s.knn_k, temperature=s.knn_temperature, num_classes=num_classes,
+                           device=self.device)
+        extra = {"knn_k": s.knn_k, "knn_temperature": s.knn_temperature}
+        self.row("knn", enc_name, "knn_top1", acc, s.pool, extra)
+        self.row("knn", enc_name, "knn_seconds", time.perf_counter() - t0 + feat_seconds, s.pool, extra)
+
+    def _linear(self, enc_name: str, feats: dict, num_classes: int, feat_seconds: float) -> None:
+        s = self.s
+        (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
+        res = train_linear_probe(xtr, ytr, xva, yva, self.linear, num_classes=num_classes, device=self.device,
+                                 seed=self.cfg.seed, progress=s.progress)
+        extra = {f"probe_{f.name}": getattr(self.linear, f.name) for f in dataclasses.fields(self.linear)}
+        self.row("linear", enc_name, "linear_top1", res.top1, s.pool, extra)
+        self.row("linear", enc_name, "linear_train_top1", res.train_top1, s.pool, extra)
+        self.row("linear", enc_name, "linear_seconds", res.seconds + feat_seconds, s.pool, extra)
+
     def finetune_protocol(self) -> None:
+        with self.attempt("finetune"):
+            self._finetune()
+        if "finetune" not in self.failed:
+            self.done("finetune")
+
+    def _finetune(self) -> None:
         s, ft = self.s, self.finetune
         ft_train, ft_val = build_finetune_datasets(self.cfg, ft)
         c = _num_classes(ft_train)
@@ -296,24 +358,72 @@ class _Evaluation:
             extra["ft_max_steps"] = s.finetune_max_steps
             self.row("finetune", enc_name, "finetune_top1", res.top1, ft_pool, extra)
             self.row("finetune", enc_name, "finetune_seconds", res.seconds, ft_pool, extra)
-        self.done("finetune")
 
     def decoder_protocols(self, protocols: Sequence[str], on_samples) -> None:
         """``samples`` and ``completion``: they need the whole model, decoder included."""
-        models = build_models(self.cfg, self.state, self.fmt, self.s.encoders)
-        for protocol in protocols:
-            if protocol == "samples":
-                out = samples_protocol(self.cfg, models, on_samples=on_samples, device=self.device)
-            else:
-                out = completion_protocol(self.cfg, models, device=self.device)
-            for r in out:
-                extra = {key: v for key, v in r.items() if key not in ("encoder", "metric", "value")}
-                self.row(protocol, r["encoder"], r["metric"], r["value"], None, extra)
-            self.done(protocol)
+        models = {}
+        with self.attempt(*protocols):
+            models = build_models(self.cfg, self.state, self.fmt, self.s.encoders)
+        for protocol in self.running(protocols):
+            with self.attempt(protocol):
+                self._decoder_protocol(protocol, models, on_samples)
+            if protocol not in self.failed:
+                self.done(protocol)
+
+    def _decoder_protocol(self, protocol: str, models: dict, on_samples) -> None:
+        if protocol == "samples":
+            out = samples_protocol(self.cfg, models, on_samples=on_samples, device=self.device)
+        else:
+            out = completion_protocol(self.cfg, models, device=self.device)
+        for r in out:
+            extra = {key: v for key, v in r.items() if key not in ("encoder", "metric", "value")}
+            self.row(protocol, r["encoder"], r["metric"], r["value"], None, extra)
 
 
 class ResultsNotSaved(UserError):
     """The results table could not be written at the end; the rows are in a side file."""
+
+
+class ProtocolFailed(RuntimeError):
+    """One or more protocols raised; the others ran and their rows were saved (and are in ``rows``).
+
+    Raised from the first failure, so its traceback is kept."""
+
+    def __init__(self, message: str, failed: dict[str, Exception], rows: list[dict]) -> None:
+        super().__init__(message)
+        self.failed, self.rows = failed, rows
+
+
+class ProtocolUserError(ProtocolFailed, UserError):
+    """A :class:`ProtocolFailed` whose every cause is the user's to fix: one ``error:`` line, exit 2."""
+
+
+def _cause(exc: Exception) -> str:
+    """A user error's message; a crash's also names its exception class."""
+    return one_line(exc) if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {one_line(exc)}"
+
+
+def _where_rows_are(rows: list[dict], results: str | Path | None) -> str:
+    if not rows:
+        return "no protocol succeeded, so no rows were written"
+    protocols = ", ".join(dict.fromkeys(r["protocol"] for r in rows))
+    if results is None:
+        return f"the {len(rows)} rows of {protocols} are on this error's .rows"
+    return f"the {len(rows)} rows of {protocols} are in {results}"
+
+
+def _protocol_failure(failed: dict[str, Exception], rows: list[dict], saved: str) -> ProtocolFailed:
+    by_cause: dict[int, list[str]] = {}  # k-NN and the linear probe share one cause when features fail
+    for protocol, exc in failed.items():
+        by_cause.setdefault(id(exc), []).append(protocol)
+    if len(by_cause) == 1:
+        causes = f": {_cause(next(iter(failed.values())))}"
+    else:
+        each = "; ".join(f"{', '.join(names)}: {_cause(failed[names[0]])}" for names in by_cause.values())
+        causes = f" ({each})"
+    message = f"protocol{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed{causes}; {saved}"
+    user = all(isinstance(exc, USER_ERRORS) for exc in failed.values())
+    return (ProtocolUserError if user else ProtocolFailed)(message, failed, rows)
 
 
 def _save_rows(results: str | Path, rows: list[dict]) -> None:
