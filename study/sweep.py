@@ -14,6 +14,23 @@ the report, which also lands, scrubbed, in the committed ``reports/<sweep>.ipynb
 Each finished point prints one line (a failed one with the last line of its
 cause, e.g. ``FileNotFoundError: ...`` raised inside the notebook); a progress
 bar is drawn only on a terminal.
+
+GPUs: a point runs on one GPU. ``gpus: [0, 1, 2, 3]`` (indices among the GPUs
+this process sees) or ``gpus: auto`` (all of them) gives each worker one GPU
+of its own, through ``CUDA_VISIBLE_DEVICES`` set in the worker before anything
+in it, or in the kernel it starts, touches CUDA; ``parallel`` is then the number
+of GPUs unless set lower, and more workers than listed GPUs is an error (a GPU
+listed twice, ``[0, 0, 1, 1]``, is shared by two workers). ``done.json`` records
+the GPU. A point that needs several GPUs (one data-parallel run) does not belong
+in a sweep: pretrain it with torchrun or ``python -m study submit``, then run
+``python -m study evaluate`` on its checkpoint.
+
+``random_baseline: once_per_seed``: the random-init encoder depends only on the
+seed and the encoder's (and data's) config, so of the points sharing those only
+the first in grid order evaluates it (the run notebook gets
+``random_baseline=True``, the others ``False``); the choice is made on the whole
+grid, so points already done do not move it. Without the key the run notebook
+decides per objective (its ``random_baseline_objectives``).
 """
 
 from __future__ import annotations
@@ -36,12 +53,15 @@ from tqdm.auto import tqdm
 
 from study.config import ConfigError, config_to_dict, load_config, read_yaml
 from study.console import duration, interactive
+from study.errors import UserError
 from study.io import atomic_write_text
 from study.notebook import execute_notebook
 from study.reports import build_report
 from study.results import check_table, drop_stale_points
 
-__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "error_cause"]
+__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "resolve_gpus", "error_cause"]
+
+RANDOM_BASELINE_RULES = ("once_per_seed",)
 
 
 @dataclass
@@ -58,7 +78,9 @@ class Sweep:
     grid: dict[str, list] | list[dict[str, list]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     fixed: dict[str, Any] = field(default_factory=dict)
-    parallel: int = 1
+    parallel: int | None = None  # points run at once (default 1, or one per GPU when gpus are given)
+    gpus: list[int] | str | None = None  # one per worker: indices among the visible GPUs, or "auto" (all)
+    random_baseline: str | None = None  # "once_per_seed": see the module docstring
     parameters: dict[str, Any] = field(default_factory=dict)  # extra papermill parameters for the run notebook
     report_parameters: dict[str, Any] = field(default_factory=dict)
     root: str = "."  # paths above are relative to this (the repository root)
@@ -74,6 +96,7 @@ class Point:
     # hash of the resolved config: the slug names only the overrides, so a changed base config
     # (or a changed default in the code) leaves the slug alone but changes this
     config: str = ""
+    random_baseline: bool | None = None  # None: the run notebook's own rule
 
     @property
     def slug(self) -> str:
@@ -107,13 +130,34 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
         for key, values in sub.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: {where}.{key} must be a non-empty list")
+    _check_gpus(data.get("gpus"), path)
+    _check_random_baseline(data, path)
     return Sweep(**data)
+
+
+def _check_gpus(gpus: Any, path: Path) -> None:
+    ids = isinstance(gpus, list) and gpus and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0
+                                                  for g in gpus)
+    if gpus is not None and gpus != "auto" and not ids:
+        raise ConfigError(f"{path}: gpus must be 'auto' or a non-empty list of GPU indices, e.g. [0, 1], "
+                          f"not {gpus!r}")
+
+
+def _check_random_baseline(data: dict, path: Path) -> None:
+    rule = data.get("random_baseline")
+    if rule is None:
+        return
+    if rule not in RANDOM_BASELINE_RULES:
+        raise ConfigError(f"{path}: random_baseline must be one of {list(RANDOM_BASELINE_RULES)}, not {rule!r}")
+    if "random_baseline" in (data.get("parameters") or {}):
+        raise ConfigError(f"{path}: random_baseline is set both at the top level and in parameters; keep one")
 
 
 def expand(sweep: Sweep) -> list[Point]:
     """Every grid combination (of each sub-grid) times every seed; each point's config is validated up front."""
     fixed = [f"{k}={_yaml_value(v)}" for k, v in sweep.fixed.items()]
     points = []
+    encoders = []
     for grid in sweep.grid if isinstance(sweep.grid, list) else [sweep.grid]:
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
@@ -121,11 +165,33 @@ def expand(sweep: Sweep) -> list[Point]:
                 overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
                 cfg = load_config(sweep.path(sweep.config), overrides)  # fail before any work
                 points.append(Point(overrides=overrides, seed=seed, config=_fingerprint(cfg)))
+                encoders.append(_random_encoder_key(cfg))
+    if sweep.random_baseline == "once_per_seed":
+        _assign_random_baseline(points, encoders)
     return points
 
 
 def _fingerprint(cfg) -> str:
-    return hashlib.sha1(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _digest(config_to_dict(cfg))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _random_encoder_key(cfg) -> str:
+    """What the random-init encoder's rows depend on: the seed, the encoder's architecture and the data."""
+    full = config_to_dict(cfg)
+    encoder = {k: v for k, v in full["model"].items() if not k.startswith("decoder_") and k != "norm_pix_loss"}
+    return _digest({"seed": cfg.seed, "model": encoder, "data": full["data"]})
+
+
+def _assign_random_baseline(points: list[Point], encoders: list[str]) -> None:
+    """The first point (in grid order) of each seed and encoder evaluates the random-init encoder."""
+    seen: set[str] = set()
+    for point, key in zip(points, encoders):
+        point.random_baseline = key not in seen
+        seen.add(key)
 
 
 def is_done(sweep: Sweep, point: Point) -> bool:
@@ -161,19 +227,25 @@ def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
         "point": point.slug,
         **sweep.parameters,
     }
+    if point.random_baseline is not None:
+        params["random_baseline"] = point.random_baseline
     start = time.time()
     try:
         execute_notebook(sweep.path(sweep.run_notebook), folder / "run.ipynb", params, cwd=Path(sweep.root).resolve())
     except Exception as exc:  # noqa: BLE001 - a failed point is recorded, the sweep goes on
         error = error_cause(exc)
         atomic_write_text(folder / "failed.json", json.dumps(
-            {"point": point.slug, "overrides": point.overrides, "error": error,
+            {"point": point.slug, "overrides": point.overrides, "error": error, **_gpu_record(),
              "traceback": traceback.format_exc()[-4000:]}, indent=1))
         return point.slug, error, time.time() - start
     atomic_write_text(folder / "done.json", json.dumps(
         {"point": point.slug, "overrides": point.overrides, "config": point.config,
-         "seconds": time.time() - start}, indent=1))
+         "seconds": time.time() - start, **_gpu_record()}, indent=1))
     return point.slug, None, time.time() - start
+
+
+def _gpu_record() -> dict:
+    return {} if _WORKER_GPU is None else {"gpu": _WORKER_GPU}
 
 
 def error_cause(exc: BaseException) -> str:
@@ -191,12 +263,79 @@ def error_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1].strip()}" if lines else type(exc).__name__
 
 
+# this worker's CUDA_VISIBLE_DEVICES, when the sweep has gpus
+_WORKER_GPU: str | None = None
+
+
 def _limit_threads(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True, progress: bool = True) -> dict:
-    """Run the missing points, then the report notebook; returns a summary dict (also printed)."""
+def _init_worker(threads: int, gpus) -> None:
+    """Pool initializer: the worker's share of the cores and, given a queue of GPUs, one GPU of its own.
+
+    It runs before the worker's first point, so before the worker or the kernels it starts (which
+    inherit its environment) can initialize CUDA on another device.
+    """
+    global _WORKER_GPU
+    _limit_threads(threads)
+    if gpus is not None:
+        _WORKER_GPU = gpus.get(timeout=60)  # the queue holds one GPU per worker: never empty here
+        os.environ["CUDA_VISIBLE_DEVICES"] = _WORKER_GPU
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    import torch  # only here: a CPU sweep never needs it in the parent
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def resolve_gpus(spec: list[int] | str | None) -> list[str] | None:
+    """``gpus`` of a sweep file (or ``--gpus``: ``auto`` or ``0,1``) as one CUDA_VISIBLE_DEVICES value per worker.
+
+    Indices count among the GPUs this process sees, so ``[0, 1]`` under a scheduler that set
+    CUDA_VISIBLE_DEVICES=4,5 means GPUs 4 and 5.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str) and spec != "auto":
+        try:
+            spec = [int(g) for g in spec.split(",")]
+        except ValueError:
+            raise UserError(f"gpus must be 'auto' or GPU indices such as 0,1,2,3, not {spec!r}") from None
+    visible = _visible_gpus()
+    if not visible:
+        raise UserError("gpus are set but no GPU is visible (CUDA_VISIBLE_DEVICES is "
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): drop gpus to run on the CPU")
+    if spec == "auto":
+        return visible
+    if any(not 0 <= g < len(visible) for g in spec):
+        raise UserError(f"gpus {list(spec)}: {len(visible)} GPU(s) are visible, indices 0 to {len(visible) - 1}")
+    return [visible[g] for g in spec]
+
+
+def _worker_count(parallel: int | None, gpus: list[str] | None) -> int:
+    if gpus is None:
+        return max(1, parallel or 1)
+    workers = parallel or len(gpus)
+    if workers > len(gpus):
+        raise UserError(f"parallel {workers} is more than the {len(gpus)} GPU(s) in gpus: a point runs on a GPU "
+                        "of its own; lower parallel, or list a GPU twice to share it (gpus: [0, 0, 1, 1])")
+    return max(1, workers)
+
+
+def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | str | None = None,
+              report: bool = True, progress: bool = True) -> dict:
+    """Run the missing points, then the report notebook; returns a summary dict (also printed).
+
+    ``parallel`` and ``gpus`` (a list of indices, ``"auto"`` or ``"0,1"``) replace the sweep file's.
+    """
+    gpu_ids = resolve_gpus(gpus if gpus is not None else sweep.gpus)
+    workers = _worker_count(parallel or sweep.parallel, gpu_ids)
     points = expand(sweep)
     check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
@@ -206,7 +345,6 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
         print(f"{changed} point(s) done before with another config (base config or defaults changed, "
               "or run before configs were fingerprinted): rerunning them")
     skipped = len(points) - len(todo)
-    workers = max(1, parallel or sweep.parallel)
     failures: dict[str, str] = {}
     seconds: dict[str, float] = {}
     bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", disable=not (progress and interactive()))
@@ -220,15 +358,18 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
             bar.write(f"point {len(seconds)}/{len(todo)} {slug} ({duration(sec)}): {status}")
         bar.update(1)
 
-    if workers == 1:
+    if workers == 1 and gpu_ids is None:
         for point in todo:
             finished(*_run_point(sweep, point))
     else:
         # each point runs its own kernel; spawn keeps the workers free of the parent's threads, and the
-        # cores are split between workers (kernels inherit OMP_NUM_THREADS) instead of oversubscribed
+        # cores are split between workers (kernels inherit OMP_NUM_THREADS) instead of oversubscribed;
+        # with gpus even one worker gets a pool, so CUDA_VISIBLE_DEVICES never touches this process
+        context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_limit_threads, initargs=(threads,)) as pool:
+        queue = _gpu_queue(context, gpu_ids)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                 initializer=_init_worker, initargs=(threads, queue)) as pool:
             futures = [pool.submit(_run_point, sweep, p) for p in todo]
             for fut in as_completed(futures):
                 finished(*fut.result())
@@ -246,6 +387,15 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, report: bool = True,
             summary["report_error"] = error_cause(exc)
     _print_summary(summary)
     return summary
+
+
+def _gpu_queue(context, gpus: list[str] | None):
+    if gpus is None:
+        return None
+    queue = context.Queue()
+    for gpu in gpus:
+        queue.put(gpu)
+    return queue
 
 
 def _print_summary(summary: dict) -> None:

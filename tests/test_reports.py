@@ -1,9 +1,13 @@
 """Committed study reports: rebuilt from the results table alone, and a rerun changes only the numbers."""
 
+import itertools
 import json
 import re
 import shutil
 import textwrap
+from pathlib import Path
+
+import pandas as pd
 
 from study.cli import main
 from study.reports import scrub_notebook
@@ -102,3 +106,66 @@ def test_scrub_keeps_content_and_drops_run_details(tmp_path):
     assert cell["source"] == ["p = 'r.csv'"] and cell["outputs"][0]["text"] == ["read r.csv\n"]
     assert cell["execution_count"] == 1 and nb["cells"][0]["id"] == "f3c1a9e0"  # the input is left alone
     json.dumps(out)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _in100_rows(objectives, ratios, seeds, epochs):
+    """Rows shaped like an in100 sweep's (k-NN, linear probe and finetune, two pools) run with
+    ``random_baseline: once_per_seed``: the random-init rows only at each seed's first point."""
+    rows = []
+    for o, (objective, ratio, seed) in enumerate(itertools.product(objectives, ratios, seeds)):
+        first_of_seed = (objective, ratio) == (objectives[0], ratios[0])
+        point = f"{objective}-{ratio}_s{seed}"
+        for e, epoch in enumerate(epochs):
+            last = epoch == epochs[-1]
+            setting = {"objective": objective, "mask_kind": "random", "mask_ratio": ratio, "mask_filter": None,
+                       "cimle_select": "image", "seed": seed, "epochs": epoch, "config_epochs": epochs[-1],
+                       "train_seconds": epoch * (13.0 if objective == "cimle" else 10.0), "dataset": "imagenet100",
+                       "sweep": "in100", "point": point}
+            for protocol, metric in [("knn", "knn_top1"), ("knn", "knn_seconds"), ("linear", "linear_top1"),
+                                     ("finetune", "finetune_top1"), ("finetune", "finetune_seconds")]:
+                for pool in ("cls", "mean"):
+                    value = 0.4 + 0.01 * (o + e + seed) + (0.05 if pool == "mean" else 0.0)
+                    rows.append({**setting, "protocol": protocol, "pool": pool, "encoder": "pretrained",
+                                 "metric": metric, "value": value})
+                    if first_of_seed and last:
+                        rows.append({**setting, "protocol": protocol, "pool": pool, "encoder": "random",
+                                     "metric": metric, "value": 0.1 + 0.01 * seed})
+    return pd.DataFrame(rows)
+
+
+def _report_of(root, monkeypatch, name, notebook, table):
+    table.to_csv(root / f"{name}.csv", index=False)
+    (root / f"{name}.yaml").write_text(textwrap.dedent(f'''\
+        name: {name}
+        config: base.yaml
+        run_notebook: missing.py
+        report_notebook: {REPO / "notebooks" / notebook}
+        results: {name}.csv
+        grid:
+          mask.ratio: [0.75]
+        report_parameters:
+          figures: figures
+    '''))
+    monkeypatch.chdir(root)
+    assert main(["sweep", f"{name}.yaml", "--report-only"]) == 0
+    nb = json.loads((root / "reports" / f"{name}.ipynb").read_text())
+    outputs = [out for cell in nb["cells"] if cell["cell_type"] == "code" for out in cell["outputs"]]
+    assert not [out for out in outputs if out["output_type"] == "error"]
+    assert (root / "figures" / f"{name}.png").is_file()
+    return "".join("".join(out.get("text", [])) for out in outputs)
+
+
+def test_in100_reports_render_with_one_random_baseline_per_seed(tmp_path, monkeypatch):
+    tmp_path.joinpath("base.yaml").write_text("objective: ls\n")
+    strength = _report_of(tmp_path, monkeypatch, "mask_strength_in100", "mask_strength.py",
+                          _in100_rows(["ls", "cimle"], [0.75, 0.9], [0, 1], [800]))
+    assert "random init" in strength and "cIMLE - LS" in strength
+    # the random-init rows of two seeds, each counted once: 10.0 and 11.0 -> mean 10.5
+    assert "10.5 ± 0.7 (n=2)" in strength
+    assert (tmp_path / "figures" / "mask_strength_in100_paired.png").is_file()
+    efficiency = _report_of(tmp_path, monkeypatch, "efficiency_in100", "efficiency.py",
+                            _in100_rows(["ls", "cimle"], [0.9], [0, 1], [50, 100, 800]))
+    assert "least squares" in efficiency and "cIMLE" in efficiency

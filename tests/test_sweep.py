@@ -143,3 +143,160 @@ def test_points_rerun_when_the_base_config_changes(tmp_path, capsys):
     changed = run_sweep(sweep, report=False)
     assert changed["ran"] == 4 and changed["skipped_done"] == 0
     assert "3 point(s) done before with another config" in capsys.readouterr().out
+
+
+# A stand-in run notebook for GPU sweeps: records the CUDA_VISIBLE_DEVICES its kernel inherited and
+# its worker (the kernel's parent), after waiting until another worker's point runs on another GPU,
+# so one worker cannot take every point.
+GPU_NOTEBOOK = textwrap.dedent('''\
+    # %% tags=["parameters"]
+    config = ""
+    overrides = []
+    out = ""
+    results = ""
+    protocols = ""
+    sweep = ""
+    point = ""
+
+    # %%
+    import os, time
+    from pathlib import Path
+    from study.results import append_rows
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    markers = Path(results).parent / "gpu-markers"
+    markers.mkdir(exist_ok=True)
+    (markers / gpu).touch()
+    deadline = time.time() + 60
+    while len(list(markers.iterdir())) < 2:
+        if time.time() > deadline:
+            raise RuntimeError("no second GPU in use after 60 s")
+        time.sleep(0.1)
+    append_rows(results, [{"point": point, "gpu": gpu, "worker": os.getppid(), "metric": "ran", "value": 1.0}])
+''')
+
+
+def _gpu_sweep(tmp_path: Path, gpus: str) -> Path:
+    path = _write_sweep(tmp_path)
+    (tmp_path / "gpu_run.py").write_text(GPU_NOTEBOOK)
+    path.write_text(path.read_text().replace("run_notebook: run.py", "run_notebook: gpu_run.py")
+                    + f"gpus: {gpus}\n")
+    return path
+
+
+def test_each_worker_runs_its_points_on_a_gpu_of_its_own(tmp_path, monkeypatch):
+    import json
+
+    # a scheduler's allocation: the sweep's indices 0 and 1 are the node's GPUs 5 and 7
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    summary = run_sweep(load_sweep(_gpu_sweep(tmp_path, "[0, 1]")), progress=False, report=False)
+    assert summary["ran"] == 4 and not summary["failed"], summary
+    table = pd.read_csv(tmp_path / "results.csv", dtype={"gpu": str})
+    assert sorted(table.gpu.unique()) == ["5", "7"]  # parallel defaulted to one worker per GPU
+    gpu_of_worker = table.groupby("worker").gpu.unique()
+    assert len(gpu_of_worker) == 2 and all(len(g) == 1 for g in gpu_of_worker)  # a worker keeps its GPU
+    for row in table.itertuples():
+        done = json.loads((tmp_path / "runs" / "tiny" / row.point / "done.json").read_text())
+        assert done["gpu"] == row.gpu
+
+
+def test_more_workers_than_gpus_is_an_error_before_any_work(tmp_path, monkeypatch):
+    from study.errors import UserError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    sweep = load_sweep(_gpu_sweep(tmp_path, "[0, 1]"))
+    with pytest.raises(UserError, match=r"^parallel 3 is more than the 2 GPU\(s\) in gpus.*gpus: \[0, 0, 1, 1\]"):
+        run_sweep(sweep, parallel=3, progress=False)
+    sweep.parallel = 3
+    with pytest.raises(UserError, match="parallel 3"):
+        run_sweep(sweep, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_lists_resolve_against_the_visible_gpus(tmp_path, monkeypatch):
+    from study.errors import UserError
+    from study.sweep import resolve_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,6")
+    assert resolve_gpus(None) is None
+    assert resolve_gpus("auto") == ["2", "3", "6"]
+    assert resolve_gpus([2, 0]) == ["6", "2"]
+    assert resolve_gpus("0,0,1") == ["2", "2", "3"]  # a GPU listed twice is shared by two workers
+    with pytest.raises(UserError, match="3 GPU"):
+        resolve_gpus([3])
+    with pytest.raises(UserError, match="GPU indices"):
+        resolve_gpus("first")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="no GPU is visible"):
+        resolve_gpus("auto")
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text() + "gpus: all\n")
+    with pytest.raises(ConfigError, match="gpus must be 'auto' or a non-empty list"):
+        load_sweep(path)
+
+
+def _objective_sweep(tmp_path: Path, extra: str = "") -> Path:
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text().replace("grid:\n  mask.ratio: [0.5, 0.9]\n",
+                                             "grid:\n  objective: [ls, cimle]\n  mask.ratio: [0.5, 0.9]\n")
+                    + extra)
+    return path
+
+
+def _record_parameters(monkeypatch) -> dict:
+    """Run points in this process without a kernel; returns {point: the run notebook's parameters}."""
+    import study.sweep
+
+    seen = {}
+    monkeypatch.setattr(study.sweep, "execute_notebook",
+                        lambda source, output, params, cwd: seen.__setitem__(params["point"], params))
+    return seen
+
+
+def test_random_baseline_once_per_seed_goes_to_the_first_point_of_each_seed(tmp_path, monkeypatch):
+    sweep = load_sweep(_objective_sweep(tmp_path, "random_baseline: once_per_seed\n"))
+    points = expand(sweep)
+    chosen = [p for p in points if p.random_baseline]
+    assert len(points) == 8 and all(p.random_baseline is not None for p in points)
+    assert [(p.seed, p.overrides) for p in chosen] == [
+        (0, ["objective=ls", "mask.ratio=0.5", "seed=0"]), (1, ["objective=ls", "mask.ratio=0.5", "seed=1"])]
+
+    seen = _record_parameters(monkeypatch)
+    run_sweep(sweep, progress=False, report=False)
+    assert {slug for slug, params in seen.items() if params["random_baseline"]} == {p.slug for p in chosen}
+    assert sum(params["random_baseline"] is False for params in seen.values()) == 6
+
+    # the chosen points done, the others to rerun: none of the rerun points takes the baseline over
+    for point in points:
+        if not point.random_baseline:
+            (tmp_path / "runs" / "tiny" / point.slug / "done.json").unlink()
+    seen.clear()
+    again = run_sweep(sweep, progress=False, report=False)
+    assert again["ran"] == 6 and len(seen) == 6
+    assert not any(params["random_baseline"] for params in seen.values())
+
+
+def test_without_random_baseline_the_notebook_keeps_its_own_rule(tmp_path, monkeypatch):
+    sweep = load_sweep(_objective_sweep(tmp_path))
+    assert all(p.random_baseline is None for p in expand(sweep))
+    seen = _record_parameters(monkeypatch)
+    run_sweep(sweep, progress=False, report=False)
+    assert len(seen) == 8 and not any("random_baseline" in params for params in seen.values())
+
+
+def test_random_baseline_rules_are_checked(tmp_path):
+    path = _objective_sweep(tmp_path, "random_baseline: always\n")
+    with pytest.raises(ConfigError, match=r"random_baseline must be one of \['once_per_seed'\]"):
+        load_sweep(path)
+    path = _objective_sweep(tmp_path, "random_baseline: once_per_seed\nparameters:\n  random_baseline: true\n")
+    with pytest.raises(ConfigError, match="both at the top level and in parameters"):
+        load_sweep(path)
+
+
+def test_points_with_another_encoder_get_their_own_random_baseline(tmp_path):
+    path = _write_sweep(tmp_path)
+    path.write_text(path.read_text().replace("grid:\n  mask.ratio: [0.5, 0.9]\n",
+                                             "grid:\n  model.depth: [2, 3]\n  mask.ratio: [0.5, 0.9]\n")
+                    + "random_baseline: once_per_seed\n")
+    chosen = [p.overrides for p in expand(load_sweep(path)) if p.random_baseline]
+    assert chosen == [["model.depth=2", "mask.ratio=0.5", f"seed={s}"] for s in (0, 1)] + \
+        [["model.depth=3", "mask.ratio=0.5", f"seed={s}"] for s in (0, 1)]

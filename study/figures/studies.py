@@ -65,10 +65,12 @@ def mask_strength_table(table: pd.DataFrame) -> pd.DataFrame:
     """Accuracy in percent, mean ± std over seeds, per dataset, mask kind and ratio."""
     rows = _accuracy_rows(table)
     pretrained = rows[rows.encoder == "pretrained"]
-    # every run of a seed evaluates the same random-init encoder: count it once per seed
+    # the random-init encoder depends only on the seed: count it once per seed and show it at every
+    # mask setting, whichever points evaluated it (all of a seed's, or one: random_baseline: once_per_seed)
     baseline = rows[rows.encoder == "random"].assign(objective="random init")
-    baseline = baseline.drop_duplicates([c for c in ("dataset", "mask_kind", "mask_ratio", "seed", "metric", "pool")
-                                         if c in baseline.columns])
+    baseline = baseline.drop_duplicates([c for c in ("dataset", "seed", "metric", "pool") if c in baseline.columns])
+    settings = pretrained[["dataset", "mask_kind", "mask_ratio"]].drop_duplicates()
+    baseline = baseline.drop(columns=["mask_kind", "mask_ratio"]).merge(settings, on="dataset")
     return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_kind", "mask_ratio"])
 
 
