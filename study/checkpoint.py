@@ -97,7 +97,7 @@ def resume_diffs(saved: dict, cfg: Config) -> list[str]:
     except ConfigError:
         saved = dict(saved)
     now = config_to_dict(cfg)
-    for key in ("logging",):  # sections that do not change the run (e.g. the TensorBoard switch) may differ
+    for key in ("logging", "checkpoint_every"):  # what does not change the run (TensorBoard, how often it saves)
         saved.pop(key, None)
         now.pop(key, None)
     if isinstance(saved.get("epochs"), int) and now["epochs"] > saved["epochs"]:

@@ -6,7 +6,9 @@
     sweep        run a grid of configurations through the papermill run notebook
     export       write a checkpoint's encoder as a timm or transformers model folder
     bench        time training steps (LS, cIMLE at each k, Masked VAE) against transformers' ViTMAE
-    build-in100  make the ImageNet-100 folder as symlinks into a local ImageNet-1k
+    build-in100  make the ImageNet-100 folder from a local ImageNet-1k (symlinks, or --copy)
+    pack         decode a config's training images once into a packed store (cropped on the GPU)
+    bench-data   images/s per CPU core of the folder pipeline and of the packed one
 
 Every command that takes a config accepts ``--set key.sub=value`` overrides;
 invalid values fail before any work with a message naming the field. A
@@ -17,6 +19,7 @@ mistake the user can fix ends with one line ``error: ...`` and exit status 2;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Sequence
 
@@ -56,7 +59,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                         "'submit --local' (one process, in the foreground)")
     job, folder = submit(cfg, args.out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          partition=args.partition, timeout_min=args.timeout_min, slurm_folder=args.slurm_folder)
-    print(f"submitted job {job.job_id}; logs in {str(folder).replace('%j', str(job.job_id))}")
+    logs = str(folder).replace("%j", str(job.job_id))
+    print(f"submitted job {job.job_id}; logs in {logs} (rank 0's output: {job.paths.stdout.name}, "
+          f"{job.paths.stderr.name})")
     return 0
 
 
@@ -76,8 +81,34 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, report=not args.no_report)
+    summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, gpus=args.gpus, report=not args.no_report)
     return 1 if summary["failed"] or summary.get("report_error") else 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from study.data import build_eval_datasets
+    from study.packed import PackError, pack_folder
+
+    cfg = load_config(args.config, args.overrides)
+    dst = args.dst or cfg.data.packed
+    if not dst:
+        raise PackError("pack needs --dst FOLDER (or data.packed in the config): where to write the pack")
+    if cfg.data.name not in ("imagefolder", "imagenet100"):
+        raise PackError(f"pack reads image folders; data.name={cfg.data.name!r} is held in memory already")
+    # the whole training split: data.subset picks its images from the pack as from the folder
+    train, _ = build_eval_datasets(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, subset=None)))
+    workers = cfg.data.num_workers if args.workers is None else args.workers
+    print(f"packing {len(train)} images of {train.root} at {args.size} x {args.size} into {dst} "
+          f"({len(train) * args.size ** 2 * 3 / 2 ** 30:.1f} GiB)", flush=True)
+    out = pack_folder(train, dst, args.size, num_workers=workers, overwrite=args.overwrite)
+    print(f"packed into {out}; train with --set data.packed={out}")
+    return 0
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from study.bench_data import run_from_args
+
+    return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
     p.add_argument("sweep", help="sweep file, e.g. experiments/sweeps/mask_strength_cpu.yaml")
     p.add_argument("--parallel", type=int, default=None, help="points run at once (default: the file's)")
+    p.add_argument("--gpus", default=None,
+                   help="GPUs for the points, one point per GPU: 'auto' (all visible) or indices such as 0,1,2,3 "
+                        "(default: the sweep file's gpus; none: CPU)")
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
     p.add_argument("--report-only", action="store_true",
                    help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
@@ -138,8 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=bench_from_args)
 
+    p = sub.add_parser("pack", help="decode the config's training split once into a packed uint8 store")
+    _add_config_args(p)
+    p.add_argument("--dst", default=None, help="pack folder to write (default: the config's data.packed)")
+    p.add_argument("--size", type=int, default=256, help="side of the stored images in pixels (default 256)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: data.num_workers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --dst")
+    p.set_defaults(func=_cmd_pack)
+
+    from study.bench_data import add_arguments as add_bench_data_arguments
+
+    p = sub.add_parser("bench-data", help="images/s per CPU core: folder pipeline vs packed store")
+    _add_config_args(p)
+    add_bench_data_arguments(p)
+    p.set_defaults(func=_cmd_bench_data)
+
     # parsed by study.imagenet100 itself (see main): listed here for --help
-    sub.add_parser("build-in100", help="build ImageNet-100 as symlinks from a local ImageNet-1k (--src, --dst)")
+    sub.add_parser("build-in100", help="build ImageNet-100 from a local ImageNet-1k (--src, --dst; symlinks or --copy)")
     return parser
 
 

@@ -112,6 +112,10 @@ class DataConfig:
     augment: bool = True  # random resized crop + flip (MAE)
     on_bad_image: Literal["error", "skip"] = "error"
     num_workers: int = 0
+    # a pack of the training split (python -m study pack): pretraining crops it on the device instead of
+    # decoding JPEGs; evaluation still reads data.root
+    packed: str | None = None
+    subset: int | None = None  # train on a fixed random N of the training images (smoke runs, rehearsals)
     val_fraction: float = 0.2  # held-out split for bundled / synthetic data
     synthetic_classes: int = 10
     synthetic_per_class: int = 200
@@ -134,6 +138,9 @@ class OptimConfig:
     beta2: float = 0.95
     warmup_epochs: float = 5.0
     accum_steps: int = 1
+    # the batch of one optimiser step over all processes (MAE: 4096); when set, accum_steps is derived at the
+    # start of a run from the processes at hand: effective_batch / (batch_size x processes)
+    effective_batch: int | None = None
     clip_grad: float | None = None
     max_loss_growth: float | None = 100.0  # stop when an epoch's loss exceeds this x the first epoch's (null: never)
 
@@ -154,6 +161,8 @@ class Config:
     compile: bool = False
     # after these (1-based) epochs also keep a model-only copy in snapshots/ (efficiency curves)
     snapshot_epochs: list[int] = field(default_factory=list)
+    # write checkpoint.pt every this many epochs and after the last; a killed run redoes at most this many
+    checkpoint_every: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     cimle: CIMLEConfig = field(default_factory=CIMLEConfig)
@@ -180,6 +189,7 @@ def validate(cfg: Config) -> Config:
     """Cross-field and range checks; raises ConfigError naming the field."""
     m = cfg.model
     _check(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
+    _check(cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1 (epochs), got {cfg.checkpoint_every}")
     bad = [e for e in cfg.snapshot_epochs if not 1 <= e <= cfg.epochs]
     _check(not bad, "snapshot_epochs", f"must lie in [1, epochs={cfg.epochs}], got {bad}")
     for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
@@ -222,9 +232,21 @@ def validate(cfg: Config) -> Config:
     _check(cfg.mask.block_min_patches >= 1, "mask.block_min_patches",
            f"must be >= 1, got {cfg.mask.block_min_patches}")
 
-    d = cfg.data
+    _validate_data(cfg.data)
+    _validate_optim(cfg.optim)
+    return cfg
+
+
+def _validate_data(d: DataConfig) -> None:
     _check(d.name not in ("imagefolder", "imagenet100") or bool(d.root), "data.root",
            f"is required for data.name={d.name!r}: the folder that holds the images")
+    _check(d.packed is None or d.name in ("imagefolder", "imagenet100"), "data.packed",
+           f"is a pack of an image folder; data.name={d.name!r} has none (set data.packed=null)")
+    _check(d.packed is None or d.augment, "data.packed",
+           "holds the images for augmented pretraining; with data.augment=false set data.packed=null")
+    _check(d.subset is None or (d.subset >= 1 and d.name in ("imagefolder", "imagenet100")), "data.subset",
+           f"is a number >= 1 of an image folder's training images (or null), got {d.subset} for "
+           f"data.name={d.name!r}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     _check(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
@@ -236,7 +258,8 @@ def validate(cfg: Config) -> Config:
     _check(d.synthetic_cue > 0, "data.synthetic_cue", f"must be > 0, got {d.synthetic_cue}")
     _check(d.synthetic_distractor >= 0, "data.synthetic_distractor", f"must be >= 0, got {d.synthetic_distractor}")
 
-    o = cfg.optim
+
+def _validate_optim(o: OptimConfig) -> None:
     _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
     _check(o.blr > 0, "optim.blr", f"must be > 0, got {o.blr}")
     _check(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
@@ -244,10 +267,12 @@ def validate(cfg: Config) -> Config:
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", f"must be in [0, 1), got {o.beta1}, {o.beta2}")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     _check(o.accum_steps >= 1, "optim.accum_steps", f"must be >= 1, got {o.accum_steps}")
+    _check(o.effective_batch is None or (o.effective_batch >= 1 and o.effective_batch % o.batch_size == 0),
+           "optim.effective_batch", f"must be null or a multiple of optim.batch_size ({o.batch_size}), "
+           f"got {o.effective_batch}")
     _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", f"must be null or > 0, got {o.clip_grad}")
     _check(o.max_loss_growth is None or o.max_loss_growth > 1, "optim.max_loss_growth",
            f"must be null or > 1, got {o.max_loss_growth}")
-    return cfg
 
 
 # --------------------------------------------------------------------------- conversion

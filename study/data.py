@@ -37,6 +37,12 @@ Datasets (``data.name``)
     100 classes (see :mod:`study.imagenet100`); a full ImageNet-1k root also
     works, only the 100 listed classes are read. Labels follow sorted wnids.
 
+For both folder datasets, ``data.packed`` names a pack of the training split
+(``python -m study pack``, :mod:`study.packed`): pretraining then reads the
+pack and crops on the training device; evaluation still reads the folders.
+``data.subset: N`` keeps a fixed random N of the training images (smoke runs,
+rehearsals).
+
 Splits of the bundled and synthetic data are stratified by class, drawn from a
 fixed seed (:data:`SPLIT_SEED`, independent of ``cfg.seed``), so every run and
 every seed sees the same train / val images.
@@ -59,7 +65,6 @@ Unreadable images in image folders: :mod:`study.image_folders`.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -69,9 +74,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from study.image_folders import (IMAGENET_MEAN, IMAGENET_STD, RGB_CROP_SCALE, BadImageError, DataError,
+from study.batched_crops import random_resized_crop
+from study.image_folders import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, DataError,
                                   RobustImageFolder, check_images, eval_transform, train_transform)
 from study.imagenet100 import imagenet100_classes
+from study.packed import packed_train_set
 from study.synthetic_gratings import GratingImageGenerator
 from study.synthetic_images import SyntheticImageDataset, SyntheticImageGenerator, SyntheticImages
 
@@ -176,62 +183,6 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     down = size < max(x.shape[-2:])
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=down).clamp_(0, 1)
-
-
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float] = RGB_CROP_SCALE,
-                        ratio: tuple[float, float] = CROP_RATIO, hflip: bool = False,
-                        generator: torch.Generator | None = None, clamp: tuple[float, float] | None = (0.0, 1.0),
-                        ) -> torch.Tensor:
-    """Batched RandomResizedCrop (torchvision's sampling: 10 tries, then a centre crop
-    with the ratio clamped) plus optional horizontal flip, as one ``grid_sample``.
-
-    ``x`` is ``[B, C, H, W]``; returns ``[B, C, size, size]``, bicubic, clamped to
-    ``clamp`` (bicubic overshoots). Randomness from ``generator`` or torch's global RNG.
-    """
-    b, _, h, w = x.shape
-    tries = 10
-    area = h * w * torch.empty(b, tries).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    r = torch.exp(log_r)
-    cw = torch.sqrt(area * r).round()
-    ch = torch.sqrt(area / r).round()
-    ok = (cw <= w) & (ch <= h) & (cw > 0) & (ch > 0)
-    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)
-    cw = cw.gather(1, first).squeeze(1)
-    ch = ch.gather(1, first).squeeze(1)
-    # fallback (torchvision): whole image, aspect ratio clamped into `ratio`
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        fw, fh = w, round(w / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(h * ratio[1]), h
-    else:
-        fw, fh = w, h
-    none = ~ok.any(dim=1)
-    cw = torch.where(none, torch.full_like(cw, fw), cw)
-    ch = torch.where(none, torch.full_like(ch, fh), ch)
-    u = torch.rand(b, 2, generator=generator)
-    left = torch.floor(u[:, 0] * (w - cw + 1)).clamp_(max=w - cw)
-    top = torch.floor(u[:, 1] * (h - ch + 1)).clamp_(max=h - ch)
-    left = torch.where(none, (w - cw) // 2, left)
-    top = torch.where(none, (h - ch) // 2, top)
-    # crop [left, left + cw) in pixel-edge coordinates -> normalised [-1, 1] (align_corners=False)
-    sx = cw / w
-    sy = ch / h
-    tx = (2 * left + cw) / w - 1
-    ty = (2 * top + ch) / h - 1
-    if hflip:
-        flip = torch.rand(b, generator=generator) < 0.5
-        sx = torch.where(flip, -sx, sx)
-    # axis-aligned affine grid, built by broadcasting (affine_grid's bmm is slower than the sampling)
-    base = (torch.arange(size, dtype=x.dtype) * 2 + 1) / size - 1  # output pixel centres in [-1, 1]
-    gx = sx.to(x.dtype)[:, None] * base[None, :] + tx.to(x.dtype)[:, None]  # [B, size]
-    gy = sy.to(x.dtype)[:, None] * base[None, :] + ty.to(x.dtype)[:, None]
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [B, size, size, 2]
-    out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    if clamp is not None:
-        out = out.clamp_(*clamp)
-    return out
 
 
 class TensorImageDataset(Dataset):
@@ -348,7 +299,9 @@ def _folders(cfg: "Config", train_tf, val_tf) -> tuple[Dataset, Dataset]:
     root = Path(d.root).expanduser()
     classes = None
     if d.name == "imagenet100":
-        classes = imagenet100_classes()
+        # a build with --allow-missing lists the classes it kept
+        kept = root / "classes.txt"
+        classes = kept.read_text().split() if kept.is_file() else imagenet100_classes()
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise FileNotFoundError(
@@ -356,11 +309,26 @@ def _folders(cfg: "Config", train_tf, val_tf) -> tuple[Dataset, Dataset]:
                     f"{root}/val/<wnid> (build it with: python -m study build-in100 --src IMAGENET1K --dst {root})")
     kw = dict(on_bad_image=d.on_bad_image, classes=classes)
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return (RobustImageFolder(root / "train", train_tf, **kw),
-                RobustImageFolder(root / "val", val_tf, **kw))
+        train, val = (RobustImageFolder(root / "train", train_tf, **kw),
+                      RobustImageFolder(root / "val", val_tf, **kw))
+        if train.classes != val.classes:
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
+            raise DataError(f"{root}/train and {root}/val hold different class folders (only in train: "
+                            f"{only_train[:5]}, only in val: {only_val[:5]}), so their labels would not match; "
+                            "give both splits the same classes")
+        return train, val
     full = RobustImageFolder(root, None, **kw)
     tr, va = stratified_split(full.targets, d.val_fraction)
     return full.subset(tr.tolist(), train_tf), full.subset(va.tolist(), val_tf)
+
+
+def _subset_indices(n: int, size: int) -> list[int]:
+    """A fixed random choice of ``size`` of ``n`` training images (the same for every seed), sorted."""
+    if size > n:
+        raise DataError(f"data.subset={size} is larger than the training split ({n} images); lower it or set "
+                        "data.subset=null")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))[:size].sort().values.tolist()
 
 
 def _build(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
@@ -372,7 +340,12 @@ def _build(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
         return _synthetic(cfg, train_augment)
     if name in ("imagefolder", "imagenet100"):
         size = cfg.model.img_size
-        return _folders(cfg, train_transform(size, train_augment), eval_transform(size))
+        train, val = _folders(cfg, train_transform(size, train_augment), eval_transform(size))
+        if train_augment and cfg.data.packed:  # the same images, decoded once and cropped on the device
+            train = packed_train_set(cfg, train)
+        if cfg.data.subset is not None:
+            train = train.subset(_subset_indices(len(train), cfg.data.subset))
+        return train, val
     raise ValueError(f"unknown data.name {name!r}")
 
 

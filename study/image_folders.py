@@ -147,12 +147,12 @@ class RobustImageFolder(Dataset):
     def skipped_files(self) -> list[str]:
         return [self.samples[i][0] for i in torch.nonzero(self._bad[: len(self.samples)]).flatten().tolist()]
 
-    def subset(self, indices: Sequence[int], transform=None) -> "RobustImageFolder":
-        """A copy holding only ``indices`` (its own skip flags), with ``transform``."""
+    def subset(self, indices: Sequence[int], transform=...) -> "RobustImageFolder":
+        """A copy holding only ``indices`` (its own skip flags), with ``transform`` (default: this one's)."""
         new = copy.copy(self)
         new.samples = [self.samples[i] for i in indices]
         new.targets = [t for _, t in new.samples]
-        new.transform = transform
+        new.transform = self.transform if transform is ... else transform
         new._bad = _shared_flags(len(new.samples))
         new._warned = set()
         return new

@@ -21,12 +21,12 @@ import torch.distributed as dist
 
 from study.errors import UserError
 
-__all__ = ["Dist", "init_distributed", "resolve_device", "autocast", "grad_scaler", "seed_everything",
-           "cpu_threads", "warmup_cosine", "adamw", "NoDevice"]
+__all__ = ["Dist", "init_distributed", "resolve_device", "describe_device", "check_precision", "autocast",
+           "grad_scaler", "seed_everything", "cpu_threads", "warmup_cosine", "adamw", "NoDevice"]
 
 
 class NoDevice(UserError, RuntimeError):
-    """``device: cuda`` on a machine without CUDA."""
+    """``device: cuda`` on a machine without CUDA, or a precision the device cannot run."""
 
 
 # --------------------------------------------------------------------------- processes and devices
@@ -68,7 +68,21 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     return torch.device(kind)
 
 
+def describe_device(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu (no GPU visible)`` / ``cpu``: what a run says it trains on."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu (no GPU visible)" if not torch.cuda.is_available() else "cpu"
+
+
 # --------------------------------------------------------------------------- precision
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, before any work, a precision the device cannot run."""
+    if precision == "fp16" and device.type != "cuda":
+        raise NoDevice(f"precision=fp16 needs CUDA and this run is on {describe_device(device)}; "
+                       "use --set precision=bf16 or precision=fp32")
 
 
 def _dtype(precision: str) -> torch.dtype | None:

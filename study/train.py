@@ -4,9 +4,10 @@
 
 The run folder holds:
     config.yaml      the resolved config
-    checkpoint.pt    written atomically at the end of every epoch: model, optimizer,
-                     scaler, epoch, RNG states and the resolved config
-    metrics.jsonl    one row per epoch: loss, lr, images/s, fraction of time waiting for data
+    checkpoint.pt    written atomically every ``checkpoint_every`` epochs and after the last:
+                     model, optimizer, scaler, epoch, RNG states and the resolved config
+    metrics.jsonl    one row per epoch: loss, lr, images/s, fraction of time waiting for data (and the
+                     peak GPU memory on CUDA)
 
 A killed run resumed with ``--resume`` restarts the interrupted epoch from the
 last checkpoint with every RNG restored, so it ends with the same weights as an
@@ -20,6 +21,7 @@ next checkpoint, so the last good one is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,21 +30,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from study.checkpoint import (CHECKPOINT, CheckpointError, gathered_rng_states, load_checkpoint, resume_diffs,
                               save_checkpoint, set_rng_state)
-from study.config import Config, config_to_dict, save_config
+from study.config import Config, ConfigError, config_to_dict, save_config
 from study.console import duration, interactive
 from study.data import build_datasets, check_images
 from study.errors import UserError
 from study.io import atomic_write_text, remove_stale_temps
+from study.loader import TrainLoader
 from study.masking import MaskGenerator, build_mask_generator
 from study.models import build_model
 from study.run_folder import check_run_folder
-from study.runtime import (Dist, adamw, autocast, grad_scaler, init_distributed, resolve_device, seed_everything,
-                           warmup_cosine)
+from study.runtime import (Dist, adamw, autocast, check_precision, describe_device, grad_scaler, init_distributed,
+                           resolve_device, seed_everything, warmup_cosine)
 from study.tensorboard_log import open_tensorboard, require_tensorboard
 
 __all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "lr_at",
@@ -65,11 +68,11 @@ class ConfigMismatch(UserError, ValueError):
     """--resume with a config other than the checkpoint's (a larger ``epochs`` is allowed)."""
 
 
-def _kept(epoch: int) -> str:
-    """What is on disk when epoch ``epoch`` (0-based) fails: every earlier epoch wrote a checkpoint."""
-    if epoch == 0:
-        return "No checkpoint was written (the first epoch did not finish)"
-    return f"The checkpoint of epoch {epoch} (the last finished one) is kept"
+def _kept(saved_epochs: int) -> str:
+    """What is on disk when a run stops: the checkpoint that covers ``saved_epochs`` epochs, if any."""
+    if saved_epochs == 0:
+        return "No checkpoint was written yet"
+    return f"The checkpoint of epoch {saved_epochs} is kept"
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -100,6 +103,19 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, base_lr: float, device:
     return adamw(param_groups(model, cfg), base_lr, (cfg.optim.beta1, cfg.optim.beta2), device)
 
 
+def with_effective_batch(cfg: Config, world: int) -> Config:
+    """``cfg`` with ``optim.accum_steps`` set so that batch x processes x accum = ``optim.effective_batch``."""
+    o = cfg.optim
+    if o.effective_batch is None:
+        return cfg
+    per_step = o.batch_size * world
+    if o.effective_batch % per_step:
+        raise ConfigError(f"optim.effective_batch={o.effective_batch} is not a multiple of optim.batch_size "
+                          f"({o.batch_size}) x {world} process(es); change one of them (e.g. --set "
+                          f"optim.batch_size={o.effective_batch // world if o.effective_batch % world == 0 else 'N'})")
+    return dataclasses.replace(cfg, optim=dataclasses.replace(o, accum_steps=o.effective_batch // per_step))
+
+
 def base_lr_of(cfg: Config, world: int = 1) -> float:
     """MAE's rule: lr = blr x effective batch / 256."""
     return cfg.optim.blr * cfg.optim.batch_size * cfg.optim.accum_steps * world / 256
@@ -108,7 +124,7 @@ def base_lr_of(cfg: Config, world: int = 1) -> float:
 # --------------------------------------------------------------------------- run folder
 
 
-def _check_loss_growth(row: dict, first_loss: float | None, cfg: Config, epoch: int) -> float:
+def _check_loss_growth(row: dict, first_loss: float | None, cfg: Config, epoch: int, saved_epochs: int) -> float:
     """Stop a run whose epoch loss grew past ``optim.max_loss_growth`` x the first epoch's; returns the reference."""
     limit = cfg.optim.max_loss_growth
     if first_loss is None:
@@ -116,7 +132,7 @@ def _check_loss_growth(row: dict, first_loss: float | None, cfg: Config, epoch: 
     if limit is not None and first_loss > 0 and row["loss"] > limit * first_loss:
         raise TrainingDiverged(
             f"the loss grew from {first_loss:.4g} (first epoch) to {row['loss']:.4g} at epoch {epoch + 1}, more "
-            f"than optim.max_loss_growth={limit:g} times; stopping. {_kept(epoch)}; lower optim.blr or set "
+            f"than optim.max_loss_growth={limit:g} times; stopping. {_kept(saved_epochs)}; lower optim.blr or set "
             "optim.clip_grad (optim.max_loss_growth=null turns this check off).")
     return first_loss
 
@@ -164,6 +180,7 @@ class Progress:
     start_epoch: int = 0
     train_seconds: float = 0.0  # cumulative time in the training loop, for efficiency curves
     first_loss: float | None = None  # the first epoch's loss, the reference of optim.max_loss_growth
+    saved_epochs: int = 0  # epochs that the checkpoint on disk covers
 
 
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
@@ -176,6 +193,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
         raise RunExists(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
 
     state, train_set = _build(cfg, check_data=not ckpt_path.exists())
+    cfg = state.cfg  # accum_steps resolved for the processes at hand
     done = Progress()
     if resume and ckpt_path.exists():
         done = _restore(state, ckpt_path, out)
@@ -186,11 +204,13 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
     if state.dist_info.main:
         _prepare_folder(cfg, out, done.start_epoch)
     state.net = _wrap(state.model, cfg, state.device, state.dist_info)
+    loader = TrainLoader(train_set, cfg, state.dist_info, state.device)
+    augment = getattr(train_set, "device_augment", None)  # a pack is cropped on the training device
 
     last_row: dict = {}
     for epoch in range(done.start_epoch, cfg.epochs):
-        last_row = _train_one_epoch(state, _epoch_loader(train_set, state, epoch), epoch, progress)
-        done.first_loss = _check_loss_growth(last_row, done.first_loss, cfg, epoch)
+        last_row = _train_one_epoch(state, loader.epoch(epoch), augment, epoch, progress, done.saved_epochs)
+        done.first_loss = _check_loss_growth(last_row, done.first_loss, cfg, epoch, done.saved_epochs)
         done.train_seconds += last_row["seconds"]
         last_row["train_seconds"] = done.train_seconds
         _end_epoch(state, out, epoch, last_row, done, tb)
@@ -205,6 +225,13 @@ def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
     device = resolve_device(cfg.device, dist_info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    check_precision(cfg.precision, device)
+    cfg = with_effective_batch(cfg, dist_info.world)
+    if dist_info.main:
+        o = cfg.optim
+        print(f"training on {describe_device(device)}, {cfg.precision}; batch {o.batch_size} x {dist_info.world} "
+              f"process(es) x {o.accum_steps} accumulation step(s) = {o.batch_size * dist_info.world * o.accum_steps}",
+              flush=True)
     seed_everything(cfg.seed + dist_info.rank)
     # masks and cIMLE noise come from their own generator so that their stream is saved and restored
     # exactly, whatever the data pipeline draws; on the training device, so that a GPU draws them itself
@@ -235,7 +262,7 @@ def _restore(state: TrainingState, ckpt_path: Path, out: Path) -> Progress:
     state.scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"][min(state.dist_info.rank, len(saved["rng"]) - 1)], state.mask_noise_gen)
     done = Progress(start_epoch=saved["epoch"] + 1, train_seconds=saved.get("train_seconds", 0.0),
-                    first_loss=saved.get("first_loss"))
+                    first_loss=saved.get("first_loss"), saved_epochs=saved["epoch"] + 1)
     if state.dist_info.main:
         _print_resume(out, saved, state.cfg, done.start_epoch, state.base_lr)
     return done
@@ -252,32 +279,20 @@ def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:
 def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device, dist_info: Dist) -> torch.nn.Module:
     net = torch.compile(model) if cfg.compile else model
     if dist_info.world > 1:
-        # LS never feeds noise, so its noise parameters get no gradient.
+        # every parameter of every objective gets a gradient each step (tests/test_train.py checks it), so
+        # DDP need not search the graph for unused ones, which costs an extra pass per step
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.objective == "ls",
+            find_unused_parameters=False,
         )
     return net
 
 
-def _epoch_loader(train_set: Dataset, state: TrainingState, epoch: int) -> DataLoader:
-    """The epoch's batches; their order depends only on (seed, epoch), so a resumed epoch sees the same ones."""
-    cfg, dist_info = state.cfg, state.dist_info
-    if dist_info.world > 1:
-        sampler = DistributedSampler(train_set, num_replicas=dist_info.world, rank=dist_info.rank, seed=cfg.seed,
-                                     drop_last=True)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-    return DataLoader(train_set, batch_size=cfg.optim.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.data.num_workers, pin_memory=state.device.type == "cuda",
-                      persistent_workers=False)
-
-
 def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Progress, tb) -> None:
-    """Log the epoch, write a snapshot if one is due, and the checkpoint (rank 0; all ranks share their RNG)."""
+    """Log the epoch, write a snapshot if one is due, and the checkpoint if one is (rank 0; all ranks share their RNG)."""
     cfg = state.cfg
-    rng = gathered_rng_states(state.mask_noise_gen, state.dist_info)  # collective: every rank calls it
+    due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+    rng = gathered_rng_states(state.mask_noise_gen, state.dist_info) if due else None  # collective: every rank
     if not state.dist_info.main:
         return
     _append_metrics(out / METRICS, row)
@@ -288,6 +303,8 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
             "model": state.model.state_dict(), "epoch": epoch, "config": config_to_dict(cfg),
             "train_seconds": done.train_seconds, "metrics": row,
         })
+    if not due:
+        return
     save_checkpoint(out / CHECKPOINT, {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -299,9 +316,12 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
         "train_seconds": done.train_seconds,
         "first_loss": done.first_loss,
     })
+    done.saved_epochs = epoch + 1
 
 
-def _train_one_epoch(state: TrainingState, loader: DataLoader, epoch: int, progress: bool) -> dict:
+def _train_one_epoch(state: TrainingState, loader: DataLoader, augment, epoch: int, progress: bool,
+                     saved_epochs: int) -> dict:
+    """One pass over the loader; ``augment`` (or None) turns each batch into model inputs on the device."""
     cfg, dist_info, device, optimizer = state.cfg, state.dist_info, state.device, state.optimizer
     state.net.train()
     steps = len(loader)
@@ -320,13 +340,16 @@ def _train_one_epoch(state: TrainingState, loader: DataLoader, epoch: int, progr
     t_epoch = time.perf_counter()
     t_ready = time.perf_counter()
     lr = state.base_lr
-    for step, (imgs, _) in enumerate(loader):
+    for step, (batch, _) in enumerate(loader):
         wait += time.perf_counter() - t_ready
+        imgs = _to_device(batch, device)
+        if augment is not None:
+            imgs = augment(imgs, state.mask_noise_gen)
         if step % accum == 0:
             lr = lr_at(epoch + step / steps, cfg, state.base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-        result = _step(state, imgs.to(device, non_blocking=True), last_micro_step=(step + 1) % accum == 0)
+        result = _step(state, imgs, last_micro_step=(step + 1) % accum == 0)
         loss_sum += result.loss.detach()
         for key, value in result.stats.items():
             stats_sum[key] = stats_sum.get(key, 0.0) + value.detach().float()
@@ -335,7 +358,7 @@ def _train_one_epoch(state: TrainingState, loader: DataLoader, epoch: int, progr
             if not torch.isfinite(loss_sum):
                 bar.close()
                 raise TrainingDiverged(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}; stopping. {_kept(epoch)}; "
+                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}; stopping. {_kept(saved_epochs)}; "
                     "lower optim.blr or set optim.clip_grad."
                 )
             bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}", lr=f"{lr:.2e}")
@@ -350,11 +373,19 @@ def _train_one_epoch(state: TrainingState, loader: DataLoader, epoch: int, progr
     row = {"epoch": epoch, "loss": loss_sum.item() / steps, "lr": lr,
            "images_per_sec": images * dist_info.world / elapsed, "data_wait_frac": wait / elapsed, "seconds": elapsed}
     row.update({key: value.item() / steps for key, value in stats_sum.items()})
+    if device.type == "cuda":
+        row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if dist_info.main and progress:
         print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  lr {lr:.2e}  "
               f"{row['images_per_sec']:.0f} img/s  data wait {100 * row['data_wait_frac']:.0f}%  "
               f"left {duration(elapsed * (cfg.epochs - epoch - 1))}", flush=True)
     return row
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch.to(device, non_blocking=True)
 
 
 def _step(state: TrainingState, imgs: torch.Tensor, last_micro_step: bool):

@@ -20,3 +20,22 @@ def tiny_overrides(*extra: str, size: int = 8, width: int = 8, decoder_width: in
 def as_sets(items: list[str]) -> list[str]:
     """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` (a command line's overrides)."""
     return [arg for item in items for arg in ("--set", item)]
+
+
+def make_image_folder(root, classes: int = 3, per_class: int = 6, seed: int = 0, fmt: str = "JPEG"):
+    """``root/<class>/<i>.JPEG``: images of varied sizes (20-60 px a side) whose colour depends on the class."""
+    import numpy as np
+    from PIL import Image
+    from pathlib import Path
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for c in range(classes):
+        folder = root / f"n{c:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(20, 61, size=2))
+            base = np.zeros((h, w, 3)) + 255 * (np.arange(3) == c % 3)
+            pixels = np.clip(0.6 * base + 0.4 * rng.uniform(0, 255, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.{fmt}")
+    return root
