@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test figures toy experiments experiments-mnist experiments-synthetic reports bench clean-venv
+.PHONY: setup test rehearsal figures toy experiments experiments-mnist experiments-synthetic reports bench clean-venv
 
 setup: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The ImageNet-100 path on an ImageNet-shaped fake, on CPU: fake tree, build-in100, pack, pretrain every
+# objective, torchrun killed and resumed, every protocol, both in100 sweeps at 2 points, submit under a
+# fake sbatch (experiments/rehearsal.py; its log in runs/rehearsal/rehearsal.log).
+rehearsal: $(STAMP)
+	$(BIN)/python experiments/rehearsal.py --work runs/rehearsal
 
 # Every figure, from the stored (committed) results: no training. This and
 # `make toy` are the only commands that write the committed figures/ and

@@ -1,0 +1,245 @@
+"""The ImageNet-100 study, rehearsed on CPU on an ImageNet-shaped fake: every command of the scale path, once.
+
+    make rehearsal                       # = python experiments/rehearsal.py --work runs/rehearsal
+    python experiments/rehearsal.py --work DIR [--keep]
+
+What a first day of GPU time would run, at the poster's model size (ViT-T/16,
+224 px) on a few images:
+
+  1. a fake ImageNet-1k tree (104 synsets of 12 train + 1 val 300-500 px JPEGs, flat val + LOC_val_solution.csv),
+     build-in100, pack (python -m study pack)
+  2. pretrain experiments/configs/in100-vit-t.yaml with ls, cimle and mvae on the pack (a few steps each,
+     gradient accumulation on)
+  3. a 2-process torchrun run, killed (SIGKILL) after its first checkpoint and resumed to the end
+  4. evaluate with every protocol that reads an image folder (knn, linear, finetune at 224 px with the GPU
+     preset's RandAugment, samples; completion needs the synthetic images' known modes)
+  5. both in100 sweeps shrunk to 2 points (ls, cimle), with their report notebooks
+  6. python -m study submit, its job run by a fake sbatch/srun (tests/fake_slurm) to a checkpoint
+
+(The GPU check script's CPU-sized run is a test of its own: tests/test_device_check.py.)
+
+Every command runs as a user would type it, from the shell, in a fresh process;
+the output of all of them is in DIR/rehearsal.log. A step that fails stops the
+rehearsal with its log tail and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+IN100 = ROOT / "experiments" / "configs" / "in100-vit-t.yaml"
+# CPU-sized: the poster's model, a handful of images, two accumulation steps, few epochs
+CPU = ["device=cpu", "precision=fp32", "data.subset=32", "data.num_workers=2", "optim.batch_size=8",
+       "optim.effective_batch=16", "optim.warmup_epochs=1", "checkpoint_every=1", "cimle.k=2"]
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each worker in a session of its own, so killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Rehearsal:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.log = work / "rehearsal.log"
+        self.times: list[tuple[str, float]] = []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+    def sh(self, args: list[str], *, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+           expect: int = 0) -> None:
+        with open(self.log, "a") as fh:
+            fh.write(f"\n$ {' '.join(map(str, args))}\n")
+            fh.flush()
+            proc = subprocess.run([str(a) for a in args], cwd=cwd or ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                  env=env or self.env, timeout=timeout)
+        if proc.returncode != expect:
+            raise StepFailed(f"{' '.join(map(str, args[:6]))} ... exited {proc.returncode}")
+
+    def study(self, *args, **kw) -> None:
+        self.sh([sys.executable, "-m", "study", *args], **kw)
+
+    def step(self, name: str, fn) -> None:
+        t0 = time.perf_counter()
+        print(f"[rehearsal] {name} ...", flush=True)
+        fn()
+        self.times.append((name, time.perf_counter() - t0))
+        print(f"[rehearsal] {name}: ok ({self.times[-1][1]:.0f} s)", flush=True)
+
+    # ------------------------------------------------------------------ the data
+
+    def data(self) -> None:
+        w = self.work
+        self.sh([sys.executable, "-m", "study.fake_imagenet", "--out", w / "imagenet1k", "--val-per-class", "1"])
+        self.study("build-in100", "--src", w / "imagenet1k", "--dst", w / "imagenet100")
+        assert len(list((w / "imagenet100" / "val").iterdir())) == 100, "build-in100 did not sort the flat val"
+        self.study("pack", "--config", IN100, *self.sets(), "--workers", "2")
+        assert (w / "imagenet100-packed" / "meta.json").is_file()
+
+    def sets(self, *extra: str) -> list[str]:
+        items = [f"data.root={self.work / 'imagenet100'}", f"data.packed={self.work / 'imagenet100-packed'}",
+                 *CPU, *extra]
+        return [a for item in items for a in ("--set", item)]
+
+    # ------------------------------------------------------------------ training
+
+    def pretrain(self) -> None:
+        for objective in ("ls", "cimle", "mvae"):
+            run = self.work / "runs" / objective
+            self.study("pretrain", "--config", IN100, *self.sets(f"objective={objective}", "epochs=1"), "--out", run)
+            assert (run / "checkpoint.pt").is_file()
+
+    def torchrun(self) -> None:
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+        if torchrun is None:
+            raise StepFailed("torchrun is not installed next to this python")
+        run = self.work / "runs" / "torchrun"
+        cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "study", "pretrain", "--config", IN100,
+               *self.sets("objective=cimle", "epochs=3", "optim.batch_size=4", "optim.effective_batch=8"),
+               "--out", run]
+        env = {**self.env, "OMP_NUM_THREADS": "1"}
+        with open(self.log, "a") as fh:
+            fh.write(f"\n$ {' '.join(map(str, cmd))}   (killed after its first checkpoint)\n")
+            fh.flush()
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            deadline = time.time() + 300
+            while not (run / "checkpoint.pt").exists():
+                if proc.poll() is not None or time.time() > deadline:
+                    _kill_tree(proc.pid)
+                    raise StepFailed(f"torchrun ended (status {proc.returncode}) before its first checkpoint")
+                time.sleep(0.2)
+            _kill_tree(proc.pid)  # torchrun and both workers at once, as a node failure or preemption would
+            proc.wait()
+        self.sh(cmd + ["--resume"], env=env)
+        import json
+
+        epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if epochs != [0, 1, 2]:
+            raise StepFailed(f"the resumed torchrun run logged epochs {epochs}, not [0, 1, 2]")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> None:
+        results = self.work / "results" / "evaluate.csv"
+        self.study("evaluate", "--checkpoint", self.work / "runs" / "ls" / "checkpoint.pt",
+                   "--protocols", "knn,linear,finetune,samples", "--preset", "gpu",
+                   "--finetune-epochs", "1", "--linear-epochs", "2", "--results", results,
+                   "--figures", self.work / "figures", "--quiet")
+        protocols = {row["metric"].split("_")[0] for row in csv.DictReader(open(results))}
+        missing = {"knn", "linear", "finetune"} - protocols
+        if missing:
+            raise StepFailed(f"evaluate wrote no rows of {sorted(missing)} (rows: {sorted(protocols)})")
+
+    def sweeps(self) -> None:
+        for name, fixed in (("mask_strength_in100", {}),
+                            ("efficiency_in100", {"snapshot_epochs": [1, 2], "epochs": 2})):
+            src = yaml.safe_load((ROOT / "experiments" / "sweeps" / f"{name}.yaml").read_text())
+            grid = {key: values[:1] if key != "objective" else values for key, values in src["grid"].items()}
+            sweep = {**src, "config": str(IN100), "run_notebook": str(ROOT / src.get("run_notebook", "notebooks/run.py")),
+                     "report_notebook": str(ROOT / src["report_notebook"]), "results": f"results/{name}.csv",
+                     "runs_dir": "runs", "grid": grid, "gpus": None, "parallel": 1,
+                     "parameters": {**src.get("parameters", {}), "finetune_epochs": 1},
+                     "fixed": {**src.get("fixed", {}), **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in CPU)},
+                               "data.root": str(self.work / "imagenet100"),
+                               "data.packed": str(self.work / "imagenet100-packed"), "epochs": 1, **fixed}}
+            path = self.work / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+            # run from the work folder: the sweep's results, runs and reports land there, not in the repository
+            self.study("sweep", path.name, cwd=self.work)
+            rows = list(csv.DictReader(open(self.work / "results" / f"{name}.csv")))
+            points = {r["point"] for r in rows}
+            wanted = {"knn", "linear"} | ({"finetune"} if "finetune" in src["protocols"] else set())
+            for point in points:
+                have = {r["metric"].split("_")[0] for r in rows if r["point"] == point and r["encoder"] == "pretrained"}
+                if not wanted <= have:
+                    raise StepFailed(f"sweep {name} point {point} has rows of {sorted(have)}, not {sorted(wanted)}")
+            random_points = {r["point"] for r in rows if r["encoder"] == "random"}
+            if len(points) != 2 or len(random_points) != 1:
+                raise StepFailed(f"sweep {name}: {len(points)} points (want 2), random-init rows at "
+                                 f"{len(random_points)} (want 1, once per seed)")
+            if not (self.work / "reports" / f"{name}.ipynb").is_file():
+                raise StepFailed(f"sweep {name} wrote no report")
+
+    # ------------------------------------------------------------------ cluster and GPU
+
+    def submit(self) -> None:
+        fake = ROOT / "tests" / "fake_slurm"
+        state = self.work / "slurm-state"
+        env = {**self.env, "PATH": f"{fake}{os.pathsep}{self.env['PATH']}", "FAKE_SLURM_STATE": str(state)}
+        run = self.work / "runs" / "submitted"
+        self.study("submit", "--config", IN100, *self.sets("epochs=1"), "--out", run, "--gpus-per-node", "1",
+                   env=env)
+        deadline = time.time() + 300
+        while not list(state.glob("*/rc")):
+            if time.time() > deadline:
+                raise StepFailed("the submitted job did not end within 5 minutes")
+            time.sleep(0.5)
+        rc = next(state.glob("*/rc")).read_text().strip()
+        if rc != "0" or not (run / "checkpoint.pt").is_file():
+            raise StepFailed(f"the submitted job ended with status {rc} and "
+                             f"{'a' if (run / 'checkpoint.pt').is_file() else 'no'} checkpoint")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="runs/rehearsal", help="scratch folder, emptied first (default runs/rehearsal)")
+    args = p.parse_args(argv)
+    work = Path(args.work).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    r = Rehearsal(work)
+    t0 = time.perf_counter()
+    steps = [("data: fake ImageNet, build-in100, pack", r.data), ("pretrain ls, cimle, mvae", r.pretrain),
+             ("torchrun 2 processes, killed and resumed", r.torchrun), ("evaluate, every protocol", r.evaluate),
+             ("both in100 sweeps, 2 points each, reports", r.sweeps), ("submit under a fake sbatch", r.submit)]
+    try:
+        for name, fn in steps:
+            r.step(name, fn)
+    except (StepFailed, AssertionError, subprocess.TimeoutExpired) as exc:
+        tail = "\n".join(r.log.read_text().splitlines()[-30:]) if r.log.exists() else ""
+        print(f"{tail}\n[rehearsal] FAILED: {exc or 'an assertion'} (log: {r.log})", file=sys.stderr)
+        return 1
+    total = time.perf_counter() - t0
+    print(f"[rehearsal] every step passed in {total / 60:.1f} min: "
+          + ", ".join(f"{name.split(':')[0]} {sec:.0f} s" for name, sec in r.times))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
