@@ -39,3 +39,24 @@ def make_image_folder(root, classes: int = 3, per_class: int = 6, seed: int = 0,
             pixels = np.clip(0.6 * base + 0.4 * rng.uniform(0, 255, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{i}.{fmt}")
     return root
+
+
+def make_train_val_folders(root, classes: int, per_class: int, val_per_class: int):
+    """``root/train`` and ``root/val`` image folders with the same classes (val drawn with another seed)."""
+    from pathlib import Path
+
+    root = Path(root)
+    make_image_folder(root / "train", classes=classes, per_class=per_class)
+    make_image_folder(root / "val", classes=classes, per_class=val_per_class, seed=1)
+    return root
+
+
+def image_folder_config(root, *extra: str):
+    """A tiny RGB config on the image folder at ``root`` (16 px, patch 4); ``extra`` overrides win."""
+    from study.config import load_config
+
+    return load_config(None, [
+        "data.name=imagefolder", f"data.root={root}", "model.img_size=16", "model.patch_size=4", "model.in_chans=3",
+        "model.embed_dim=16", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
+        "model.decoder_heads=2", "optim.batch_size=8", "optim.warmup_epochs=1", "epochs=2", "noise.dim=4",
+        "cimle.k=2", *extra])

@@ -10,9 +10,8 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
-from conftest import make_image_folder
+from conftest import image_folder_config, make_image_folder, make_train_val_folders
 from study.batched_crops import center_boxes, crop_boxes, resample
-from study.config import load_config
 from study.errors import UserError
 from study.image_folders import RobustImageFolder
 from study.packed import DeviceCrops, PackedImages, PackError, pack_folder
@@ -116,9 +115,7 @@ def test_center_boxes_are_the_eval_crop():
 
 @pytest.fixture
 def tree(tmp_path):
-    make_image_folder(tmp_path / "imgs" / "train", classes=3, per_class=8)
-    make_image_folder(tmp_path / "imgs" / "val", classes=3, per_class=3, seed=1)
-    return tmp_path / "imgs"
+    return make_train_val_folders(tmp_path / "imgs", classes=3, per_class=8, val_per_class=3)
 
 
 def test_pack_round_trips_pixels_sizes_and_labels(tree, tmp_path):
@@ -154,20 +151,12 @@ def test_pack_refuses_an_existing_folder_and_skips_or_names_a_bad_file(tree, tmp
     assert len(PackedImages(dst, 16)) == 24 and json.loads((dst / "meta.json").read_text())["skipped"]
 
 
-def _cfg(tree, *extra):
-    return load_config(None, [
-        "data.name=imagefolder", f"data.root={tree}", "model.img_size=16", "model.patch_size=4", "model.in_chans=3",
-        "model.embed_dim=16", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
-        "model.decoder_heads=2", "optim.batch_size=8", "optim.warmup_epochs=1", "epochs=2", "noise.dim=4",
-        "cimle.k=2", *extra])
-
-
 def test_pack_command_then_pretraining_reads_the_pack(tree, tmp_path, capsys):
     from study.cli import main
 
     assert main(["pack", "--set", "data.name=imagefolder", "--set", f"data.root={tree}", "--set", "model.in_chans=3", "--dst",
                  str(tmp_path / "pack"), "--size", "24"]) == 0
-    cfg = _cfg(tree, f"data.packed={tmp_path / 'pack'}")
+    cfg = image_folder_config(tree, f"data.packed={tmp_path / 'pack'}")
     from study.data import build_datasets
 
     train, _ = build_datasets(cfg)
@@ -183,9 +172,9 @@ def test_pack_command_then_pretraining_reads_the_pack(tree, tmp_path, capsys):
 
 def test_packed_run_resumes_exactly(tree, tmp_path):
     pack_folder(RobustImageFolder(tree / "train"), tmp_path / "pack", size=24, progress=False)
-    cfg = _cfg(tree, f"data.packed={tmp_path / 'pack'}", "data.num_workers=1", "objective=cimle")
+    cfg = image_folder_config(tree, f"data.packed={tmp_path / 'pack'}", "data.num_workers=1", "objective=cimle")
     pretrain(cfg, tmp_path / "full", progress=False)
-    short = _cfg(tree, f"data.packed={tmp_path / 'pack'}", "data.num_workers=1", "objective=cimle", "epochs=1")
+    short = image_folder_config(tree, f"data.packed={tmp_path / 'pack'}", "data.num_workers=1", "objective=cimle", "epochs=1")
     pretrain(short, tmp_path / "part", progress=False)
     pretrain(cfg, tmp_path / "part", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
@@ -197,9 +186,9 @@ def test_missing_or_unfinished_pack_is_one_clear_error(tree, tmp_path):
     from study.data import build_datasets
 
     with pytest.raises(UserError, match="not a pack"):
-        build_datasets(_cfg(tree, f"data.packed={tmp_path / 'nowhere'}"))
+        build_datasets(image_folder_config(tree, f"data.packed={tmp_path / 'nowhere'}"))
     with pytest.raises(UserError, match="data.packed"):
-        _cfg(tree, "data.name=mnist", "model.in_chans=1", f"data.packed={tmp_path}")
+        image_folder_config(tree, "data.name=mnist", "model.in_chans=1", f"data.packed={tmp_path}")
 
 
 def test_device_crops_normalise_into_the_imagenet_range():

@@ -9,8 +9,8 @@ import pytest
 from study.config import ConfigError
 from study.sweep import expand, load_sweep, run_sweep
 
-# A stand-in run notebook: records its point in the results table, or raises when told to.
-RUN_NOTEBOOK = textwrap.dedent('''\
+# The parameter cell papermill fills in, as in notebooks/run.py.
+PARAMETERS = textwrap.dedent('''\
     # %% tags=["parameters"]
     config = ""
     overrides = []
@@ -20,6 +20,10 @@ RUN_NOTEBOOK = textwrap.dedent('''\
     sweep = ""
     point = ""
 
+''')
+
+# A stand-in run notebook: records its point in the results table, or raises when told to.
+RUN_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
     # %%
     from study.results import append_rows
     ratio = [o for o in overrides if o.startswith("mask.ratio=")][0].split("=")[1]
@@ -148,16 +152,7 @@ def test_points_rerun_when_the_base_config_changes(tmp_path, capsys):
 # A stand-in run notebook for GPU sweeps: records the CUDA_VISIBLE_DEVICES its kernel inherited and
 # its worker (the kernel's parent), after waiting until another worker's point runs on another GPU,
 # so one worker cannot take every point.
-GPU_NOTEBOOK = textwrap.dedent('''\
-    # %% tags=["parameters"]
-    config = ""
-    overrides = []
-    out = ""
-    results = ""
-    protocols = ""
-    sweep = ""
-    point = ""
-
+GPU_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
     # %%
     import os, time
     from pathlib import Path

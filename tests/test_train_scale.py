@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_image_folder, tiny_overrides
+from conftest import image_folder_config, make_image_folder, make_train_val_folders, tiny_overrides
 from study.config import load_config
 from study.errors import UserError
 from study.train import _build, _step, load_checkpoint, pretrain
@@ -87,17 +87,12 @@ def test_resume_after_a_skipped_checkpoint_redoes_the_unsaved_epochs(tmp_path, m
 
 
 def _folder_cfg(root, *extra):
-    return load_config(None, [
-        "data.name=imagefolder", f"data.root={root}", "model.img_size=16", "model.patch_size=4", "model.in_chans=3",
-        "model.embed_dim=16", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
-        "model.decoder_heads=2", "optim.batch_size=6", "optim.warmup_epochs=1", "epochs=2", *extra])
+    return image_folder_config(root, "optim.batch_size=6", *extra)
 
 
 @pytest.fixture
 def folder(tmp_path):
-    make_image_folder(tmp_path / "imgs" / "train", classes=2, per_class=6)
-    make_image_folder(tmp_path / "imgs" / "val", classes=2, per_class=2, seed=1)
-    return tmp_path / "imgs"
+    return make_train_val_folders(tmp_path / "imgs", classes=2, per_class=6, val_per_class=2)
 
 
 def test_folder_crops_do_not_depend_on_workers_and_resume_exactly(folder, tmp_path):
