@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "seed": seed, "metric": r["metric"], "value": r["value"],
                                  "train_seconds": seconds if r["encoder"] == "pretrained" else None,
                                  "final_loss": last["loss"] if r["encoder"] == "pretrained" else None})
-                knn = next(r["value"] for r in rows[::-1] if r["pipeline"] == pipeline)
+                knn = next(r["value"] for r in rows[::-1] if r["pipeline"] == pipeline and r["metric"] == "knn_top1")
                 print(f"seed {seed} {pipeline}: k-NN top-1 {knn:.4f} ({seconds:.0f} s of pretraining)", flush=True)
     table = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
