@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from study.cli_args import int_at_least, positive_float, positive_int
 from study.config import load_config
 from study.console import duration
 from study.errors import UserError
@@ -40,12 +41,12 @@ __all__ = ["add_arguments", "run_from_args", "bench_data"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=int, default=512, help="images of the training split to time (default 512)")
-    p.add_argument("--batch", type=int, default=256, help="batch of the packed pipeline (default 256)")
-    p.add_argument("--size", type=int, default=256, help="side of the packed images (default 256)")
-    p.add_argument("--rate", type=float, default=69_000.0,
+    p.add_argument("--images", type=positive_int, default=512, help="images of the training split to time (default 512)")
+    p.add_argument("--batch", type=positive_int, default=256, help="batch of the packed pipeline (default 256)")
+    p.add_argument("--size", type=int_at_least(8), default=256, help="side of the packed images (default 256)")
+    p.add_argument("--rate", type=positive_float, default=69_000.0,
                    help="images/s the GPUs consume, for the cores needed (default 69000: 8 GPUs, ViT-T LS)")
-    p.add_argument("--device", default="auto", help="where the packed crops run: auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the packed crops run: auto, cpu or cuda (default auto)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
 
 
@@ -148,11 +149,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     from study.data import build_eval_datasets
     from study.runtime import resolve_device
 
-    for flag in ("images", "batch", "size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.rate <= 0:
-        raise UserError(f"--rate must be > 0 images/s, got {args.rate}")
     cfg = load_config(args.config, args.overrides)
     if cfg.data.name not in ("imagefolder", "imagenet100"):
         raise UserError(f"bench-data times image folders; data.name={cfg.data.name!r} is held in memory "

@@ -2,16 +2,28 @@
 
 Training writes them and evaluation reads them; neither needs the other's
 module for it. Every checkpoint, this project's or a foreign ``.pth``, is
-read with ``torch.load(weights_only=True)``: no pickled code runs. The only
-non-tensor objects this project's checkpoints hold are numpy's RNG state
-(an array), allowed explicitly.
+read with ``torch.load(weights_only=True)``: no pickled code runs. This
+project's checkpoints hold tensors and plain data only, so a plain
+``torch.load(path, weights_only=True)`` reads them too; numpy arrays (the
+RNG state of checkpoints written before it was stored as a tensor) are
+allowed explicitly.
+
+``save_checkpoint`` adds an integrity record under the reserved key
+``"integrity"``: a sha256 over every key, every tensor's dtype, shape and raw
+bytes and every plain value, in a fixed order. ``load_checkpoint`` checks it
+and drops it from what it returns: torch's zip reader does not check the
+CRCs of the records it reads, so bytes damaged inside tensor data would
+otherwise load as weights. Checkpoints without the record (facebookresearch
+MAE ``.pth`` files, for one) load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +35,14 @@ from study.errors import UserError, one_line
 from study.io import atomic_write
 from study.runtime import Dist
 
-__all__ = ["CHECKPOINT", "CheckpointError", "save_checkpoint", "load_checkpoint", "config_diff", "resume_diffs",
-           "rng_state", "set_rng_state", "gathered_rng_states"]
+__all__ = ["CHECKPOINT", "INTEGRITY", "CheckpointError", "save_checkpoint", "load_checkpoint", "state_digest",
+           "require_finite", "config_diff", "resume_diffs", "rng_state", "set_rng_state", "gathered_rng_states"]
 
 CHECKPOINT = "checkpoint.pt"
+INTEGRITY = "integrity"  # reserved top-level key: the state_digest of everything else
 
-# numpy's global RNG state, ("MT19937", uint32 array, pos, has_gauss, cached_gaussian), unpickles through these
+# numpy's global RNG state as older checkpoints hold it, ("MT19937", uint32 array, pos, has_gauss,
+# cached_gaussian), unpickles through these
 _NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                       getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
 
@@ -38,12 +52,18 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write ``state`` atomically: a reader sees the previous checkpoint or this one, never half."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write ``state`` with its integrity record, atomically: a reader sees the previous checkpoint or this one."""
+    body = {key: value for key, value in state.items() if key != INTEGRITY}
+    record = {**body, INTEGRITY: state_digest(body)}
+    atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint (this project's or facebookresearch MAE's) without running pickled code."""
+    """Read a checkpoint (this project's or facebookresearch MAE's) without running pickled code.
+
+    A checkpoint with an integrity record is checked against it (:class:`CheckpointError`
+    if it does not match); the record is not part of the returned state.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -51,10 +71,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS), warnings.catch_warnings():
             # torch warns about the pickle protocol of a file it then fails on: the error below says it all
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"cannot read checkpoint {path} (damaged, not a torch checkpoint, or it holds "
                               f"objects other than tensors and plain data): {_load_failure(path, exc)}") from exc
+    if isinstance(state, dict) and INTEGRITY in state:
+        _verify(path, state)
+    return state
 
 
 def _load_failure(path: Path, exc: BaseException) -> str:
@@ -72,6 +95,86 @@ def _load_failure(path: Path, exc: BaseException) -> str:
     if not zipfile.is_zipfile(path):
         return f"the file ({size} bytes) is not the zip archive torch.save writes ({one_line(exc)})"
     return one_line(exc)
+
+
+def _verify(path: Path, state: dict) -> None:
+    """Check ``state`` against the integrity record it carries, and remove the record."""
+    record = state.pop(INTEGRITY)
+    if record != state_digest(state):
+        raise CheckpointError(f"checkpoint {path} is damaged: its contents do not match the integrity record "
+                              f"written with it (its bytes changed after it was saved); {_fallback(path)}")
+
+
+def _fallback(path: Path) -> str:
+    """What to use instead of a damaged checkpoint: the run's latest snapshot (or, for a snapshot, its checkpoint)."""
+    in_snapshots = path.parent.name == "snapshots"
+    folder = path.parent if in_snapshots else path.parent / "snapshots"
+    others = [p for p in sorted(folder.glob("epoch_*.pt")) if p.resolve() != path.resolve()]
+    if in_snapshots and (folder.parent / CHECKPOINT).is_file():
+        others.append(folder.parent / CHECKPOINT)
+    if not others:
+        return f"there is no snapshot in {folder} to use instead: restore the file from a copy or retrain"
+    if in_snapshots:
+        return f"{others[-1]} may be used instead"
+    # snapshots are written without the optimizer state, so they serve evaluate and export but cannot resume
+    return (f"an earlier snapshot may be used instead: {others[-1]} (weights only: for evaluate and export, "
+            "not --resume)")
+
+
+def state_digest(state: Mapping) -> str:
+    """``"sha256:<hex>"`` over the keys, tensors (dtype, shape, raw bytes) and plain values of ``state``.
+
+    Keys are visited in sorted order, so the digest does not depend on insertion order.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, (), state)
+    return "sha256:" + digest.hexdigest()
+
+
+def _feed(digest, path: tuple, value) -> None:
+    # every entry starts with its path and kind, so that moving bytes between entries changes the digest
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{path!r}\0tensor\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # a view of the tensor's bytes, not a copy
+    elif isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        digest.update(f"{path!r}\0ndarray\0{array.dtype.str}\0{array.shape}\n".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    elif isinstance(value, Mapping):
+        digest.update(f"{path!r}\0mapping\0{len(value)}\n".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, (*path, key), value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{path!r}\0sequence\0{len(value)}\n".encode())
+        for index, item in enumerate(value):
+            _feed(digest, (*path, index), item)
+    else:  # plain data: numbers, strings, None, torch.dtype ...; pickle writes them back exactly
+        digest.update(f"{path!r}\0{type(value).__name__}\0{value!r}\n".encode())
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`CheckpointError` naming the first floating-point tensor of ``tensors`` with a NaN or inf.
+
+    ``what`` names the weights in the message, e.g. ``"checkpoint runs/x/checkpoint.pt"``.
+    """
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = _finite(tensor)
+        if not bool(finite.all()):
+            bad = int(finite.size - finite.sum())
+            raise CheckpointError(f"{what}: weight {name!r} holds {bad} NaN or inf value(s) of {tensor.numel()}; "
+                                  "nothing computed from these weights would mean anything (the run diverged "
+                                  "before they were saved?): use a checkpoint or snapshot from before that")
+
+
+def _finite(tensor: torch.Tensor) -> np.ndarray:
+    """``isfinite`` element-wise; through numpy where it can (several times faster than torch's on CPU)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype in (torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128):
+        return np.isfinite(tensor.numpy())
+    return torch.isfinite(tensor).numpy()
 
 
 # --------------------------------------------------------------------------- resume checks
@@ -112,7 +215,7 @@ def rng_state(mask_noise_gen: torch.Generator) -> dict:
     """Every generator a training step draws from: python, numpy, torch (and CUDA), and the study's own."""
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_rng_state(),
         "torch": torch.get_rng_state(),
         "study": mask_noise_gen.get_state(),
     }
@@ -122,12 +225,27 @@ def rng_state(mask_noise_gen: torch.Generator) -> dict:
 
 
 def set_rng_state(state: dict, mask_noise_gen: torch.Generator) -> None:
+    """Restore what :func:`rng_state` returned (numpy's state as a dict, or as numpy's own tuple)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_rng_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     mask_noise_gen.set_state(state["study"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as plain data: a plain ``torch.load(weights_only=True)`` reads it."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _set_numpy_rng_state(state) -> None:
+    if isinstance(state, Mapping):
+        state = (state["bit_generator"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)
 
 
 def gathered_rng_states(mask_noise_gen: torch.Generator, dist_info: Dist) -> list[dict]:

@@ -23,6 +23,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
+from study.cli_args import OneLineParser, int_at_least, nonnegative_int, positive_int
 from study.config import load_config
 from study.errors import UserError, run_command
 
@@ -112,7 +113,7 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m study", description=__doc__,
+    parser = OneLineParser(prog="python -m study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="run folder (as for pretrain)")
-    p.add_argument("--nodes", type=int, default=1, help="SLURM nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs, one process each, per node (default 8)")
+    p.add_argument("--nodes", type=positive_int, default=1, help="SLURM nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs, one process each, per node (default 8)")
     p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
-    p.add_argument("--timeout-min", type=int, default=72 * 60,
+    p.add_argument("--timeout-min", type=positive_int, default=72 * 60,
                    help="job time limit in minutes (default 4320); a requeued job resumes from its checkpoint")
     p.add_argument("--slurm-folder", default=None,
                    help="submitit's logs, %%j = job id (default: OUT/slurm/%%j)")
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
     p.add_argument("sweep", help="sweep file, e.g. experiments/sweeps/mask_strength_cpu.yaml")
-    p.add_argument("--parallel", type=int, default=None, help="points run at once (default: the file's)")
+    p.add_argument("--parallel", type=positive_int, default=None, help="points run at once (default: the file's)")
     p.add_argument("--gpus", default=None,
                    help="GPUs for the points, one point per GPU: 'auto' (all visible) or indices such as 0,1,2,3 "
                         "(default: the sweep file's gpus; none: CPU)")
@@ -175,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="decode the config's training split once into a packed uint8 store")
     _add_config_args(p)
     p.add_argument("--dst", default=None, help="pack folder to write (default: the config's data.packed)")
-    p.add_argument("--size", type=int, default=256, help="side of the stored images in pixels (default 256)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: data.num_workers)")
+    p.add_argument("--size", type=int_at_least(8), default=256,
+                   help="side of the stored images in pixels, >= 8 (default 256)")
+    p.add_argument("--workers", type=nonnegative_int, default=None, help="decoding processes (default: data.num_workers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --dst")
     p.set_defaults(func=_cmd_pack)
 
@@ -200,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from study.imagenet100 import main as build_in100
 
         return run_command(lambda: build_in100(argv[1:]), debug=debug)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a mistake in the flags (one line already printed), or --help
+        return exc.code if isinstance(exc.code, int) else 2
     args.debug = debug
     return run_command(lambda: args.func(args), debug=debug)
 

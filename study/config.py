@@ -234,6 +234,11 @@ def validate(cfg: Config) -> Config:
 
     _validate_data(cfg.data)
     _validate_optim(cfg.optim)
+    w = cfg.optim.warmup_epochs
+    # a quick run (--set epochs=5) of a long recipe would otherwise never leave its warm-up, without a word
+    _check(w <= cfg.epochs, "optim.warmup_epochs",
+           f"({w:g}) is longer than the run (epochs={cfg.epochs}): the learning rate would never reach its peak; "
+           f"set optim.warmup_epochs to at most {cfg.epochs} (MAE's recipe warms up for 5% of the run)")
     return cfg
 
 

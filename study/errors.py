@@ -4,14 +4,22 @@ Commands raise :class:`UserError` (or a subclass) with a message that names
 the problem and the fix; :func:`run_command` prints it as one line on stderr
 and returns its exit status (2 unless the class says otherwise). ``--debug``
 re-raises instead, so the traceback is there when it is wanted.
+
+A write that fails for want of room or a working device (full disk, quota,
+file size limit, read-only or failing file system) is the user's to fix too:
+:class:`WriteError` names the file and what is still on disk, and a plain
+``OSError`` with one of :data:`WRITE_ERRNOS` is printed as one line as well.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
+from pathlib import Path
 from typing import Callable
 
-__all__ = ["UserError", "USER_ERRORS", "one_line", "run_command"]
+__all__ = ["UserError", "USER_ERRORS", "WRITE_ERRNOS", "WriteError", "is_write_failure", "one_line", "run_command",
+           "write_error"]
 
 
 class UserError(Exception):
@@ -25,6 +33,50 @@ class UserError(Exception):
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
 )
+
+
+# what a full or broken disk answers a write; freeing space (or fixing the device) and rerunning fixes it
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written; the message says which, why, and what is kept.
+
+    An ``OSError`` as well (``errno`` set where known), so that code which handles
+    a failed write as one keeps doing so.
+    """
+
+    def __init__(self, path: str | Path, reason: str, kept: str, code: int | None = None) -> None:
+        self.path, self.reason, self.kept, self.code = Path(path), reason, kept, code
+        super().__init__(f"cannot write {path}: {reason}; {kept}")
+        self.errno = code
+
+    def __reduce__(self):  # crosses process boundaries (DataLoader workers, multiprocessing) intact
+        return type(self), (self.path, self.reason, self.kept, self.code)
+
+    def with_kept(self, kept: str) -> "WriteError":
+        """The same failure, with what a caller knows is kept (e.g. which checkpoint) in place of the file's."""
+        return WriteError(self.path, self.reason, kept, self.code)
+
+    @property
+    def remedy(self) -> str:
+        """What lets the write succeed when it is tried again."""
+        return _REMEDIES.get(self.code, "free space")
+
+
+_REMEDIES = {errno.EFBIG: "raise the file size limit (ulimit -f)", errno.EROFS: "make the file system writable",
+             errno.EIO: "check the disk"}
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, WriteError) or (isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS)
+
+
+def write_error(exc: OSError, path: str | Path, kept: str) -> WriteError:
+    """``exc`` (one of :data:`WRITE_ERRNOS`) as a :class:`WriteError` about ``path``."""
+    if isinstance(exc, WriteError):
+        return exc.with_kept(kept)
+    return WriteError(path, exc.strerror or str(exc), kept, exc.errno)
 
 
 def one_line(exc: BaseException) -> str:
@@ -60,3 +112,8 @@ def run_command(func: Callable[[], int], *, debug: bool = False) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
+    except OSError as exc:
+        if debug or exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from study.cli_args import positive_float, positive_int
 from study.errors import run_command
 from study.evaluation.features import POOLS
 from study.evaluation.finetune import finetune_settings
@@ -29,7 +30,8 @@ DEFAULT_FIGURES = "runs/figures"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m study evaluate`` (including --config / --set)."""
     parser.add_argument("--checkpoint", required=True,
-                        help="this project's checkpoint.pt / snapshots/epoch_*.pt, or a facebookresearch MAE .pth")
+                        help="a run folder (its checkpoint.pt), this project's checkpoint.pt / snapshots/epoch_*.pt, "
+                             "or a facebookresearch MAE .pth")
     parser.add_argument("--protocols", default="knn,linear",
                         help=f"comma-separated, from {','.join(PROTOCOLS)} (default: knn,linear)")
     parser.add_argument("--results", default=DEFAULT_RESULTS,
@@ -38,22 +40,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config; only for checkpoints without one (facebookresearch format)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.root=/data/in100 (repeatable)")
-    parser.add_argument("--pool", choices=POOLS, default="cls",
-                        help="frozen features for k-NN / linear: cls token or mean of patch tokens (default cls)")
-    parser.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN protocol (default 20)")
-    parser.add_argument("--knn-temperature", type=float, default=0.07,
+    parser.add_argument("--pool", choices=POOLS, default="mean",
+                        help="frozen features for k-NN / linear: mean of patch tokens (default, as the README's "
+                             "headline numbers) or the cls token")
+    parser.add_argument("--knn-k", type=positive_int, default=20,
+                        help="neighbours that vote in the k-NN protocol, at most the training images (default 20)")
+    parser.add_argument("--knn-temperature", type=positive_float, default=0.07,
                         help="each neighbour votes exp(cosine similarity / T) (default 0.07, as DINO)")
     parser.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
                         help="linear-probe and finetune settings (auto: gpu on CUDA, else cpu)")
-    parser.add_argument("--finetune-epochs", type=int, default=None, help="override the preset's finetune epochs")
-    parser.add_argument("--linear-epochs", type=int, default=None, help="override the preset's linear-probe epochs")
+    parser.add_argument("--finetune-epochs", type=positive_int, default=None,
+                        help="override the preset's finetune epochs")
+    parser.add_argument("--linear-epochs", type=positive_int, default=None,
+                        help="override the preset's linear-probe epochs")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="default: the config's device")
-    parser.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="feature-extraction batch size")
     parser.add_argument("--feature-cache", default=None, help="folder to keep extracted features in (reused)")
     parser.add_argument("--no-random-baseline", action="store_true",
                         help="skip the random-init baseline rows (they are on by default)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     parser.add_argument("--figures", default=DEFAULT_FIGURES,
                         help=f"folder for the samples protocol's figure (default {DEFAULT_FIGURES})")

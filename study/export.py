@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -50,7 +52,8 @@ from torch import Tensor
 
 from study.config import ConfigError
 from study.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_datasets
-from study.evaluation.setup import EvaluationError, load_for_evaluation
+from study.evaluation.setup import EvaluationError, load_for_evaluation, resolve_checkpoint
+from study.image_folders import eval_resize_size
 from study.io import atomic_write, atomic_write_text
 from study.models.encoder import ViTEncoder, load_pretrained_encoder
 
@@ -61,8 +64,6 @@ FORMATS = ("timm", "transformers")
 POOLS = ("cls", "mean")
 WEIGHTS = "model.safetensors"
 TOLERANCE = 1e-4
-# eval transform of study.data.eval_transform: resize the short side to size * 256 / 224, centre crop
-CROP_PCT = 224 / 256
 # timm names of the standard ViT sizes, by (width, depth, heads)
 _TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",
                (1280, 32, 16): "huge"}
@@ -104,6 +105,23 @@ def pixel_normalisation(cfg) -> tuple[tuple[float, ...], tuple[float, ...]] | No
     return None
 
 
+def eval_crop(cfg) -> dict:
+    """timm's ``crop_pct`` / ``crop_mode`` that reproduce the package's eval transform for ``cfg.data``.
+
+    Image folders resize the short side to :func:`eval_resize_size` and centre-crop; timm resizes to
+    ``floor(img_size / crop_pct)``, so crop_pct is chosen to land on that size exactly (224 / 256 at
+    224 px, but 32 / 37 at 32 px, not 0.875). The in-memory sets resize the whole image: a squash.
+    """
+    size = cfg.model.img_size
+    if cfg.data.name not in ("imagefolder", "imagenet100"):
+        return {"crop_pct": 1.0, "crop_mode": "squash"}
+    resize = eval_resize_size(size)
+    crop_pct = size / resize
+    if math.floor(size / crop_pct) != resize:  # the division rounded below the integer
+        crop_pct = size / (resize + 0.5)
+    return {"crop_pct": crop_pct, "crop_mode": "center"}
+
+
 def _mlp_hidden(encoder: ViTEncoder) -> int:
     return encoder.blocks[0].mlp.fc1.out_features
 
@@ -131,7 +149,7 @@ def timm_files(encoder: ViTEncoder, cfg, pool: str = "cls") -> tuple[dict, dict[
     }
     pretrained_cfg = {
         "num_classes": 0, "input_size": [m.in_chans, m.img_size, m.img_size], "interpolation": "bicubic",
-        "crop_pct": CROP_PCT, "crop_mode": "center", "first_conv": "patch_embed.proj", "classifier": "head",
+        **eval_crop(cfg), "first_conv": "patch_embed.proj", "classifier": "head",
     }
     # synthetic images are made in model space: no normalisation (else timm would fill in ImageNet's)
     mean, std = pixel_normalisation(cfg) or ((0.0,) * m.in_chans, (1.0,) * m.in_chans)
@@ -252,15 +270,19 @@ def verify_export(encoder: ViTEncoder, fmt: str, folder: str | Path, pool: str =
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, *, config: str | Path | None = None,
-           overrides: Sequence[str] = (), pool: str = "cls", verify: bool = True) -> dict[str, float]:
-    """Write the export folder ``out``; returns the read-back feature differences ({} without ``verify``)."""
+           overrides: Sequence[str] = (), pool: str = "cls", verify: bool = True,
+           overwrite: bool = False) -> dict[str, float]:
+    """Write the export folder ``out``; returns the read-back feature differences ({} without ``verify``).
+
+    An ``out`` that holds files is refused unless ``overwrite`` (and it holds an export: nothing else
+    is ever replaced)."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if pool not in POOLS:
         raise ExportError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise ExportError(f"--out {out} exists and is not an export folder; choose a new folder")
+    _check_out(out, overwrite)
+    checkpoint = resolve_checkpoint(checkpoint)  # a run folder stands for its checkpoint.pt
     if fmt == "transformers" and verify:
         try:
             import transformers  # noqa: F401
@@ -268,25 +290,43 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, config: str | P
             raise ExportError("checking a transformers export needs transformers: pip install -e '.[bench]' "
                               "(or pass --no-verify)") from None
     encoder, cfg = load_encoder(checkpoint, config, overrides)
-    out.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":
         meta, tensors = timm_files(encoder, cfg, pool)
         extra = None
     else:
         meta, tensors, extra = transformers_files(encoder, cfg)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
         (out / "preprocessor_config.json").unlink(missing_ok=True)
         if extra is not None:
             _write_json(out / "preprocessor_config.json", extra)
-    _write_weights(out / WEIGHTS, tensors)
-    _write_json(out / "config.json", meta)
+        _write_weights(out / WEIGHTS, tensors)
+        _write_json(out / "config.json", meta)
+    except BaseException:
+        if made:  # a failed write (a full disk) leaves no half export behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if not verify:
         return {}
     diffs = verify_export(encoder, fmt, out, pool)
     worst = max(diffs.values())
-    if worst > TOLERANCE:
+    if not worst <= TOLERANCE:  # a NaN difference fails too
         raise ExportError(f"the export in {out} does not reproduce the encoder's features: max difference "
                           f"{worst:.2e} > {TOLERANCE:g} ({diffs})")
     return diffs
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder for the export")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not (out / "config.json").is_file():
+        raise ExportError(f"--out {out} holds files and no export (no config.json); choose a new or empty folder")
+    if not overwrite:
+        raise ExportError(f"--out {out} holds an export already; pass --overwrite to replace it, or choose a "
+                          "new folder")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -294,7 +334,8 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, config: str | P
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="this project's checkpoint.pt / snapshots/epoch_*.pt, or a facebookresearch MAE .pth")
+                        help="a run folder (its checkpoint.pt), this project's checkpoint.pt / snapshots/epoch_*.pt, "
+                             "or a facebookresearch MAE .pth")
     parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors)")
     parser.add_argument("--pool", choices=POOLS, default="cls",
@@ -304,6 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config; only for checkpoints without one (facebookresearch format)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.depth=12 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export already in --out")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip reading the export back and comparing its features with the encoder's")
 
@@ -311,7 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         diffs = export(args.checkpoint, args.fmt, args.out, config=args.config, overrides=args.overrides,
-                       pool=args.pool, verify=not args.no_verify)
+                       pool=args.pool, verify=not args.no_verify, overwrite=args.overwrite)
     except (ExportError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from study.cli_args import OneLineParser, nonnegative_int, positive_int
 from study.console import duration, interactive
 from study.errors import UserError, run_command
 from study.imagenet100 import imagenet100_classes
@@ -159,15 +160,18 @@ def make_fake_imagenet(out: str | Path, synsets: int = 104, train_per_class: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m study.fake_imagenet", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m study.fake_imagenet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to write (train/, val/, LOC_val_solution.csv)")
-    parser.add_argument("--synsets", type=int, default=104,
+    parser.add_argument("--synsets", type=positive_int, default=104,
                         help="classes: the ImageNet-100 list, then real wnids outside it (default: 104)")
-    parser.add_argument("--train-per-class", type=int, default=12, help="train images per class (default: 12)")
-    parser.add_argument("--val-per-class", type=int, default=4, help="val images per class (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every colour and pixel (default: 0)")
-    parser.add_argument("--min-side", type=int, default=300, help="smallest image side in pixels (default: 300)")
-    parser.add_argument("--max-side", type=int, default=500, help="largest image side in pixels (default: 500)")
+    parser.add_argument("--train-per-class", type=positive_int, default=12,
+                        help="train images per class (default: 12)")
+    parser.add_argument("--val-per-class", type=positive_int, default=4, help="val images per class (default: 4)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every colour and pixel (default: 0)")
+    parser.add_argument("--min-side", type=positive_int, default=300,
+                        help="smallest image side in pixels (default: 300)")
+    parser.add_argument("--max-side", type=positive_int, default=500,
+                        help="largest image side in pixels (default: 500)")
     parser.add_argument("--val-folders", action="store_true",
                         help="write val/<wnid>/ folders instead of a flat val/ (the csv is written either way)")
     parser.add_argument("--overwrite", action="store_true", help="replace a tree already in --out")

@@ -63,12 +63,17 @@ def train_transform(img_size: int, augment: bool = True, mean: Sequence[float] =
     ])
 
 
+def eval_resize_size(img_size: int) -> int:
+    """The short side the eval transform resizes to before its centre crop of ``img_size`` (256 for 224)."""
+    return int(round(img_size * 256 / 224))
+
+
 def eval_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
     """Resize the short side to ``img_size * 256 / 224`` (bicubic) and centre-crop ``img_size``."""
     from torchvision.transforms import v2
 
     return v2.Compose([
-        v2.Resize(int(round(img_size * 256 / 224)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.Resize(eval_resize_size(img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(img_size),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),

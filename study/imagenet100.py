@@ -47,6 +47,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
+from study.cli_args import OneLineParser
 from study.console import interactive
 from study.errors import UserError, run_command
 
@@ -412,7 +413,7 @@ def build_imagenet100(src: str | Path, dst: str | Path, splits: Sequence[str] = 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m study build-in100",
         description="Build ImageNet-100 (the shipped 100-class list) from a local ImageNet-1k laid out as "
                     "SRC/train/<wnid>/*.JPEG and SRC/val/<wnid>/*.JPEG or a flat SRC/val/*.JPEG with a label file.")

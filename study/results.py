@@ -3,6 +3,12 @@
 Rows are appended under a file lock and written atomically (whole file to a
 temporary, then renamed), so parallel runs never interleave and a crash never
 leaves a half-written table. pandas reads the CSV; figures come only from it.
+The lock file (``<table>.lock``) exists only while a writer holds it.
+
+When the table cannot be written (full disk, quota, read-only), the rows of
+:func:`append_rows` go to a CSV in the system temporary folder and the
+:class:`study.errors.WriteError` names it: the table's own folder is the one
+that just failed, the temporary folder usually lies on another file system.
 
 :func:`check_table` tells before any work whether rows could be appended to a
 path: a folder, an unwritable place, a file that is not a CSV (binary, ragged
@@ -12,15 +18,17 @@ rows) or a CSV without ``metric`` and ``value`` columns is refused with
 
 from __future__ import annotations
 
+import datetime as _dt
 import fcntl
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import pandas as pd
 
-from study.errors import UserError
+from study.errors import WRITE_ERRNOS, UserError, WriteError
 from study.io import atomic_write
 
 __all__ = ["append_rows", "check_table", "drop_stale_points", "read_results", "write_results", "ResultsTableError"]
@@ -84,13 +92,53 @@ def check_table(path: str | Path) -> Path:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """Hold ``<path>.lock`` exclusively; the lock file is removed on release.
+
+    A waiter may have opened the file that the holder then unlinks: after
+    flock it checks that the path still names the file it locked, and
+    starts over if not, so that two writers never hold two different files.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock_path)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise WriteError(lock_path, exc.strerror, "the table is unchanged", exc.errno) from exc
+        raise
+    try:
+        yield
+    finally:
         try:
-            yield
+            os.unlink(lock_path)  # while still locked: whoever opened it meanwhile sees it is gone and retries
+        except FileNotFoundError:
+            pass
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(fd)  # releases the lock
+
+
+def _acquire(lock_path: Path) -> int:
+    while True:
+        # read-only is enough for flock, and opens a lock file that another user created
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _names(lock_path, fd):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is (still) the open file ``fd``."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _frame(rows: Iterable[Mapping]) -> pd.DataFrame:
@@ -118,16 +166,42 @@ def append_rows(path: str | Path, rows: Iterable[Mapping], replace: Mapping | No
     """
     path = Path(path)
     new = _frame(rows)
-    with _locked(path):
-        old = _read_existing(path)
-        if old is not None and replace:
-            same = pd.Series(True, index=old.index)
-            for key, value in replace.items():
-                same &= (old[key].astype(str) == str(value)) if key in old.columns else False
-            old = old[~same]
-        frame = new if old is None else pd.concat([old, new], ignore_index=True, sort=False)
-        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    try:
+        with _locked(path):
+            old = _read_existing(path)
+            if old is not None and replace:
+                same = pd.Series(True, index=old.index)
+                for key, value in replace.items():
+                    same &= (old[key].astype(str) == str(value)) if key in old.columns else False
+                old = old[~same]
+            frame = new if old is None else pd.concat([old, new], ignore_index=True, sort=False)
+            atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    except WriteError as exc:
+        raise _rows_not_written(exc, path, new) from exc
     return path
+
+
+def _rows_not_written(exc: WriteError, path: Path, new: pd.DataFrame) -> WriteError:
+    """The failed append, saying where its rows are now: a side file in the temporary folder, if one can be written."""
+    if new.empty:
+        return exc
+    table = "the previous table is kept" if path.exists() else "no table was written"
+    side = _save_aside(path, new)
+    if side is None:
+        where = f"the {len(new)} new rows could not be saved elsewhere either"
+    else:
+        where = f"the {len(new)} new rows are saved in {side}"
+    error = exc.with_kept(f"{table}, and {where}")
+    error.rows, error.saved_in = new, side
+    return error
+
+
+def _save_aside(path: Path, rows: pd.DataFrame) -> Path | None:
+    name = f"{path.stem}.unsaved-{_dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.csv"
+    try:
+        return write_results(Path(tempfile.gettempdir()) / name, rows)
+    except OSError:
+        return None
 
 
 def drop_stale_points(path: str | Path, sweep: str, points: Iterable[str]) -> int:

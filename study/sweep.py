@@ -131,6 +131,7 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: {where}.{key} must be a non-empty list")
     _check_gpus(data.get("gpus"), path)
+    _check_parallel(data.get("parallel"), path)
     _check_random_baseline(data, path)
     return Sweep(**data)
 
@@ -141,6 +142,11 @@ def _check_gpus(gpus: Any, path: Path) -> None:
     if gpus is not None and gpus != "auto" and not ids:
         raise ConfigError(f"{path}: gpus must be 'auto' or a non-empty list of GPU indices, e.g. [0, 1], "
                           f"not {gpus!r}")
+
+
+def _check_parallel(parallel: Any, path: Path) -> None:
+    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+        raise ConfigError(f"{path}: parallel must be an integer >= 1 (points run at once), not {parallel!r}")
 
 
 def _check_random_baseline(data: dict, path: Path) -> None:
@@ -334,6 +340,8 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
 
     ``parallel`` and ``gpus`` (a list of indices, ``"auto"`` or ``"0,1"``) replace the sweep file's.
     """
+    if parallel is not None and parallel < 1:
+        raise UserError(f"parallel must be >= 1 (points run at once), got {parallel}")
     gpu_ids = resolve_gpus(gpus if gpus is not None else sweep.gpus)
     workers = _worker_count(parallel or sweep.parallel, gpu_ids)
     points = expand(sweep)

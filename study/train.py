@@ -17,6 +17,13 @@ epochs from the epoch reached (warmup and half-cosine over N); every other
 config change is refused. A non-finite loss, or an epoch loss more than
 ``optim.max_loss_growth`` times the first epoch's, stops the run before the
 next checkpoint, so the last good one is kept.
+
+A write that fails (full disk, quota, file size limit) stops the run with one
+:class:`study.errors.WriteError` that names the file and the checkpoint kept;
+``--resume`` continues from it once there is room. A run that fails before
+its first checkpoint takes back what it wrote (``config.yaml``, and ``--out``
+itself when the run created it; the metrics only when a write failed: those of
+a diverged run say what went wrong).
 """
 
 from __future__ import annotations
@@ -38,12 +45,12 @@ from study.checkpoint import (CHECKPOINT, CheckpointError, gathered_rng_states, 
 from study.config import Config, ConfigError, config_to_dict, save_config
 from study.console import duration, interactive
 from study.data import build_datasets, check_images
-from study.errors import UserError
+from study.errors import UserError, is_write_failure
 from study.io import atomic_write_text, remove_stale_temps
 from study.loader import TrainLoader
 from study.masking import MaskGenerator, build_mask_generator
 from study.models import build_model
-from study.run_folder import check_run_folder
+from study.run_folder import METRICS, FolderAtStart, check_run_folder, failed_write
 from study.runtime import (Dist, adamw, autocast, check_precision, describe_device, grad_scaler, init_distributed,
                            resolve_device, seed_everything, warmup_cosine)
 from study.tensorboard_log import open_tensorboard, require_tensorboard
@@ -51,7 +58,6 @@ from study.tensorboard_log import open_tensorboard, require_tensorboard
 __all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "lr_at",
            "param_groups", "build_optimizer", "load_checkpoint", "CHECKPOINT"]
 
-METRICS = "metrics.jsonl"
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -147,11 +153,20 @@ def _rewrite_metrics(path: Path, before_epoch: int) -> None:
 
 
 def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
+    """Append one row; a failed write is cut off again, so the file never ends in half a row."""
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -186,36 +201,50 @@ class Progress:
 def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Pretrain ``cfg`` into ``out_dir``; returns the last epoch's metrics row."""
     out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
     require_tensorboard(cfg)  # a missing extra stops the run before its folder is made
+    at_start = FolderAtStart.look(out)
+    done = Progress()
+    try:
+        return _pretrain(cfg, out, resume, progress, done)
+    except BaseException as exc:
+        removed = at_start.undo(keep_log=not is_write_failure(exc))
+        if is_write_failure(exc):
+            raise failed_write(exc, out, done.saved_epochs, removed) from exc
+        raise
+
+
+def _pretrain(cfg: Config, out: Path, resume: bool, progress: bool, done: Progress) -> dict:
+    """The run itself; ``done`` follows what the checkpoint on disk covers, for the error of a failed run."""
+    ckpt_path = out / CHECKPOINT
     check_run_folder(out)
     if ckpt_path.exists() and not resume:
         raise RunExists(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose another --out")
 
     state, train_set = _build(cfg, check_data=not ckpt_path.exists())
     cfg = state.cfg  # accum_steps resolved for the processes at hand
-    done = Progress()
     if resume and ckpt_path.exists():
-        done = _restore(state, ckpt_path, out)
+        _restore(state, ckpt_path, out, done)
     elif resume and state.dist_info.main:
         print(f"--resume: no checkpoint in {out} yet, starting from scratch")
 
     tb = open_tensorboard(cfg, out, done.start_epoch) if state.dist_info.main else None
-    if state.dist_info.main:
-        _prepare_folder(cfg, out, done.start_epoch)
-    state.net = _wrap(state.model, cfg, state.device, state.dist_info)
-    loader = TrainLoader(train_set, cfg, state.dist_info, state.device)
-    augment = getattr(train_set, "device_augment", None)  # a pack is cropped on the training device
+    try:
+        if state.dist_info.main:
+            _prepare_folder(cfg, out, done.start_epoch)
+        state.net = _wrap(state.model, cfg, state.device, state.dist_info)
+        loader = TrainLoader(train_set, cfg, state.dist_info, state.device)
+        augment = getattr(train_set, "device_augment", None)  # a pack is cropped on the training device
 
-    last_row: dict = {}
-    for epoch in range(done.start_epoch, cfg.epochs):
-        last_row = _train_one_epoch(state, loader.epoch(epoch), augment, epoch, progress, done.saved_epochs)
-        done.first_loss = _check_loss_growth(last_row, done.first_loss, cfg, epoch, done.saved_epochs)
-        done.train_seconds += last_row["seconds"]
-        last_row["train_seconds"] = done.train_seconds
-        _end_epoch(state, out, epoch, last_row, done, tb)
-    if tb is not None:
-        tb.close()
+        last_row: dict = {}
+        for epoch in range(done.start_epoch, cfg.epochs):
+            last_row = _train_one_epoch(state, loader.epoch(epoch), augment, epoch, progress, done.saved_epochs)
+            done.first_loss = _check_loss_growth(last_row, done.first_loss, cfg, epoch, done.saved_epochs)
+            done.train_seconds += last_row["seconds"]
+            last_row["train_seconds"] = done.train_seconds
+            _end_epoch(state, out, epoch, last_row, done, tb)
+    finally:
+        if tb is not None:
+            tb.close()
     return last_row
 
 
@@ -249,8 +278,9 @@ def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
     return state, train_set
 
 
-def _restore(state: TrainingState, ckpt_path: Path, out: Path) -> Progress:
-    """Load weights, optimiser, scaler and RNG from the checkpoint; refuse a different config."""
+def _restore(state: TrainingState, ckpt_path: Path, out: Path, done: Progress) -> None:
+    """Load weights, optimiser, scaler and RNG from the checkpoint into ``state`` and ``done``; refuse a different
+    config."""
     saved = load_checkpoint(ckpt_path)
     diffs = resume_diffs(saved["config"], state.cfg)
     if diffs:
@@ -261,11 +291,10 @@ def _restore(state: TrainingState, ckpt_path: Path, out: Path) -> Progress:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"][min(state.dist_info.rank, len(saved["rng"]) - 1)], state.mask_noise_gen)
-    done = Progress(start_epoch=saved["epoch"] + 1, train_seconds=saved.get("train_seconds", 0.0),
-                    first_loss=saved.get("first_loss"), saved_epochs=saved["epoch"] + 1)
+    done.start_epoch = done.saved_epochs = saved["epoch"] + 1
+    done.train_seconds, done.first_loss = saved.get("train_seconds", 0.0), saved.get("first_loss")
     if state.dist_info.main:
         _print_resume(out, saved, state.cfg, done.start_epoch, state.base_lr)
-    return done
 
 
 def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:

@@ -27,6 +27,6 @@ def test_bench_data_prints_both_pipelines_and_the_cores_they_need(tmp_path, caps
 
 def test_bench_data_refuses_bad_flags_and_in_memory_data(capsys):
     assert main(["bench-data", "--images", "0"]) == 2
-    assert "--images must be >= 1" in capsys.readouterr().err
+    assert "--images: must be an integer >= 1" in capsys.readouterr().err
     assert main(["bench-data"]) == 2  # the default config is MNIST, held in memory
     assert "bench-data times image folders" in capsys.readouterr().err

@@ -157,3 +157,20 @@ def test_unwritable_samples_figures_folder_fails_before_any_protocol(run, tmp_pa
                      "--results", str(tmp_path / "r.csv"), "--figures", str(afile / "figs")])
     one_error_line(capsys, code, "--figures")
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_a_run_folder_stands_for_its_checkpoint_and_features_are_mean_pooled(run, tmp_path, capsys):
+    import pandas as pd
+
+    results = tmp_path / "results.csv"
+    assert cli_main(["evaluate", "--checkpoint", str(run), "--protocols", "knn", "--results", str(results),
+                     "--quiet", "--no-random-baseline"]) == 0
+    table = pd.read_csv(results)
+    assert set(table.pool) == {"mean"}  # the README's headline pooling is the default
+    assert set(table.checkpoint) == {str(run / "checkpoint.pt")}
+    out = tmp_path / "export"
+    assert cli_main(["export", "--checkpoint", str(run), "--format", "timm", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    code = cli_main(["evaluate", "--checkpoint", str(tmp_path), "--results", str(results)])
+    one_error_line(capsys, code, str(tmp_path), "without checkpoint.pt")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import timm
 import torch
 
 from conftest import as_sets
@@ -44,7 +45,6 @@ def _close(a, b):
 
 
 def _load_timm_by_hand(folder):
-    import timm
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "config.json").read_text())
@@ -55,8 +55,6 @@ def _load_timm_by_hand(folder):
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_timm_export_gives_the_package_features(study_checkpoint, tmp_path, pool):
-    import timm
-
     encoder, ckpt = study_checkpoint
     out = tmp_path / "timm"
     export(ckpt, "timm", out, pool=pool, verify=False)
@@ -150,7 +148,8 @@ def test_bad_requests_are_one_line_errors(study_checkpoint, tmp_path, capsys):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     assert main(["export", "--checkpoint", str(ckpt), "--format", "timm", "--out", str(tmp_path / "notes")]) == 2
-    assert "not an export folder" in capsys.readouterr().err
+    assert "holds files and no export" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--format", "timm",
                  "--out", str(tmp_path / "x")]) == 2
     assert "nope.pt" in capsys.readouterr().err
@@ -163,3 +162,77 @@ def test_standard_sizes_get_timm_names():
     vit_b = load_config("experiments/configs/in1k-vit-b.yaml")
     assert timm_architecture(vit_t) == "vit_tiny_patch16_224"
     assert timm_architecture(vit_b) == "vit_base_patch16_224"
+
+
+def _saved(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": build_model(cfg).state_dict(), "config": config_to_dict(cfg), "epoch": 1}, path)
+    return cfg, path
+
+
+SMALL = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2", "model.decoder_dim=8", "model.decoder_depth=1",
+         "model.decoder_heads=2", "noise.dim=4"]
+
+
+@pytest.mark.parametrize("size,patch", [(32, 8), (224, 16)])
+def test_timm_preprocessing_of_an_export_is_the_package_eval_transform(tmp_path, size, patch):
+    """timm's own data config and transform, read from the export, give the tensors the package evaluated on."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from study.image_folders import eval_transform
+
+    cfg, ckpt = _saved(tmp_path, ["data.name=imagefolder", "data.root=unused", f"model.img_size={size}",
+                                  f"model.patch_size={patch}", "model.in_chans=3", *SMALL])
+    export(ckpt, "timm", tmp_path / "timm")
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    theirs = create_transform(**resolve_data_config({}, model=model))
+    ours = eval_transform(size)
+    rng = np.random.default_rng(0)
+    for h, w in [(300, 400), (500, 333), (size + 5, size + 40), (size, size)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        a, b = ours(img), theirs(img)
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-6, (h, w, (a - b).abs().max())
+
+
+def test_timm_preprocessing_of_a_digits_export_is_the_package_eval_transform(tmp_path):
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from study.data import build_eval_datasets
+
+    cfg, ckpt = _saved(tmp_path, ["data.name=mnist", "model.img_size=28", "model.patch_size=7", "model.in_chans=1",
+                                  *SMALL])
+    export(ckpt, "timm", tmp_path / "timm")
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    theirs = create_transform(**resolve_data_config({}, model=model))
+    _, val = build_eval_datasets(cfg)
+    for i in range(8):  # the digit as a user holds it: a 28 x 28 grey PIL image
+        img = Image.fromarray((val.pixels[i, 0] * 255).round().to(torch.uint8).numpy(), mode="L")
+        assert torch.equal(theirs(img), val[i][0])
+
+
+def test_an_export_is_replaced_only_with_overwrite(study_checkpoint, tmp_path, capsys):
+    _, ckpt = study_checkpoint
+    out = tmp_path / "timm"
+    args = ["export", "--checkpoint", str(ckpt), "--format", "timm", "--out", str(out)]
+    assert main(args) == 0
+    first = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == first
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_non_finite_weights_are_not_exported(study_checkpoint, tmp_path, capsys):
+    encoder, ckpt = study_checkpoint
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["encoder.norm.weight"][0] = float("nan")
+    torch.save(state, ckpt)
+    out = tmp_path / "timm"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "timm", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "norm.weight" in err, err
+    assert not out.exists()

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, **parameters) -> None:
-    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 1\n")
+    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 1\noptim:\n  warmup_epochs: 1\n")
     execute_notebook(ROOT / "notebooks" / "run.py", tmp_path / "run.ipynb", cwd=ROOT, parameters=dict(
         config=str(tmp_path / "base.yaml"), overrides=tiny_overrides(), out=str(tmp_path / "run"),
         results=str(tmp_path / "results.csv"), sweep="tiny", point="ls_s0", **parameters))
@@ -63,12 +63,14 @@ def test_a_failed_protocol_keeps_the_others_rows_and_fails_the_point(tmp_path):
     from study.models import build_model
     from study.train import pretrain
 
-    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 1\n")
+    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 1\noptim:\n  warmup_epochs: 1\n")
     cfg = load_config(tmp_path / "base.yaml", tiny_overrides())
     pretrain(cfg, tmp_path / "run", progress=False)
-    # a snapshot whose weights diverged: the linear probe's loss is not finite, k-NN still gives rows
-    diverged = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                for k, v in build_model(cfg).state_dict().items()}
+    # a snapshot whose cls features are finite but at the float32 limit: the linear probe's loss is not
+    # finite (its BatchNorm sums them), k-NN's cosine still gives rows
+    diverged = build_model(cfg).state_dict()
+    diverged["encoder.norm.weight"] = torch.zeros_like(diverged["encoder.norm.weight"])
+    diverged["encoder.norm.bias"] = torch.full_like(diverged["encoder.norm.bias"], 3e38)
     (tmp_path / "run" / "snapshots").mkdir(exist_ok=True)
     torch.save({"model": diverged, "config": config_to_dict(cfg), "epoch": 0},
                tmp_path / "run" / "snapshots" / "epoch_0001.pt")

@@ -143,7 +143,7 @@ def test_points_rerun_when_the_base_config_changes(tmp_path, capsys):
     run_sweep(sweep, progress=False, report=False)
     again = run_sweep(sweep, progress=False, report=False)
     assert again["ran"] == 1 and again["skipped_done"] == 3  # only the failing point
-    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 3\n")  # same overrides, other config
+    (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 3\noptim:\n  warmup_epochs: 1\n")  # other config
     changed = run_sweep(sweep, report=False)
     assert changed["ran"] == 4 and changed["skipped_done"] == 0
     assert "3 point(s) done before with another config" in capsys.readouterr().out

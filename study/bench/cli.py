@@ -9,6 +9,7 @@ import sys
 from study.bench.run import run_bench
 from study.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS
 from study.bench.table import format_table
+from study.cli_args import nonnegative_int, positive_int
 from study.config import load_config
 from study.io import atomic_write_text
 
@@ -49,9 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precisions to time in the same rounds, e.g. fp32,bf16 (default: the config's); "
                         "transformers' model runs at each")
     p.add_argument("--k", type=_int_list, default=list(DEFAULT_KS), help="cIMLE k values (default 1,2,4,8,16)")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: optim.batch_size)")
-    p.add_argument("--steps", type=int, default=20, help="timed rounds (one step of every variant each)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--batch", type=positive_int, default=None, help="images per step (default: optim.batch_size)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed rounds (one step of every variant each)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per variant first")
     p.add_argument("--out", default=None, help="JSON file to write (atomically)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' ViTMAEForPreTraining")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (falls back to eager on error)")
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="k values of the selection-memory grid (default 4,8,16)")
     p.add_argument("--selection-chunk", type=_int_list, default=list(DEFAULT_SELECTION_CHUNKS),
                    help="chunk values of the selection-memory grid (default 1,2,4,8)")
-    p.add_argument("--late-k", type=int, default=8, help="k of the late-noise rows (default 8)")
+    p.add_argument("--late-k", type=positive_int, default=8, help="k of the late-noise rows (default 8)")
     p.add_argument("--late-blocks", type=_block_list, default=None,
                    help="noise blocks of the late-noise rows, indices or 'head' "
                         "(default: 0, decoder_depth - 1 and head)")

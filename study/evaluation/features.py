@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from study.console import interactive
+from study.evaluation.setup import NonFiniteFeatures
 from study.io import atomic_write
 from study.runtime import autocast
 
@@ -35,7 +36,8 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, pool: str = 
     """``encoder.features(imgs, pool)`` over ``dataset`` in order, in eval mode.
 
     Returns ``(features [N, D] float32 on CPU, labels [N] int64)``. The encoder's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. A batch whose features hold NaN or
+    inf raises :class:`NonFiniteFeatures` at once.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
@@ -44,18 +46,30 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, *, pool: str = 
     encoder.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    feats, labels = [], []
+    feats, labels, seen = [], [], 0
     try:
         for imgs, y in tqdm(loader, desc=desc, disable=not (progress and interactive()), leave=False, dynamic_ncols=True):
             with autocast(precision, device):
                 f = encoder.features(imgs.to(device, non_blocking=True), pool=pool)
             feats.append(f.float().cpu())
+            _require_finite_features(feats[-1], seen, desc, precision)
+            seen += len(f)
             labels.append(torch.as_tensor(y, dtype=torch.int64))
     finally:
         encoder.train(was_training)
     if not feats:
         raise ValueError(f"{desc}: the dataset is empty")
     return torch.cat(feats), torch.cat(labels)
+
+
+def _require_finite_features(batch: torch.Tensor, start: int, desc: str, precision: str) -> None:
+    """Refuse a batch of features holding NaN or inf; ``start`` is the dataset index of its first image."""
+    bad = (~torch.isfinite(batch)).flatten(1).any(1).nonzero().flatten()
+    if len(bad):
+        raise NonFiniteFeatures(f"{desc}: the features of {len(bad)} of the {len(batch)} images from index {start} "
+                                f"on hold NaN or inf (first: image {start + int(bad[0])}); the encoder's forward pass "
+                                f"overflows in {precision} or its weights are broken, so no metric of it would mean "
+                                "anything and the evaluation stops")
 
 
 def checkpoint_identity(path: str | Path | None) -> dict:

@@ -69,15 +69,15 @@ import torch
 
 from study.config import Config
 from study.data import build_eval_datasets
-from study.errors import USER_ERRORS, UserError, one_line
+from study.errors import USER_ERRORS, UserError, WriteError, one_line
 from study.evaluation.context_completion import check_synthetic, completion_protocol
 from study.evaluation.features import POOLS, FeatureCache, extract_features, feature_key
 from study.evaluation.finetune import FinetuneSettings, build_finetune_datasets, finetune, finetune_settings
 from study.evaluation.knn import knn_accuracy
 from study.evaluation.linear_probe import LinearProbeSettings, linear_probe_settings, train_linear_probe
 from study.evaluation.samples import SamplesDrawing, samples_protocol
-from study.evaluation.setup import (ENCODERS, EvaluationError, build_encoders, build_models, eval_device,
-                                    load_for_evaluation, require_study_format)
+from study.evaluation.setup import (ENCODERS, EvaluationError, NonFiniteFeatures, build_encoders, build_models,
+                                    eval_device, load_for_evaluation, require_study_format, resolve_checkpoint)
 from study.results import append_rows, check_table, write_results
 from study.runtime import cpu_threads
 
@@ -110,7 +110,7 @@ class EvaluateSettings:
     """How to evaluate (what :func:`evaluate` takes as keywords), checked on creation."""
 
     protocols: tuple[str, ...] = ("knn", "linear")
-    pool: str = "cls"  # frozen features: cls token or mean of patch tokens
+    pool: str = "mean"  # frozen features: mean of patch tokens (the README's headline numbers) or cls token
     knn_k: int = 20
     knn_temperature: float = 0.07
     preset: str = "auto"  # linear-probe and finetune settings: cpu, gpu, or auto (gpu on CUDA)
@@ -127,6 +127,12 @@ class EvaluateSettings:
         object.__setattr__(self, "protocols", tuple(parse_protocols(self.protocols)))
         if self.pool not in POOLS:
             raise EvaluationError(f"pool must be one of {list(POOLS)}, got {self.pool!r}")
+        if not (isinstance(self.knn_k, int) and self.knn_k >= 1):
+            raise EvaluationError(f"knn_k must be an integer >= 1, got {self.knn_k!r}")
+        if not self.knn_temperature > 0:
+            raise EvaluationError(f"knn_temperature must be > 0, got {self.knn_temperature!r}")
+        if self.batch_size is not None and not self.batch_size >= 1:
+            raise EvaluationError(f"batch_size must be >= 1, got {self.batch_size!r}")
 
     @property
     def encoders(self) -> tuple[str, ...]:
@@ -197,6 +203,7 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
     rows are saved; they are also on its ``rows`` (for ``results=None``).
     """
     s = EvaluateSettings(protocols=tuple(parse_protocols(protocols)), **settings)
+    checkpoint = resolve_checkpoint(checkpoint)  # a run folder stands for its checkpoint.pt
     with cpu_threads(threads):
         if results is not None:
             check_table(results)  # now, not after every protocol has run
@@ -258,6 +265,8 @@ class _Evaluation:
         so the other protocols still run and keep theirs."""
         try:
             yield
+        except NonFiniteFeatures:
+            raise  # the encoder is broken, not the protocol: no row of any protocol is kept or written
         except Exception as exc:  # not KeyboardInterrupt: Ctrl-C stops the whole evaluation
             for protocol in protocols:
                 if protocol not in self.failed:
@@ -296,8 +305,11 @@ class _Evaluation:
         frozen = [p for p in self.s.protocols if p in ("knn", "linear")]
         if not frozen:
             return
+        train_set, val_set = build_eval_datasets(self.cfg)
+        if "knn" in frozen and self.s.knn_k > len(train_set):
+            raise EvaluationError(f"--knn-k {self.s.knn_k} is more neighbours than the {len(train_set)} training "
+                                  "images; give at most that (20 is the usual choice)")
         with self.attempt(*frozen):
-            train_set, val_set = build_eval_datasets(self.cfg)
             for enc_name, encoder in build_encoders(self.cfg, self.state, self.fmt, self.s.encoders).items():
                 if not self.running(frozen):
                     break
@@ -431,6 +443,10 @@ def _save_rows(results: str | Path, rows: list[dict]) -> None:
     try:
         append_rows(results, rows)
         return
+    except WriteError as exc:
+        if getattr(exc, "saved_in", None) is not None:  # append_rows saved them aside and says where
+            raise ResultsNotSaved(one_line(exc)) from exc
+        error = one_line(exc)
     except (OSError, ValueError, UserError) as exc:
         error = one_line(exc)
 

@@ -8,19 +8,20 @@ checkpoint is read, checked and turned into models in one place.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from study.checkpoint import CheckpointError, load_checkpoint
+from study.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, require_finite
 from study.config import Config, apply_overrides, config_from_dict, load_config
 from study.errors import UserError, one_line
 from study.models import build_model, load_pretrained_encoder
 from study.runtime import resolve_device, seed_everything
 
-__all__ = ["EvaluationError", "ENCODERS", "load_for_evaluation", "require_study_format", "build_encoders",
-           "build_models", "load_models", "eval_device"]
+__all__ = ["EvaluationError", "NonFiniteFeatures", "ENCODERS", "resolve_checkpoint", "load_for_evaluation",
+           "require_study_format", "build_encoders", "build_models", "load_models", "eval_device"]
 
 ENCODERS = ("pretrained", "random")
 
@@ -29,22 +30,42 @@ class EvaluationError(UserError, ValueError):
     """A bad evaluate request (unknown protocol, missing config for a foreign checkpoint...)."""
 
 
+class NonFiniteFeatures(EvaluationError):
+    """An encoder's features hold NaN or inf: every metric of it would be meaningless, so evaluation stops."""
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The checkpoint file a ``--checkpoint`` names: the file itself, or a run folder's ``checkpoint.pt``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if (path / CHECKPOINT).is_file():
+            return path / CHECKPOINT
+        snapshots = sorted((path / "snapshots").glob("epoch_*.pt")) if (path / "snapshots").is_dir() else []
+        hint = f" (it has snapshots, e.g. {snapshots[-1]})" if snapshots else ""
+        raise FileNotFoundError(f"checkpoint not found: {path} is a folder without {CHECKPOINT}{hint}; give a run "
+                                "folder or a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
 def load_for_evaluation(checkpoint: str | Path, config: str | Path | None = None,
                         overrides: Sequence[str] = ()) -> tuple[Config, dict, str]:
     """Read a checkpoint of either format; return ``(cfg, state, format)``.
 
     ``format`` is ``"study"`` (this project's: it holds its config; ``overrides``
     apply on top) or ``"facebookresearch"`` (only ``"model"``: ``config`` and/or
-    ``overrides`` describe the architecture and the data).
+    ``overrides`` describe the architecture and the data). Weights holding NaN
+    or inf are refused (:class:`CheckpointError`) before any model is built.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state:
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise EvaluationError(f"{path} is neither this project's checkpoint (keys model, config, epoch) nor a "
                               f"facebookresearch MAE one (key model); it has {keys}")
+    if isinstance(state["model"], Mapping):
+        require_finite(state["model"], f"checkpoint {path}")
     if "config" in state:
         if config is not None:
             raise EvaluationError(f"{path} carries its own config; drop --config (use --set to change fields, "
