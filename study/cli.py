@@ -88,7 +88,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_pack(args: argparse.Namespace) -> int:
     from study.data import build_eval_datasets
-    from study.packed import PackError, pack_folder
+    from study.packed import PackError, pack_folder, pack_size_text
 
     cfg = load_config(args.config, args.overrides)
     dst = args.dst or cfg.data.packed
@@ -100,7 +100,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     train, _ = build_eval_datasets(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, subset=None)))
     workers = cfg.data.num_workers if args.workers is None else args.workers
     print(f"packing {len(train)} images of {train.root} at {args.size} x {args.size} into {dst} "
-          f"({len(train) * args.size ** 2 * 3 / 2 ** 30:.1f} GiB)", flush=True)
+          f"({pack_size_text(len(train), args.size)})", flush=True)
     out = pack_folder(train, dst, args.size, num_workers=workers, overwrite=args.overwrite)
     print(f"packed into {out}; train with --set data.packed={out}")
     return 0
@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="decode the config's training split once into a packed uint8 store")
     _add_config_args(p)
     p.add_argument("--dst", default=None, help="pack folder to write (default: the config's data.packed)")
-    p.add_argument("--size", type=int_at_least(8), default=256,
-                   help="side of the stored images in pixels, >= 8 (default 256)")
+    p.add_argument("--size", type=int_at_least(16), default=256,
+                   help="side of the stored images in pixels, >= 16 (default 256)")
     p.add_argument("--workers", type=nonnegative_int, default=None, help="decoding processes (default: data.num_workers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --dst")
     p.set_defaults(func=_cmd_pack)

@@ -49,7 +49,7 @@ from typing import Sequence
 
 from study.cli_args import OneLineParser
 from study.console import interactive
-from study.errors import UserError, run_command
+from study.errors import WRITE_ERRNOS, UserError, run_command, write_error
 
 __all__ = ["imagenet100_classes", "build_imagenet100", "read_val_labels", "find_val_labels", "BuildSummary",
            "main", "IMAGE_EXTENSIONS", "VAL_LABEL_NAMES"]
@@ -328,7 +328,14 @@ def _copy(source: Path, dest: Path) -> None:
     if not dest.is_symlink() and dest.is_file() and dest.stat().st_size == source.stat().st_size:
         return  # only ever renamed into place once complete
     partial = dest.with_name(f".{dest.name}.partial")
-    shutil.copyfile(source, partial)
+    try:
+        shutil.copyfile(source, partial)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        partial.unlink(missing_ok=True)
+        raise write_error(exc, dest, "the images copied so far are kept; free space and rerun the same command "
+                                     "to finish the build") from exc
     os.replace(partial, dest)
 
 

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -43,7 +45,7 @@ from torch.utils.data import Dataset
 
 from study.batched_crops import crop_boxes, resample
 from study.console import interactive
-from study.errors import UserError
+from study.errors import WRITE_ERRNOS, UserError, write_error
 from study.image_folders import IMAGENET_MEAN, IMAGENET_STD, RGB_CROP_SCALE, RobustImageFolder
 
 if TYPE_CHECKING:
@@ -81,6 +83,37 @@ def _collate(items):
     return torch.stack(pixels), torch.stack(sizes), torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
+def pack_size_text(count: int, size: int) -> str:
+    """The pixels of a pack of ``count`` images at ``size`` x ``size``, in MiB or GiB."""
+    nbytes = count * size * size * 3
+    return f"{nbytes / 2 ** 30:.1f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.1f} MiB"
+
+
+@contextmanager
+def _taken_back_on_failure(images: Path, needed: str):
+    """Remove the half-written pack on any failure; a full disk becomes one line saying what it needs."""
+    try:
+        yield
+    except BaseException as exc:
+        shutil.rmtree(images.parent, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise write_error(exc, exc.filename or images, f"nothing was kept (the pack needs {needed})") from exc
+        raise
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: a full disk is then an error here, not a SIGBUS mid-pack."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise
+        # a file system without fallocate: its pages are written as the pack fills
+    finally:
+        os.close(fd)
+
+
 def pack_folder(folder: RobustImageFolder, dst: str | Path, size: int = 256, *, num_workers: int = 0,
                 overwrite: bool = False, batch_size: int = 64, progress: bool = True) -> Path:
     """Decode every image of ``folder`` once into a pack at ``dst``; returns ``dst``."""
@@ -96,43 +129,44 @@ def pack_folder(folder: RobustImageFolder, dst: str | Path, size: int = 256, *, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     n = len(folder)
-    images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    labels = np.empty(n, dtype=np.int64)
-    sizes = np.empty((n, 2), dtype=np.int32)
-    # each item is read where it stands (no skip-to-next): an unreadable file must not be packed twice
-    source = folder.with_transform(_Squash(size))
-    loader = DataLoader(_Indexed(source), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-    keep = np.ones(n, dtype=bool)
-    skipped: list[str] = []
-    bar = tqdm(total=n, desc=f"pack {folder.root}", unit="img", disable=not (progress and interactive()))
-    done = 0
-    for batch in loader:
-        for i, item, error in batch:
-            if error is not None:
-                if folder.on_bad_image == "error":
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise PackError(f"cannot read image {folder.samples[i][0]}: {error} "
-                                    "(set data.on_bad_image=skip to leave unreadable files out of the pack)")
-                keep[i] = False
-                skipped.append(folder.samples[i][0])
-                continue
-            (pixels, hw), label = item
-            images[i] = pixels.numpy()
-            sizes[i] = hw.numpy()
-            labels[i] = label
-        done += len(batch)
-        bar.update(len(batch))
-        if progress and not interactive() and (done // batch_size) % 200 == 0:
-            print(f"packed {done}/{n} images", flush=True)
-    bar.close()
-    images.flush()
-    del images
-    labels[~keep] = -1  # left out by PackedImages
-    np.save(tmp / "labels.npy", labels)
-    np.save(tmp / "sizes.npy", sizes)
-    meta = {"format": PACK_FORMAT, "size": size, "count": n, "kept": int(keep.sum()), "classes": folder.classes,
-            "root": str(folder.root.resolve()), "skipped": skipped}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    with _taken_back_on_failure(tmp / "images.npy", pack_size_text(n, size)):
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        _reserve(tmp / "images.npy")
+        labels = np.empty(n, dtype=np.int64)
+        sizes = np.empty((n, 2), dtype=np.int32)
+        # each item is read where it stands (no skip-to-next): an unreadable file must not be packed twice
+        source = folder.with_transform(_Squash(size))
+        loader = DataLoader(_Indexed(source), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+        keep = np.ones(n, dtype=bool)
+        skipped: list[str] = []
+        bar = tqdm(total=n, desc=f"pack {folder.root}", unit="img", disable=not (progress and interactive()))
+        done = 0
+        for batch in loader:
+            for i, item, error in batch:
+                if error is not None:
+                    if folder.on_bad_image == "error":
+                        raise PackError(f"cannot read image {folder.samples[i][0]}: {error} "
+                                        "(set data.on_bad_image=skip to leave unreadable files out of the pack)")
+                    keep[i] = False
+                    skipped.append(folder.samples[i][0])
+                    continue
+                (pixels, hw), label = item
+                images[i] = pixels.numpy()
+                sizes[i] = hw.numpy()
+                labels[i] = label
+            done += len(batch)
+            bar.update(len(batch))
+            if progress and not interactive() and (done // batch_size) % 200 == 0:
+                print(f"packed {done}/{n} images", flush=True)
+        bar.close()
+        images.flush()
+        del images
+        labels[~keep] = -1  # left out by PackedImages
+        np.save(tmp / "labels.npy", labels)
+        np.save(tmp / "sizes.npy", sizes)
+        meta = {"format": PACK_FORMAT, "size": size, "count": n, "kept": int(keep.sum()), "classes": folder.classes,
+                "root": str(folder.root.resolve()), "skipped": skipped}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)

@@ -135,6 +135,36 @@ def test_export_failing_at_its_weights(one_epoch, tmp_path):
     assert not out.exists()  # the folder the export made is taken back
 
 
+# --------------------------------------------------------------------------- pack
+
+
+def test_pack_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    from conftest import make_train_val_folders
+
+    root = make_train_val_folders(tmp_path / "imgs", classes=3, per_class=8, val_per_class=2)
+    dst = tmp_path / "pack"
+    # 24 images of 64 x 64 x 3 bytes: 295 KB of pixels, above the 64 KB limit
+    proc = run_limited(64 << 10, "pack", "--set", "data.name=imagefolder", "--set", f"data.root={root}", "--set",
+                       "model.in_chans=3", "--dst", str(dst), "--size", "64")
+    line = the_error_line(proc)
+    assert "images.npy" in line and "File too large" in line and "nothing was kept" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no pack, no half-written .packing folder
+
+
+def test_build_in100_copy_on_a_full_disk_keeps_what_it_copied_and_finishes_on_rerun(tmp_path):
+    src, dst = tmp_path / "in1k", tmp_path / "in100"
+    subprocess.run([sys.executable, "-m", "study.fake_imagenet", "--out", str(src), "--synsets", "100",
+                    "--train-per-class", "1", "--val-per-class", "1", "--min-side", "64", "--max-side", "64"],
+                   check=True, capture_output=True, cwd=ROOT)
+    args = ["build-in100", "--src", str(src), "--dst", str(dst), "--copy"]
+    line = the_error_line(run_limited(1024, *args))  # every 64-px JPEG is above 1 KB
+    assert ".JPEG" in line and str(dst) in line and "rerun the same command" in line, line
+    assert not list(dst.rglob(".*.partial"))
+    finished = subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True, cwd=ROOT)
+    assert finished.returncode == 0, finished.stderr
+    assert len(list((dst / "train").rglob("*.JPEG"))) == 100
+
+
 # --------------------------------------------------------------------------- the results table
 
 
