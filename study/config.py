@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from study.errors import UserError
+from study.masking import num_masked
 from study.io import atomic_write_text
 
 __all__ = [
@@ -226,7 +227,7 @@ def validate(cfg: Config) -> Config:
 
     _check(0.0 < cfg.mask.ratio < 1.0, "mask.ratio", f"must be in (0, 1), got {cfg.mask.ratio}")
     n = cfg.num_patches
-    masked = round(cfg.mask.ratio * n)
+    masked = num_masked(cfg.mask.ratio, n)
     _check(1 <= masked <= n - 1, "mask.ratio",
            f"({cfg.mask.ratio}) masks {masked} of {n} patches; at least one must be masked and one visible")
     _check(cfg.mask.block_min_patches >= 1, "mask.block_min_patches",

@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from study.config import MaskConfig
 
 __all__ = [
+    "num_masked",
     "KINDS",
     "FILTERS",
     "MaskGenerator",
@@ -74,6 +75,11 @@ __all__ = [
     "clustering_score",
     "noise_filter",
 ]
+
+def num_masked(ratio: float, num_patches: int) -> int:
+    """Patches masked in every image: ``floor(ratio * N + 0.5)``, halves rounded up (not to even)."""
+    return int(math.floor(ratio * num_patches + 0.5))
+
 
 KINDS = ("random", "block", "noise")
 FILTERS = ("red", "blue", "green", "white")
@@ -148,10 +154,10 @@ class MaskGenerator:
             raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1) (the fraction of patches masked), got {ratio}")
-        num_masked = int(math.floor(ratio * self.num_patches + 0.5))
-        if not 0 < num_masked < self.num_patches:
+        masked = num_masked(ratio, self.num_patches)
+        if not 0 < masked < self.num_patches:
             raise ValueError(
-                f"ratio {ratio} masks {num_masked} of the {self.num_patches} patches of a {gh}x{gw} grid; "
+                f"ratio {ratio} masks {masked} of the {self.num_patches} patches of a {gh}x{gw} grid; "
                 f"it must leave at least one patch masked and one visible"
             )
         if isinstance(block_min_patches, bool) or not isinstance(block_min_patches, (int, np.integer)) \
@@ -170,8 +176,8 @@ class MaskGenerator:
         self.filter = filter
         self.block_min_patches = int(block_min_patches)
         self.block_max_patches = None if block_max_patches is None else int(block_max_patches)
-        self.num_masked = num_masked
-        self.num_visible = self.num_patches - num_masked
+        self.num_masked = masked
+        self.num_visible = self.num_patches - masked
         self._log_aspect = (math.log(BLOCK_ASPECT), math.log(1 / BLOCK_ASPECT))
         self._block_proposals = BLOCK_PROPOSALS
         self._pad_shape = (NOISE_PAD * gh, NOISE_PAD * gw)

@@ -70,6 +70,7 @@ from torch import Tensor
 from study.data import build_eval_datasets
 from study.evaluation import samples as sampling
 from study.evaluation.setup import EvaluationError
+from study.masking import num_masked
 from study.synthetic_images import patchify
 
 __all__ = [
@@ -296,7 +297,7 @@ def completion_protocol(cfg, models: dict, *, device="cpu", k: int | None = None
                           ("oracle_mean_null_rate", oracle.mean_null_rate), ("oracle_seconds", oracle_seconds)):
         rows.append({"encoder": "pretrained", "metric": metric, "value": value, **base})
     if hasattr(generator, "bayes_floor"):  # the same-mean images know E[y | x] (the gratings do not report it)
-        n_visible = cfg.num_patches - round(cfg.mask.ratio * cfg.num_patches)
+        n_visible = cfg.num_patches - num_masked(cfg.mask.ratio, cfg.num_patches)
         for metric, value in (("bayes_floor", generator.bayes_floor(n_visible)),
                               ("mode_floor", generator.mode_floor(n_visible))):
             rows.append({"encoder": "pretrained", "metric": metric, "value": value, **base})
