@@ -174,8 +174,15 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Patches per column and per row of a (square) image."""
+        side = self.model.img_size // self.model.patch_size
+        return side, side
+
+    @property
     def num_patches(self) -> int:
-        return (self.model.img_size // self.model.patch_size) ** 2
+        gh, gw = self.patch_grid
+        return gh * gw
 
 
 # --------------------------------------------------------------------------- checks

@@ -269,7 +269,7 @@ def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
     train_set, val_set = build_datasets(cfg)
     if dist_info.main and check_data:
         check_images({"train": train_set, "val": val_set}, num_workers=cfg.data.num_workers)
-    make_mask = build_mask_generator(cfg.mask, (cfg.model.img_size // cfg.model.patch_size,) * 2)
+    make_mask = build_mask_generator(cfg.mask, cfg.patch_grid)
     model = build_model(cfg).to(device)
     base_lr = base_lr_of(cfg, dist_info.world)
     state = TrainingState(cfg=cfg, model=model, net=model, optimizer=build_optimizer(model, cfg, base_lr, device),

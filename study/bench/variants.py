@@ -67,7 +67,7 @@ class Trainer:
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg, step_lr(cfg, imgs.shape[0]), device)
         self.scaler = grad_scaler(cfg.precision, device)
-        grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
+        grid = cfg.patch_grid
         self.make_mask = build_mask_generator(cfg.mask, grid)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000)
         self.net: nn.Module = torch.compile(self.model) if compile_model else self.model

@@ -82,7 +82,7 @@ def fixed_batch(cfg, n: int, seed: int = SEED, dataset=None) -> SampleBatch:
     items = dataset.__getitems__(idx.tolist()) if hasattr(dataset, "__getitems__") else [dataset[i] for i in idx]
     images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
     labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
-    grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
+    grid = cfg.patch_grid
     mask = build_mask_generator(cfg.mask, grid)(n, generator=torch.Generator().manual_seed(seed + 1))
     return SampleBatch(images, labels, mask, idx)
 
