@@ -41,12 +41,14 @@ __all__ = ["add_arguments", "run_from_args", "bench_data"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=positive_int, default=512, help="images of the training split to time (default 512)")
+    p.add_argument("--images", type=positive_int, default=512,
+                   help="images of the training split to time (default 512)")
     p.add_argument("--batch", type=positive_int, default=256, help="batch of the packed pipeline (default 256)")
     p.add_argument("--size", type=int_at_least(16), default=256, help="side of the packed images (default 256)")
     p.add_argument("--rate", type=positive_float, default=69_000.0,
                    help="images/s the GPUs consume, for the cores needed (default 69000: 8 GPUs, ViT-T LS)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the packed crops run: auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the packed crops run (default auto)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
 
 

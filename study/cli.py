@@ -114,7 +114,7 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", default=None, help="pack folder to write (default: the config's data.packed)")
     p.add_argument("--size", type=int_at_least(16), default=256,
                    help="side of the stored images in pixels, >= 16 (default 256)")
-    p.add_argument("--workers", type=nonnegative_int, default=None, help="decoding processes (default: data.num_workers)")
+    p.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="decoding processes (default: data.num_workers)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --dst")
     p.set_defaults(func=_cmd_pack)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,10 +19,10 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from study.errors import UserError
-from study.masking import num_masked
 from study.io import atomic_write_text
 
 __all__ = [
+    "num_masked",
     "Config",
     "ConfigError",
     "ModelConfig",
@@ -183,6 +184,11 @@ class Config:
     def num_patches(self) -> int:
         gh, gw = self.patch_grid
         return gh * gw
+
+
+def num_masked(ratio: float, num_patches: int) -> int:
+    """Patches masked in every image at ``mask.ratio``: ``floor(ratio * N + 0.5)``, halves up (not to even)."""
+    return int(math.floor(ratio * num_patches + 0.5))
 
 
 # --------------------------------------------------------------------------- checks

@@ -62,11 +62,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from study.config import num_masked
+
 if TYPE_CHECKING:  # pragma: no cover
     from study.config import MaskConfig
 
 __all__ = [
-    "num_masked",
     "KINDS",
     "FILTERS",
     "MaskGenerator",
@@ -75,11 +76,6 @@ __all__ = [
     "clustering_score",
     "noise_filter",
 ]
-
-def num_masked(ratio: float, num_patches: int) -> int:
-    """Patches masked in every image: ``floor(ratio * N + 0.5)``, halves rounded up (not to even)."""
-    return int(math.floor(ratio * num_patches + 0.5))
-
 
 KINDS = ("random", "block", "noise")
 FILTERS = ("red", "blue", "green", "white")

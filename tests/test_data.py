@@ -329,7 +329,8 @@ def test_bad_image_in_the_val_split_stops_pretraining_up_front(tmp_path):
 
     bad = _single_folder_with_bad_val_image(tmp_path / "imgs")
     cfg = _folder_cfg(tmp_path / "imgs", "data.val_fraction=0.2", "optim.batch_size=4", "epochs=1",
-                      "optim.warmup_epochs=1", "model.embed_dim=8", "model.num_heads=2", "model.decoder_dim=8", "model.decoder_heads=2")
+                      "optim.warmup_epochs=1", "model.embed_dim=8", "model.num_heads=2", "model.decoder_dim=8",
+                      "model.decoder_heads=2")
     with pytest.raises(BadImageError, match="val split") as info:
         pretrain(cfg, tmp_path / "run", progress=False)
     assert bad in str(info.value) and "on_bad_image=skip" in str(info.value)

@@ -191,8 +191,7 @@ def test_figure_writes_both_files_deterministically(tmp_path):
 
 def test_config_and_generator_count_masked_patches_by_one_rule():
     """Halves round up everywhere: at 16 patches, ratio 1/32 masks floor(0.5 + 0.5) = 1 patch, not round's 0."""
-    from study.config import load_config
-    from study.masking import num_masked
+    from study.config import load_config, num_masked
 
     assert num_masked(0.5, 49) == 25 and num_masked(1 / 32, 16) == 1
     cfg = load_config(None, ["data.name=synthetic", "model.img_size=16", "model.patch_size=4", "mask.ratio=0.03125"])

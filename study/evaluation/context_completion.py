@@ -67,10 +67,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from study.config import num_masked
 from study.data import build_eval_datasets
 from study.evaluation import samples as sampling
 from study.evaluation.setup import EvaluationError
-from study.masking import num_masked
 from study.synthetic_images import patchify
 
 __all__ = [
