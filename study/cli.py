@@ -112,6 +112,18 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _add_pack_parser(sub) -> None:
+    p = sub.add_parser("pack", help="decode the config's training split once into a packed uint8 store")
+    _add_config_args(p)
+    p.add_argument("--dst", default=None, help="pack folder to write (default: the config's data.packed)")
+    p.add_argument("--size", type=int_at_least(16), default=256,
+                   help="side of the stored images in pixels, >= 16 (default 256)")
+    p.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="decoding processes (default: data.num_workers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --dst")
+    p.set_defaults(func=_cmd_pack)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m study", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,15 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=bench_from_args)
 
-    p = sub.add_parser("pack", help="decode the config's training split once into a packed uint8 store")
-    _add_config_args(p)
-    p.add_argument("--dst", default=None, help="pack folder to write (default: the config's data.packed)")
-    p.add_argument("--size", type=int_at_least(16), default=256,
-                   help="side of the stored images in pixels, >= 16 (default 256)")
-    p.add_argument("--workers", type=nonnegative_int, default=None,
-                   help="decoding processes (default: data.num_workers)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --dst")
-    p.set_defaults(func=_cmd_pack)
+    _add_pack_parser(sub)
 
     from study.bench_data import add_arguments as add_bench_data_arguments
 
