@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from study.errors import WRITE_ERRNOS, WriteError
+from study.errors import WRITE_ERRNOS, WriteError, write_error
 
 __all__ = ["atomic_write", "atomic_write_text", "remove_stale_temps", "writable_folder"]
 
@@ -43,7 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         if exc.errno in WRITE_ERRNOS:
-            raise WriteError(path, exc.strerror, kept, exc.errno) from exc
+            raise write_error(exc, path, kept) from exc
         raise
     os.close(fd)
     try:

@@ -24,14 +24,15 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
-from study.errors import WRITE_ERRNOS, UserError, WriteError
+from study.errors import WRITE_ERRNOS, UserError, WriteError, write_error
 from study.io import atomic_write
 
-__all__ = ["append_rows", "check_table", "drop_stale_points", "read_results", "write_results", "ResultsTableError"]
+__all__ = ["append_rows", "check_table", "drop_stale_points", "read_results", "save_rows_aside", "write_results",
+           "ResultsTableError"]
 
 REQUIRED = ("metric", "value")
 
@@ -104,7 +105,7 @@ def _locked(path: Path) -> Iterator[None]:
         fd = _acquire(lock_path)
     except OSError as exc:
         if exc.errno in WRITE_ERRNOS:
-            raise WriteError(lock_path, exc.strerror, "the table is unchanged", exc.errno) from exc
+            raise write_error(exc, lock_path, "the table is unchanged") from exc
         raise
     try:
         yield
@@ -186,7 +187,7 @@ def _rows_not_written(exc: WriteError, path: Path, new: pd.DataFrame) -> WriteEr
     if new.empty:
         return exc
     table = "the previous table is kept" if path.exists() else "no table was written"
-    side = _save_aside(path, new)
+    side = save_rows_aside(path, new, [Path(tempfile.gettempdir())])
     if side is None:
         where = f"the {len(new)} new rows could not be saved elsewhere either"
     else:
@@ -196,12 +197,17 @@ def _rows_not_written(exc: WriteError, path: Path, new: pd.DataFrame) -> WriteEr
     return error
 
 
-def _save_aside(path: Path, rows: pd.DataFrame) -> Path | None:
-    name = f"{path.stem}.unsaved-{_dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.csv"
-    try:
-        return write_results(Path(tempfile.gettempdir()) / name, rows)
-    except OSError:
-        return None
+def save_rows_aside(path: str | Path, rows: Iterable[Mapping] | pd.DataFrame,
+                    folders: Sequence[str | Path]) -> Path | None:
+    """Write rows that could not reach the table at ``path`` to ``<stem>.unsaved-<time>-<pid>.csv`` in the
+    first of ``folders`` that takes them; None if none does."""
+    name = f"{Path(path).stem}.unsaved-{_dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.csv"
+    for folder in folders:
+        try:
+            return write_results(Path(folder) / name, rows)
+        except OSError:
+            continue
+    return None
 
 
 def drop_stale_points(path: str | Path, sweep: str, points: Iterable[str]) -> int:

@@ -17,6 +17,17 @@ def tiny_overrides(*extra: str, size: int = 8, width: int = 8, decoder_width: in
     ]
 
 
+def one_error_line(capsys, code, *words):
+    """The call failed with status 2 and exactly one stderr line ``error: ...`` holding ``words``."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
 def as_sets(items: list[str]) -> list[str]:
     """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` (a command line's overrides)."""
     return [arg for item in items for arg in ("--set", item)]

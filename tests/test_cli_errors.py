@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import as_sets, tiny_overrides
+from conftest import as_sets, one_error_line, tiny_overrides
 from study.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,17 +18,6 @@ TINY = tiny_overrides("epochs=1")
 
 def sets(*items):
     return as_sets([*TINY, *items])
-
-
-def one_error_line(capsys, code, *words):
-    """The call failed with status 2 and exactly one stderr line ``error: ...`` holding ``words``."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

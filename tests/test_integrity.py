@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import as_sets, tiny_overrides
+from conftest import as_sets, one_error_line, tiny_overrides
 from study.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from study.cli import main as cli_main
 from study.config import load_config
@@ -16,17 +16,6 @@ from study.train import pretrain
 
 # wide enough that an MLP weight spans 16 KiB: 4 KiB of damage lands inside one tensor record
 TINY = tiny_overrides("epochs=2", "snapshot_epochs=[1]", size=16, width=32)
-
-
-def one_error_line(capsys, code, *words):
-    """The call failed with status 2 and exactly one stderr line ``error: ...`` holding ``words``."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

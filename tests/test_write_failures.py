@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import as_sets, tiny_overrides
+from conftest import as_sets, one_error_line, tiny_overrides
 from study.cli import main as cli_main
 from study.config import load_config
 from study.errors import WriteError
@@ -197,11 +197,9 @@ def test_evaluate_whose_results_cannot_be_written(one_epoch, tmp_path, capsys, m
     with file_size_limit(len(before) - 1024):
         code = cli_main(["evaluate", "--checkpoint", str(one_epoch / "checkpoint.pt"), "--protocols", "knn",
                          "--results", str(table), "--figures", str(tmp_path / "figures"), "--quiet"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert str(table) in lines[0] and "kept" in lines[0]
+    line = one_error_line(capsys, code, str(table), "kept")
     assert table.read_bytes() == before
-    sides = [p for p in tmp_path.glob("results.unsaved-*.csv") if str(p) in lines[0]]
+    sides = [p for p in tmp_path.glob("results.unsaved-*.csv") if str(p) in line]
     assert sides and all(set(read_results(p)["metric"]) >= {"knn_top1"} for p in sides)
     assert not list(tmp_path.glob("*.lock"))
 

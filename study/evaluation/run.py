@@ -78,7 +78,7 @@ from study.evaluation.linear_probe import LinearProbeSettings, linear_probe_sett
 from study.evaluation.samples import SamplesDrawing, samples_protocol
 from study.evaluation.setup import (ENCODERS, EvaluationError, NonFiniteFeatures, build_encoders, build_models,
                                     eval_device, load_for_evaluation, require_study_format, resolve_checkpoint)
-from study.results import append_rows, check_table, write_results
+from study.results import append_rows, check_table, save_rows_aside
 from study.runtime import cpu_threads
 
 __all__ = ["PROTOCOLS", "DECODER_PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols",
@@ -450,12 +450,8 @@ def _save_rows(results: str | Path, rows: list[dict]) -> None:
     except (OSError, ValueError, UserError) as exc:
         error = one_line(exc)
 
-    name = f"{Path(results).stem}.unsaved-{_dt.datetime.now():%Y%m%d-%H%M%S}.csv"
-    for folder in (Path(results).parent, Path(tempfile.gettempdir())):
-        try:
-            side = write_results(folder / name, rows)
-        except OSError:
-            continue
+    side = save_rows_aside(results, rows, [Path(results).parent, Path(tempfile.gettempdir())])
+    if side is not None:
         raise ResultsNotSaved(f"could not append the {len(rows)} result rows to {results} ({error}); they are "
                               f"saved in {side}")
     raise ResultsNotSaved(f"could not append the {len(rows)} result rows to {results} ({error}), nor save "
