@@ -80,21 +80,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     trace: dict = {"losses": [], "distances": [], "index": [], "noise_norm": []}
     gen = torch.Generator().manual_seed(12345)  # the perturbations' own stream: the run's RNGs are untouched
 
-    original_cimle = mae.cimle
-
-    def recording_cimle(*a, **kw):
-        res = original_cimle(*a, **kw)
-        trace["distances"].append(res.distances.detach().clone())
-        trace["index"].append(res.index.detach().clone())
-        return res
-
-    mae.cimle = recording_cimle
-
     original_forward = mae.MaskedAutoencoder.forward
 
     def recording_forward(self, imgs, mask, generator=None):
         res = original_forward(self, imgs, mask, generator)
         trace["losses"].append(res.loss.detach().double().item())
+        if res.selection is not None:
+            trace["distances"].append(res.selection.distances.detach().clone())
+            trace["index"].append(res.selection.index.detach().clone())
         proj = getattr(self.decoder, "decoder_noise_proj", None)
         if proj is not None:
             trace["noise_norm"].append(proj.weight.detach().norm().item())
@@ -267,24 +260,12 @@ def cmd_probe(args: argparse.Namespace) -> None:
             gen = torch.Generator().manual_seed(0)
             grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
             mask = build_mask_generator(cfg.mask, grid)(imgs.shape[0], generator=gen, device=torch.device("cpu"))
-            captured = {}
-            import study.models.mae as mae
-            original = mae.cimle
-
-            def rec(*a, **kw):
-                res = original(*a, **kw)
-                captured["distances"] = res.distances.clone()
-                return res
-
-            mae.cimle = rec
-            try:
-                res = model(imgs, mask, generator=gen)
-            finally:
-                mae.cimle = original
+            res = model(imgs, mask, generator=gen)
             res.loss.backward()
             case = {"loss": res.loss.detach().clone(),
                     "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
-            case.update(captured)
+            if res.selection is not None:
+                case["distances"] = res.selection.distances.clone()
             out["cases"][f"{objective}@{ratio}"] = case
     torch.save(out, args.out)
     print(json.dumps(out["env"]))

@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from study import methods
 from study.errors import UserError
 from study.io import atomic_write_text
 
@@ -155,7 +156,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    objective: Literal["ls", "cimle", "mvae"] = "ls"
+    objective: str = "ls"  # a name registered in study.methods: "ls", "cimle", "mvae"
     epochs: int = 10
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "cpu"
@@ -202,6 +203,7 @@ def _check(cond: bool, name: str, msg: str) -> None:
 def validate(cfg: Config) -> Config:
     """Cross-field and range checks; raises ConfigError naming the field."""
     m = cfg.model
+    _check(cfg.objective in methods.names(), "objective", f"must be one of {methods.names()}, got {cfg.objective!r}")
     _check(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1 (epochs), got {cfg.checkpoint_every}")
     bad = [e for e in cfg.snapshot_epochs if not 1 <= e <= cfg.epochs]

@@ -56,7 +56,7 @@ clustered, < 1 dispersed).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -73,6 +73,8 @@ __all__ = [
     "MaskGenerator",
     "build_mask_generator",
     "ids_from_mask",
+    "MaskIndices",
+    "mask_indices",
     "clustering_score",
     "noise_filter",
 ]
@@ -323,8 +325,7 @@ def ids_from_mask(mask: Tensor, num_masked: int | None = None) -> tuple[Tensor, 
     indices, each ascending within a row) and ``ids_restore [B, N]`` such that
     ``torch.gather(torch.cat([visible, masked], 1), 1, ids_restore[..., None].expand(-1, -1, D))``
     puts tokens back in patch order, where ``visible = gather(x, ids_keep)`` and
-    ``masked = gather(x, ids_masked)``. Same convention as
-    :func:`study.models.mae.mask_indices` (which wraps this one).
+    ``masked = gather(x, ids_masked)``. :func:`mask_indices` wraps this one.
 
     ``num_masked``: the patches masked per row, where the caller knows it (a
     :class:`MaskGenerator`'s ``num_masked``); without it the count is read
@@ -386,3 +387,18 @@ def clustering_score(mask: Tensor, grid: tuple[int, int], *, normalize: bool = T
     if normalize:
         raw = raw / ((k - 1) / (n - 1)).clamp_min(1e-12)
     return float(raw[ok].mean())
+
+
+class MaskIndices(NamedTuple):
+    keep: Tensor  # [B, N_vis] visible patch indices, ascending
+    masked: Tensor  # [B, N_mask] masked patch indices, ascending
+    restore: Tensor  # [B, N] position of patch n in the order (visible, masked)
+    num_masked: int
+
+
+def mask_indices(mask: Tensor, num_patches: int | None = None, num_masked: int | None = None) -> MaskIndices:
+    """Index tensors of a bool mask ``[B, N]`` (True = masked); see :func:`ids_from_mask`."""
+    if num_patches is not None and mask.ndim == 2 and mask.shape[1] != num_patches:
+        raise ValueError(f"mask has {mask.shape[1]} patches per row, the model has {num_patches}")
+    keep, masked, restore = ids_from_mask(mask, num_masked)
+    return MaskIndices(keep, masked, restore, masked.shape[1])

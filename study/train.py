@@ -90,14 +90,15 @@ def lr_at(epoch: float, cfg: Config, base_lr: float) -> float:
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """No weight decay on biases, norms and tokens; the Masked VAE encoder gets its lr factor."""
+    """No weight decay on biases, norms and tokens; each parameter's lr scale is its objective's."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    method = getattr(model, "method", None)
     groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = param.ndim > 1 and name not in skip and not name.endswith(".bias")
-        scale = cfg.mvae.lr_factor if name.startswith("variational_encoder.") else 1.0
+        scale = 1.0 if method is None else method.lr_scale(name)
         groups.setdefault((decay, scale), []).append(param)
     return [
         {"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0, "lr_scale": scale}
@@ -308,11 +309,11 @@ def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:
 def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device, dist_info: Dist) -> torch.nn.Module:
     net = torch.compile(model) if cfg.compile else model
     if dist_info.world > 1:
-        # every parameter of every objective gets a gradient each step (tests/test_train.py checks it), so
-        # DDP need not search the graph for unused ones, which costs an extra pass per step
+        # the built-in objectives give every parameter a gradient each step (tests/test_train.py checks it),
+        # so DDP need not search the graph for unused ones, which costs an extra pass per step
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=False,
+            find_unused_parameters=model.method.find_unused_parameters,
         )
     return net
 

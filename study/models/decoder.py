@@ -1,10 +1,7 @@
 """MAE decoder with a noise input, split at the block where the noise enters.
 
 Names follow the published MAE: ``decoder_embed``, ``mask_token``,
-``decoder_pos_embed`` (fixed sin-cos), ``decoder_blocks``, ``decoder_norm``,
-``decoder_pred``. Noise modules, when the decoder takes noise, are
-``decoder_noise_proj`` ("add") or ``decoder_noise_mod`` ("adaln").
-
+``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``.
 The decoder is two calls so that cIMLE's k samples share everything before the
 noise:
 
@@ -12,26 +9,17 @@ noise:
   tokens, put the mask token at every masked position, add position
   embeddings, run blocks ``0 .. j-1``. Runs once per step.
 * ``suffix(hidden, z, mask) -> pred [B, N, p*p*C]``: inject ``z``, run blocks
-  ``j ..``, norm, predict, drop the class token. Runs once per sample batch;
-  it is written so that ``torch.func.vmap`` over ``z`` works.
+  ``j ..``, norm, predict. Runs once per sample batch; ``torch.func.vmap`` over
+  ``z`` works.
 
-Noise (``NoiseConfig``): ``scope="image"``: ``z [B, dim]``; ``scope="token"``:
-``z [B, N_mask, dim]``, row i for the i-th masked patch in ascending patch
-order. ``injection="add"``: ``Linear(dim, Dd, bias=False)(z)`` is added to the
-masked positions' hidden states at block j (image scope: the same vector on
-every masked position). ``injection="adaln"``: ``z`` sets a shift and scale
-(zero-initialised linear maps) of every LayerNorm from block j on, including
-``decoder_norm``; image scope modulates every token, token scope only the
-masked positions. ``block == depth`` puts the noise right before
-``decoder_norm`` / ``decoder_pred``.
-
-``block == "head"``: the decoder ends in a token-wise MLP head,
-``decoder_head(cat(decoder_norm(x), z))`` (hidden width ``mlp_ratio * Dd``), in
-place of the linear ``decoder_pred``; ``injection`` does not apply. A token's
-output then depends on its own noise only, which makes per-token (factorised)
-cIMLE selection exact, and the k samples cost k head passes. A decoder built
-with ``head_noise_dim`` but no noise (least squares on the same model) feeds
-``z = 0`` to the same head.
+Where and how ``z`` enters is one module chosen at construction
+(``NoiseConfig``): :class:`AddNoise` (``decoder_noise_proj``) or
+:class:`AdaLNNoise` (``decoder_noise_mod``) at block ``j = noise.block``
+(``j == depth``: right before ``decoder_norm``), or :class:`TokenHead`
+(``decoder_head``, ``noise.block = "head"``), which replaces the linear
+``decoder_pred``. Noise of ``scope="image"`` is ``z [B, dim]``; of
+``scope="token"``, ``z [B, N_mask, dim]``, row i for the i-th masked patch in
+ascending patch order; it reaches masked positions only.
 """
 
 from __future__ import annotations
@@ -47,7 +35,10 @@ from study.config import NoiseConfig
 from study.models.attention import Attention
 from study.models.encoder import _layer_norm, init_mae_weights, position_embedding
 
-__all__ = ["MAEDecoder", "DecoderBlock", "masked_rank"]
+__all__ = ["MAEDecoder", "DecoderBlock", "AddNoise", "AdaLNNoise", "TokenHead", "masked_rank"]
+
+Modulation = tuple[Tensor, ...]  # (shift, scale) pairs, each broadcastable to [B, 1+N, Dd]
+
 
 class DecoderBlock(Block):
     """timm ``Block`` whose LayerNorms can be modulated: ``forward(x, mod)``.
@@ -60,7 +51,7 @@ class DecoderBlock(Block):
         super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True,
                          norm_layer=_layer_norm, attn_layer=Attention)
 
-    def forward(self, x: Tensor, mod: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, mod: Modulation | None = None) -> Tensor:
         if mod is None:
             return super().forward(x)
         shift1, scale1, shift2, scale2 = mod
@@ -76,8 +67,86 @@ def masked_rank(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(dim=1) - 1).clamp_min(0)  # [B, N]
 
 
+def spread(values: Tensor, mask: Tensor) -> Tensor:
+    """Per-token values ``[B, N_mask, W]`` -> ``[B, 1+N, W]`` at the masked positions, 0 elsewhere."""
+    rank = masked_rank(mask)  # [B, N]
+    out = torch.gather(values, 1, rank[..., None].expand(-1, -1, values.shape[-1]))  # [B, N, W]
+    out = out * mask[..., None].to(out.dtype)  # [B, N, W]
+    return F.pad(out, (0, 0, 1, 0))  # [B, 1+N, W] zero at cls
+
+
+class AddNoise(nn.Linear):
+    """``Linear(dim, Dd, bias=False)(z)`` added to the masked positions' hidden states (image scope: the
+    same vector on every masked position)."""
+
+    def __init__(self, noise: NoiseConfig, width: int) -> None:
+        super().__init__(noise.dim, width, bias=False)
+        nn.init.xavier_uniform_(self.weight)
+        self.token = noise.scope == "token"
+
+    def forward(self, x: Tensor, z: Tensor, mask: Tensor) -> tuple[Tensor, None]:
+        delta = super().forward(z)  # [B, Dd] | [B, N_mask, Dd]
+        if self.token:
+            delta = spread(delta, mask)  # [B, 1+N, Dd]
+        else:
+            delta = F.pad(mask.to(x.dtype), (1, 0))[..., None] * delta[:, None, :]  # [B, 1+N, Dd]
+        return x + delta, None
+
+
+class AdaLNNoise(nn.ModuleList):
+    """``z`` sets a shift and scale (zero-initialised linear maps) of every LayerNorm from the noise block
+    on, ``decoder_norm`` included: one map per block (4 vectors) and one for ``decoder_norm`` (2). Image
+    scope modulates every token, token scope only the masked positions."""
+
+    def __init__(self, noise: NoiseConfig, width: int, blocks: int) -> None:
+        super().__init__(nn.Linear(noise.dim, w) for w in [4 * width] * blocks + [2 * width])
+        for lin in self:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.token = noise.scope == "token"
+
+    def forward(self, x: Tensor, z: Tensor, mask: Tensor) -> tuple[Tensor, list[Modulation]]:
+        mods = []
+        for lin in self:
+            m = lin(z)  # [B, W] | [B, N_mask, W]
+            m = spread(m, mask) if self.token else m[:, None, :]  # [B, 1+N | 1, W]
+            mods.append(tuple(m.chunk(m.shape[-1] // x.shape[-1], dim=-1)))
+        return x, mods
+
+
+class LinearPredictor(nn.Linear):
+    """MAE's ``decoder_pred``: ``[B, 1+N, Dd] -> [B, N, p*p*C]``, the class token dropped."""
+
+    def forward(self, x: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        return super().forward(x)[:, 1:]
+
+
+class TokenHead(nn.Sequential):
+    """Token-wise MLP head ``cat(x_token, z_token) -> p*p*C`` (hidden width ``mlp_ratio * Dd``), z at masked
+    tokens only. A token's output depends on its own noise alone, which makes per-token cIMLE selection
+    exact. Without noise (least squares on the same model) it is fed ``z = 0``, the noise mean."""
+
+    def __init__(self, width: int, noise_dim: int, hidden: int, patch_dim: int, token: bool) -> None:
+        super().__init__(nn.Linear(width + noise_dim, hidden), nn.GELU(), nn.Linear(hidden, patch_dim))
+        self.noise_dim = noise_dim
+        self.token = token
+
+    def forward(self, x: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        x = x[:, 1:]  # [B, N, Dd]
+        if z is None:
+            noise = x.new_zeros(*x.shape[:2], self.noise_dim)  # [B, N, dz]
+        elif self.token:
+            noise = spread(z, mask)[:, 1:]  # [B, N, dz], 0 at visible tokens
+        else:
+            noise = mask.to(x.dtype)[..., None] * z[:, None, :]  # [B, N, dz]
+        return super().forward(torch.cat([x, noise], dim=-1))  # [B, N, p*p*C]
+
+
 class MAEDecoder(nn.Module):
-    """Light transformer decoder over all tokens; optional noise ``z`` entering at block ``noise.block``."""
+    """Light transformer decoder over all tokens; optional noise ``z`` entering at block ``noise.block``.
+
+    ``head_noise_dim``: end in a :class:`TokenHead` of this noise width (set with ``noise.block = "head"``,
+    and for a noise-free decoder that shares the head's architecture)."""
 
     def __init__(
         self,
@@ -94,49 +163,39 @@ class MAEDecoder(nn.Module):
         head_noise_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.num_patches = num_patches
-        self.depth = depth
-        self.noise = noise
-        if noise is not None and noise.block != "head" and not 0 <= noise.block <= depth:
+        in_head = noise is not None and noise.block == "head"
+        if noise is not None and not in_head and not 0 <= noise.block <= depth:
             raise ValueError(f"noise.block must be 'head' or in [0, decoder depth={depth}], got {noise.block}")
-        if noise is not None and noise.block == "head":
-            head_noise_dim = noise.dim
-        # the token-wise head's noise width (None: linear decoder_pred, no head)
-        self.head_noise_dim = head_noise_dim
+        if in_head and head_noise_dim != noise.dim:
+            raise ValueError(f"noise in the head needs head_noise_dim = noise.dim ({noise.dim}), got {head_noise_dim}")
+        self.num_patches = num_patches
+        self.noise = noise
         # where the split prefix | suffix falls; without noise (or noise in the head) all blocks are prefix
-        self.split = depth if noise is None or noise.block == "head" else noise.block
+        self.split = depth if noise is None or in_head else noise.block
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))  # [1, 1, Dd]
         self.decoder_pos_embed = position_embedding(decoder_dim, grid_size, pos_embed)  # [1, 1+N, Dd]
         self.decoder_blocks = nn.ModuleList(DecoderBlock(decoder_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.decoder_norm = _layer_norm(decoder_dim)
-        self.decoder_pred = None
-        self.decoder_head = None
+        # the state-dict names of MAE (decoder_pred) and of the head (decoder_head) are kept apart
+        self.decoder_pred = self.decoder_head = None
         if head_noise_dim is None:
-            self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
+            self.decoder_pred = LinearPredictor(decoder_dim, patch_dim)
         else:
-            hidden = int(mlp_ratio * decoder_dim)
-            self.decoder_head = nn.Sequential(nn.Linear(decoder_dim + head_noise_dim, hidden), nn.GELU(),
-                                              nn.Linear(hidden, patch_dim))
+            token = noise is not None and noise.scope == "token"
+            self.decoder_head = TokenHead(decoder_dim, head_noise_dim, int(mlp_ratio * decoder_dim), patch_dim, token)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_mae_weights)
 
         # noise modules last, so that a decoder with and without noise draws the
         # same initial weights for everything else from the same seed
-        self.decoder_noise_proj = None
-        self.decoder_noise_mod = None
-        if noise is not None and noise.block != "head":
+        self.decoder_noise_proj = self.decoder_noise_mod = None
+        if noise is not None and not in_head:
             if noise.injection == "add":
-                self.decoder_noise_proj = nn.Linear(noise.dim, decoder_dim, bias=False)
-                nn.init.xavier_uniform_(self.decoder_noise_proj.weight)
+                self.decoder_noise_proj = AddNoise(noise, decoder_dim)
             elif noise.injection == "adaln":
-                # one map per modulated block (4 vectors) and one for decoder_norm (2)
-                widths = [4 * decoder_dim] * (depth - noise.block) + [2 * decoder_dim]
-                self.decoder_noise_mod = nn.ModuleList(nn.Linear(noise.dim, w) for w in widths)
-                for lin in self.decoder_noise_mod:
-                    nn.init.zeros_(lin.weight)
-                    nn.init.zeros_(lin.bias)
+                self.decoder_noise_mod = AdaLNNoise(noise, decoder_dim, depth - noise.block)
             else:
                 raise ValueError(f"noise.injection must be 'add' or 'adaln', got {noise.injection!r}")
 
@@ -165,14 +224,29 @@ class MAEDecoder(nn.Module):
             x = blk(x)  # [B, 1+N, Dd]
         return x
 
-    def _spread(self, values: Tensor, mask: Tensor) -> Tensor:
-        """Per-token values ``[B, N_mask, W]`` -> ``[B, 1+N, W]`` at the masked positions, 0 elsewhere."""
-        rank = masked_rank(mask)  # [B, N]
-        out = torch.gather(values, 1, rank[..., None].expand(-1, -1, values.shape[-1]))  # [B, N, W]
-        out = out * mask[..., None].to(out.dtype)  # [B, N, W]
-        return F.pad(out, (0, 0, 1, 0))  # [B, 1+N, W] zero at cls
+    def suffix(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        """``hidden [B, 1+N, Dd]``, ``z [B, dim] | [B, N_mask, dim] | None``, ``mask [B, N]`` (True = masked)
+        -> ``pred [B, N, p*p*C]``. ``z=None``: no noise (least squares)."""
+        x, mods = hidden, None
+        if z is not None:
+            z = self._checked(z, mask).to(x.dtype)
+            inject = self.decoder_noise_mod if self.decoder_noise_proj is None else self.decoder_noise_proj
+            if inject is not None:  # None: the noise enters in the head
+                x, mods = inject(x, z, mask)
+        blocks = self.decoder_blocks[self.split:]
+        mods = mods or [None] * (len(blocks) + 1)
+        for blk, mod in zip(blocks, mods):
+            x = blk(x, mod)  # [B, 1+N, Dd]
+        x = self.decoder_norm(x)
+        if mods[-1] is not None:
+            shift, scale = mods[-1]
+            x = x * (1 + scale) + shift  # [B, 1+N, Dd]
+        predict = self.decoder_head if self.decoder_pred is None else self.decoder_pred
+        return predict(x, z, mask)  # [B, N, p*p*C]
 
-    def _check_z(self, z: Tensor, mask: Tensor) -> None:
+    def _checked(self, z: Tensor, mask: Tensor) -> Tensor:
+        if self.noise is None:
+            raise ValueError("this decoder was built without noise (objective 'ls'); pass z=None")
         # the number of masked tokens is not checked here (it would cost a device sync)
         ndim = 2 if self.noise.scope == "image" else 3
         if z.ndim != ndim or z.shape[0] != mask.shape[0] or z.shape[-1] != self.noise.dim:
@@ -181,58 +255,4 @@ class MAEDecoder(nn.Module):
                 f"z has shape {tuple(z.shape)}, expected {want} with B={mask.shape[0]}, dim={self.noise.dim} "
                 f"(noise scope {self.noise.scope!r})"
             )
-
-    def suffix(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
-        """``hidden [B, 1+N, Dd]``, ``z [B, dim] | [B, N_mask, dim] | None``, ``mask [B, N]`` (True = masked)
-        -> ``pred [B, N, p*p*C]``. ``z=None``: no noise (least squares)."""
-        if self.decoder_head is not None:
-            return self._head(hidden, z, mask)
-        x = hidden
-        mods: list[Tensor | None] = [None] * (self.depth - self.split + 1)
-        if z is not None:
-            if self.noise is None:
-                raise ValueError("this decoder was built without noise (objective 'ls'); pass z=None")
-            self._check_z(z, mask)
-            z = z.to(x.dtype)
-            token = self.noise.scope == "token"
-            if self.decoder_noise_proj is not None:  # add
-                delta = self.decoder_noise_proj(z)  # [B, Dd] | [B, N_mask, Dd]
-                if token:
-                    delta = self._spread(delta, mask)  # [B, 1+N, Dd]
-                else:
-                    delta = F.pad(mask.to(x.dtype), (1, 0))[..., None] * delta[:, None, :]  # [B, 1+N, Dd]
-                x = x + delta
-            else:  # adaln
-                mods = []
-                for lin in self.decoder_noise_mod:
-                    m = lin(z)  # [B, W] | [B, N_mask, W]
-                    m = self._spread(m, mask) if token else m[:, None, :]  # [B, 1+N | 1, W]
-                    mods.append(m)
-        for i, blk in enumerate(self.decoder_blocks[self.split :]):
-            m = mods[i]
-            x = blk(x, None if m is None else tuple(m.chunk(4, dim=-1)))  # [B, 1+N, Dd]
-        if mods[-1] is None:
-            x = self.decoder_norm(x)
-        else:
-            shift, scale = mods[-1].chunk(2, dim=-1)
-            x = self.decoder_norm(x) * (1 + scale) + shift  # [B, 1+N, Dd]
-        return self.decoder_pred(x)[:, 1:]  # [B, N, p*p*C]
-
-    def _head(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
-        """Token-wise head: ``decoder_head(cat(decoder_norm(hidden), z_token))``; z only at masked tokens."""
-        x = self.decoder_norm(hidden)[:, 1:]  # [B, N, Dd]
-        if z is None:
-            noise = x.new_zeros(*x.shape[:2], self.head_noise_dim)  # [B, N, dz]: the noise mean
-        else:
-            if self.noise is None:
-                raise ValueError("this decoder was built without noise (objective 'ls'); pass z=None")
-            self._check_z(z, mask)
-            z = z.to(x.dtype)
-            if self.noise.scope == "token":
-                noise = self._spread(z, mask)[:, 1:]  # [B, N, dz], 0 at visible tokens
-            else:
-                noise = mask.to(x.dtype)[..., None] * z[:, None, :]  # [B, N, dz]
-        return self.decoder_head(torch.cat([x, noise], dim=-1))  # [B, N, p*p*C]
-
-    def forward(self, latent: Tensor, ids_restore: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
-        return self.suffix(self.prefix(latent, ids_restore), z, mask)
+        return z
