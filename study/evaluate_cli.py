@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.root=/data/in100 (repeatable)")
     parser.add_argument("--pool", choices=POOLS, default="mean",
-                        help="frozen features for k-NN / linear: mean of patch tokens (default, as the README's "
+                        help="frozen features for k-NN / linear: mean of patch tokens (default, as the reported "
                              "headline numbers) or the cls token")
     parser.add_argument("--knn-k", type=positive_int, default=20,
                         help="neighbours that vote in the k-NN protocol, at most the training images (default 20)")

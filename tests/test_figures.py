@@ -93,3 +93,18 @@ def test_synthetic_default_point_is_the_configs():
     cfg = load_config("experiments/configs/synthetic.yaml")
     assert DEFAULT_POINT == {"synthetic_mean_shift": cfg.data.synthetic_mean_shift, "mask_ratio": cfg.mask.ratio,
                              "synthetic_distractor": cfg.data.synthetic_distractor}
+
+
+def test_figures_draw_text_with_matplotlib_s_own_fonts():
+    """A host's DejaVu Sans of another version must not reach the PDFs (their bytes would change)."""
+    from pathlib import Path
+
+    import matplotlib
+    from matplotlib import font_manager
+
+    import study.figures.common  # noqa: F401  (pins the fonts on import)
+
+    bundled = Path(matplotlib.get_data_path()) / "fonts"
+    for weight in ("normal", "bold"):
+        found = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight=weight))
+        assert Path(found).is_relative_to(bundled), found

@@ -110,7 +110,7 @@ class EvaluateSettings:
     """How to evaluate (what :func:`evaluate` takes as keywords), checked on creation."""
 
     protocols: tuple[str, ...] = ("knn", "linear")
-    pool: str = "mean"  # frozen features: mean of patch tokens (the README's headline numbers) or cls token
+    pool: str = "mean"  # frozen features: mean of patch tokens (the headline numbers in docs/results.md) or cls token
     knn_k: int = 20
     knn_temperature: float = 0.07
     preset: str = "auto"  # linear-probe and finetune settings: cpu, gpu, or auto (gpu on CUDA)

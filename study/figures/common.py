@@ -4,14 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import seaborn as sns
+from matplotlib import font_manager
 from matplotlib.figure import Figure
 
 from study.io import atomic_write
 
-# One style for every figure, set here rather than left to whichever figure a process drew first
-# (the toy's theme used to carry over into the later figures of `make figures`, not into a report's).
+# One style for every figure, set here rather than left to whichever figure a process drew first, so
+# that a figure looks the same from `make figures` and from a report.
 sns.set_theme(style="whitegrid", context="paper")
+
+
+def _use_bundled_fonts() -> None:
+    """Draw text only with the fonts shipped inside matplotlib. A host's own copy of DejaVu Sans (another
+    version under /usr/share/fonts) would otherwise win the font lookup, and its font cache may not list
+    the bundled files at all, so the PDFs' embedded fonts would change from host to host."""
+    manager = font_manager.fontManager
+    manager.ttflist = []
+    for path in sorted((Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("*.ttf")):
+        manager.addfont(str(path))
+    manager._findfont_cached.cache_clear()  # lookups made before this point named the host's files
+
+
+_use_bundled_fonts()
 
 __all__ = ["save_figure", "subplots", "OBJECTIVE_LABELS", "OBJECTIVE_PALETTE"]
 
