@@ -36,11 +36,15 @@ class CIMLE(Objective):
 
     def loss(self, model, ctx: Context) -> PretrainOutput:
         c = self.cfg.cimle
-        decode, target, mask = (lambda z: model.decoder.suffix(ctx.hidden, z, ctx.mask)), ctx.target, ctx.mask
-        if c.select == "token":
+        target, mask, rows = ctx.target, ctx.mask, None
+        if c.select == "token":  # the objective sees the masked patches only, in the noise rows' order
             rows = ctx.ids.masked[..., None].expand(-1, -1, ctx.target.shape[-1])  # [B, N_mask, p*p*C]
-            decode = lambda z: model.decoder.suffix(ctx.hidden, z, ctx.mask).gather(1, rows)  # noqa: E731
             target, mask = ctx.target.gather(1, rows), None
+
+        def decode(z):
+            pred = model.decoder.suffix(ctx.hidden, z, ctx.mask)  # [B, N, p*p*C]
+            return pred if rows is None else pred.gather(1, rows)
+
         res = cimle(decode, target, k=ctx.k, noise_shape=model.noise_shape(ctx.ids.num_masked), mask=mask,
                     chunk=c.chunk, generator=ctx.generator, vectorize=model.vectorize, select=c.select)
         return _selection_stats(res)
