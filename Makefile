@@ -65,7 +65,7 @@ reports: $(STAMP)
 # Training-step benchmarks (needs the bench extra: transformers): every committed results/bench file
 # (in100-vit-t-head-cpu: cIMLE with the noise in the head against LS on that same model).
 # About 35 minutes on 2 cores; run it on an otherwise idle machine (other jobs distort every timing).
-BENCH := OMP_NUM_THREADS=2 $(BIN)/python -m study bench
+BENCH := OMP_NUM_THREADS=2 $(BIN)/python -m experiments.bench
 bench: $(STAMP)
 	$(BENCH) --config experiments/configs/cpu-small.yaml --precision fp32,bf16 --out results/bench/cpu-small.json
 	$(BENCH) --config experiments/configs/in100-vit-t.yaml --set device=cpu --precision fp32,bf16 --batch 32 \

@@ -42,7 +42,7 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def _run(args: list[str], log: Path, timeout: float) -> float:
-    """Run ``python -m study ...`` (or a script), its output appended to ``log``; returns seconds."""
+    """Run ``python -m <module> ...`` (or a script), its output appended to ``log``; returns seconds."""
     t0 = time.perf_counter()
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(args)}\n")
@@ -56,7 +56,7 @@ def _run(args: list[str], log: Path, timeout: float) -> float:
 
 
 def _bench(tiny: bool, work: Path, log: Path, device: str) -> dict:
-    common = ["-m", "study", "bench", "--config", IN100, "--no-transformers", "--no-selection-timing",
+    common = ["-m", "experiments.bench", "--config", IN100, "--no-transformers", "--no-selection-timing",
               "--no-late-noise", "--k", "8" if not tiny else "2"]
     if tiny:
         common += _sets(TINY_MODEL) + ["--precision", "fp32", "--batch", "8", "--steps", "1", "--warmup", "0"]
@@ -125,12 +125,13 @@ def _train(tiny: bool, work: Path, log: Path, sets: list[str]) -> dict:
 
 
 def _ddp_step(tiny: bool) -> dict:
-    """One DDP step per objective in a one-process group (NCCL on a GPU, gloo on CPU)."""
+    """Two training steps (study.step.train_step) per objective under DDP in a one-process group (NCCL on a
+    GPU, gloo on CPU)."""
     import torch.distributed as dist
 
     from study.config import load_config
     from study.models import build_model
-    from study.masking import build_mask_generator
+    from study.step import train_step, training_state
 
     cuda = torch.cuda.is_available() and not tiny
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -142,20 +143,14 @@ def _ddp_step(tiny: bool) -> dict:
     try:
         for objective in ("ls", "cimle", "mvae"):
             cfg = load_config(IN100, [f"objective={objective}", "device=" + device.type]
-                              + (TINY_MODEL if tiny else []))
-            model = build_model(cfg).to(device)
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if cuda else None,
-                                                            find_unused_parameters=False)
-            make_mask = build_mask_generator(cfg.mask, (cfg.model.img_size // cfg.model.patch_size,) * 2)
-            gen = torch.Generator(device=device).manual_seed(0)
+                              + ([] if cuda else ["precision=fp32"]) + (TINY_MODEL if tiny else []))
+            state = training_state(cfg, build_model(cfg).to(device), device)
+            state.net = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=[0] if cuda else None,
+                                                                  find_unused_parameters=False)
             imgs = torch.randn(8 if tiny else 64, 3, cfg.model.img_size, cfg.model.img_size, device=device)
             t0 = time.perf_counter()
             for _ in range(2):  # the second step checks the reducer is ready again (no unused parameters)
-                mask = make_mask(imgs.shape[0], generator=gen, device=device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = net(imgs, mask, generator=gen, num_masked=make_mask.num_masked).loss
-                loss.backward()
-                net.zero_grad(set_to_none=True)
+                loss = train_step(state, imgs).loss
             if cuda:
                 torch.cuda.synchronize()
             out[objective] = {"ok": True, "seconds": time.perf_counter() - t0, "loss": loss.detach().item()}

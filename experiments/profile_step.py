@@ -3,9 +3,9 @@
     python experiments/profile_step.py --config experiments/configs/in100-vit-t.yaml --set device=cpu \\
         --batch 32 --precision fp32,bf16 --out results/bench/in100-vit-t-cpu-profile.txt
 
-The step is the benchmark's (``study.bench.variants.Trainer``: mask, forward,
-backward, AdamW), warmed up, then profiled over ``--steps`` steps. The table
-groups by operator and sorts by self CPU time; the summary line splits the
+The step is the training loop's (``study.step.train_step``: mask, forward,
+backward, AdamW) on the benchmark's fixed batch (``experiments.bench.variants.Trainer``),
+warmed up, then profiled over ``--steps`` steps. The table groups by operator and sorts by self CPU time; the summary line splits the
 step into matmul-like operators (whose FLOPs the benchmark counts) and the
 rest (elementwise, norms, softmax, copies and casts, the optimizer).
 """
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from study.bench.memory import quiet_stderr_fd  # noqa: E402
-from study.bench.settings import with_changes  # noqa: E402
-from study.bench.variants import Trainer  # noqa: E402
+from experiments.bench.memory import quiet_stderr_fd  # noqa: E402
+from experiments.bench.settings import with_changes  # noqa: E402
+from experiments.bench.variants import Trainer  # noqa: E402
 from study.config import load_config  # noqa: E402
 from study.errors import run_command  # noqa: E402
 from study.io import atomic_write_text  # noqa: E402

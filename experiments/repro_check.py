@@ -60,30 +60,14 @@ def _env() -> dict:
             "threads": torch.get_num_threads(), **{k: os.environ.get(k) for k in keys}}
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    import study.models
+def _record_steps(trace: dict) -> None:
+    """Every forward of the run appends its loss, cIMLE's selection and the noise projection's norm to ``trace``."""
     import study.models.mae as mae
-    import study.objectives as objectives
-    from study.config import load_config
-    from study.train import pretrain
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = [f"objective={args.objective}", f"mask.ratio={args.ratio}", f"epochs={args.epochs}",
-                 f"seed={args.seed}", f"optim.warmup_epochs={args.warmup}", *args.set]
-    cfg = load_config(CONFIG, overrides)
-    out = ROOT / "runs" / "repro" / args.name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-
-    trace: dict = {"losses": [], "distances": [], "index": [], "noise_norm": []}
-    gen = torch.Generator().manual_seed(12345)  # the perturbations' own stream: the run's RNGs are untouched
 
     original_forward = mae.MaskedAutoencoder.forward
 
-    def recording_forward(self, imgs, mask, generator=None):
-        res = original_forward(self, imgs, mask, generator)
+    def recording_forward(self, imgs, mask, *args, **kwargs):
+        res = original_forward(self, imgs, mask, *args, **kwargs)
         trace["losses"].append(res.loss.detach().double().item())
         if res.selection is not None:
             trace["distances"].append(res.selection.distances.detach().clone())
@@ -95,8 +79,15 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     mae.MaskedAutoencoder.forward = recording_forward
 
+
+def _perturb(args: argparse.Namespace, cfg, gen: torch.Generator) -> None:
+    """Install the run's perturbation: last-bit noise on the initial weights or on cIMLE's distances, or one
+    forced flip of a selection."""
+    import study.objectives as objectives
+    import study.train as train
+
     if args.perturb == "init-ulp":
-        original_build = study.models.build_model
+        original_build = train.build_model  # the name the training loop calls
 
         def perturbed_build(cfg, **kw):
             model = original_build(cfg, **kw)
@@ -105,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                     p.copy_(_nudge(p, gen))
             return model
 
-        study.models.build_model = perturbed_build
+        train.build_model = perturbed_build
     elif args.perturb == "dist-ulp":
         original_dist = objectives.per_example_squared_error
 
@@ -133,6 +124,25 @@ def cmd_run(args: argparse.Namespace) -> None:
             return d
 
         objectives.per_example_squared_error = flipping_dist
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from study.config import load_config
+    from study.train import pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = [f"objective={args.objective}", f"mask.ratio={args.ratio}", f"epochs={args.epochs}",
+                 f"seed={args.seed}", f"optim.warmup_epochs={args.warmup}", *args.set]
+    cfg = load_config(CONFIG, overrides)
+    out = ROOT / "runs" / "repro" / args.name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    trace: dict = {"losses": [], "distances": [], "index": [], "noise_norm": []}
+    _record_steps(trace)
+    _perturb(args, cfg, torch.Generator().manual_seed(12345))  # the perturbations' own stream
     last = pretrain(cfg, out / "run", progress=False)
     state = torch.load(out / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
     trace["final"] = {k: v.clone() for k, v in state.items()}
@@ -258,7 +268,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
             torch.manual_seed(0)
             model = build_model(cfg)
             gen = torch.Generator().manual_seed(0)
-            grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
+            grid = cfg.patch_grid
             mask = build_mask_generator(cfg.mask, grid)(imgs.shape[0], generator=gen, device=torch.device("cpu"))
             res = model(imgs, mask, generator=gen)
             res.loss.backward()

@@ -5,10 +5,11 @@
     submit       the same on SLURM through submitit (GPU configs)
     sweep        run a grid of configurations through the papermill run notebook
     export       write a checkpoint's encoder as a timm or transformers model folder
-    bench        time training steps (LS, cIMLE at each k, Masked VAE) against transformers' ViTMAE
     build-in100  make the ImageNet-100 folder from a local ImageNet-1k (symlinks, or --copy)
     pack         decode a config's training images once into a packed store (cropped on the GPU)
     bench-data   images/s per CPU core of the folder pipeline and of the packed one
+
+The training-step benchmark is not part of the package: ``python -m experiments.bench``.
 
 Every command that takes a config accepts ``--set key.sub=value`` overrides;
 invalid values fail before any work with a message naming the field. A
@@ -176,14 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the encoder to timm or transformers (config.json + safetensors)")
     add_export_arguments(p)
     p.set_defaults(func=export_from_args)
-
-    from study.bench import add_arguments as add_bench_arguments
-    from study.bench import run_from_args as bench_from_args
-
-    p = sub.add_parser("bench", help="time training steps: ls, cimle at each k, mvae vs transformers' ViTMAE")
-    _add_config_args(p)
-    add_bench_arguments(p)
-    p.set_defaults(func=bench_from_args)
 
     _add_pack_parser(sub)
 

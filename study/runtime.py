@@ -22,7 +22,7 @@ import torch.distributed as dist
 from study.errors import UserError
 
 __all__ = ["Dist", "init_distributed", "resolve_device", "describe_device", "check_precision", "autocast",
-           "grad_scaler", "seed_everything", "cpu_threads", "warmup_cosine", "adamw", "NoDevice"]
+           "grad_scaler", "seed_everything", "cpu_threads", "linear_scaled_lr", "warmup_cosine", "adamw", "NoDevice"]
 
 
 class NoDevice(UserError, RuntimeError):
@@ -137,6 +137,11 @@ def cpu_threads(n: int | None, device: torch.device | str = "cpu") -> Iterator[N
 
 
 # --------------------------------------------------------------------------- optimisation
+
+
+def linear_scaled_lr(blr: float, batch: int) -> float:
+    """The linear scaling rule of MAE and its probes: ``blr x batch / 256``, ``batch`` the effective batch."""
+    return blr * batch / 256
 
 
 def warmup_cosine(epoch: float, base_lr: float, epochs: float, warmup_epochs: float, min_lr: float = 0.0) -> float:

@@ -28,11 +28,9 @@ a diverged run say what went wrong).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,21 +40,20 @@ from tqdm.auto import tqdm
 
 from study.checkpoint import (CHECKPOINT, CheckpointError, gathered_rng_states, load_checkpoint, resume_diffs,
                               save_checkpoint, set_rng_state)
-from study.config import Config, ConfigError, config_to_dict, save_config
+from study.config import Config, config_to_dict, save_config
 from study.console import duration, interactive
 from study.data import build_datasets, check_images
 from study.errors import UserError, is_write_failure
 from study.io import atomic_write_text, remove_stale_temps
 from study.loader import TrainLoader
-from study.masking import MaskGenerator, build_mask_generator
 from study.models import build_model
 from study.run_folder import METRICS, FolderAtStart, check_run_folder, failed_write
-from study.runtime import (Dist, adamw, autocast, check_precision, describe_device, grad_scaler, init_distributed,
-                           resolve_device, seed_everything, warmup_cosine)
+from study.runtime import Dist, check_precision, describe_device, init_distributed, resolve_device, seed_everything
+from study.step import TrainingState, lr_at, set_lr, train_step, training_state, with_effective_batch
 from study.tensorboard_log import open_tensorboard, require_tensorboard
 
-__all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "lr_at",
-           "param_groups", "build_optimizer", "load_checkpoint", "CHECKPOINT"]
+__all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "load_checkpoint",
+           "CHECKPOINT"]
 
 
 
@@ -79,53 +76,6 @@ def _kept(saved_epochs: int) -> str:
     if saved_epochs == 0:
         return "No checkpoint was written yet"
     return f"The checkpoint of epoch {saved_epochs} is kept"
-
-
-# --------------------------------------------------------------------------- optimisation
-
-
-def lr_at(epoch: float, cfg: Config, base_lr: float) -> float:
-    """The pretraining lr at a fractional epoch: MAE's warmup and half-cosine over ``cfg.epochs``."""
-    return warmup_cosine(epoch, base_lr, cfg.epochs, cfg.optim.warmup_epochs, cfg.optim.min_lr)
-
-
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """No weight decay on biases, norms and tokens; each parameter's lr scale is its objective's."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    method = getattr(model, "method", None)
-    groups: dict[tuple[bool, float], list] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = param.ndim > 1 and name not in skip and not name.endswith(".bias")
-        scale = 1.0 if method is None else method.lr_scale(name)
-        groups.setdefault((decay, scale), []).append(param)
-    return [
-        {"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0, "lr_scale": scale}
-        for (decay, scale), params in groups.items()
-    ]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, base_lr: float, device: torch.device) -> torch.optim.AdamW:
-    return adamw(param_groups(model, cfg), base_lr, (cfg.optim.beta1, cfg.optim.beta2), device)
-
-
-def with_effective_batch(cfg: Config, world: int) -> Config:
-    """``cfg`` with ``optim.accum_steps`` set so that batch x processes x accum = ``optim.effective_batch``."""
-    o = cfg.optim
-    if o.effective_batch is None:
-        return cfg
-    per_step = o.batch_size * world
-    if o.effective_batch % per_step:
-        raise ConfigError(f"optim.effective_batch={o.effective_batch} is not a multiple of optim.batch_size "
-                          f"({o.batch_size}) x {world} process(es); change one of them (e.g. --set "
-                          f"optim.batch_size={o.effective_batch // world if o.effective_batch % world == 0 else 'N'})")
-    return dataclasses.replace(cfg, optim=dataclasses.replace(o, accum_steps=o.effective_batch // per_step))
-
-
-def base_lr_of(cfg: Config, world: int = 1) -> float:
-    """MAE's rule: lr = blr x effective batch / 256."""
-    return cfg.optim.blr * cfg.optim.batch_size * cfg.optim.accum_steps * world / 256
 
 
 # --------------------------------------------------------------------------- run folder
@@ -171,22 +121,6 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 
 # --------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class TrainingState:
-    """What every step of a run uses; built once by :func:`_build`."""
-
-    cfg: Config
-    model: torch.nn.Module  # the bare model: its parameters and state_dict
-    net: torch.nn.Module  # what the step calls: the model, compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    make_mask: MaskGenerator
-    mask_noise_gen: torch.Generator  # masks and cIMLE noise: its own stream, saved and restored exactly
-    device: torch.device
-    dist_info: Dist
-    base_lr: float
 
 
 @dataclass
@@ -263,19 +197,10 @@ def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
               f"process(es) x {o.accum_steps} accumulation step(s) = {o.batch_size * dist_info.world * o.accum_steps}",
               flush=True)
     seed_everything(cfg.seed + dist_info.rank)
-    # masks and cIMLE noise come from their own generator so that their stream is saved and restored
-    # exactly, whatever the data pipeline draws; on the training device, so that a GPU draws them itself
-    mask_noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dist_info.rank)
-
     train_set, val_set = build_datasets(cfg)
     if dist_info.main and check_data:
         check_images({"train": train_set, "val": val_set}, num_workers=cfg.data.num_workers)
-    make_mask = build_mask_generator(cfg.mask, cfg.patch_grid)
-    model = build_model(cfg).to(device)
-    base_lr = base_lr_of(cfg, dist_info.world)
-    state = TrainingState(cfg=cfg, model=model, net=model, optimizer=build_optimizer(model, cfg, base_lr, device),
-                          scaler=grad_scaler(cfg.precision, device), make_mask=make_mask, mask_noise_gen=mask_noise_gen,
-                          device=device, dist_info=dist_info, base_lr=base_lr)
+    state = training_state(cfg, build_model(cfg).to(device), device, dist_info)
     return state, train_set
 
 
@@ -377,9 +302,8 @@ def _train_one_epoch(state: TrainingState, loader: DataLoader, augment, epoch: i
             imgs = augment(imgs, state.mask_noise_gen)
         if step % accum == 0:
             lr = lr_at(epoch + step / steps, cfg, state.base_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-        result = _step(state, imgs, last_micro_step=(step + 1) % accum == 0)
+            set_lr(optimizer, lr)
+        result = train_step(state, imgs, last_micro_step=(step + 1) % accum == 0)
         loss_sum += result.loss.detach()
         for key, value in result.stats.items():
             stats_sum[key] = stats_sum.get(key, 0.0) + value.detach().float()
@@ -416,26 +340,6 @@ def _to_device(batch, device: torch.device):
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to_device(b, device) for b in batch)
     return batch.to(device, non_blocking=True)
-
-
-def _step(state: TrainingState, imgs: torch.Tensor, last_micro_step: bool):
-    """Forward and backward one micro-batch; step the optimiser after the last one of an accumulation."""
-    cfg = state.cfg
-    mask = state.make_mask(imgs.shape[0], generator=state.mask_noise_gen, device=state.device)  # [B, N] True = masked
-    # gradients are all-reduced only on the micro-batch that ends an accumulation
-    sync = state.net.no_sync() if state.dist_info.world > 1 and not last_micro_step else nullcontext()
-    with sync:
-        with autocast(cfg.precision, state.device):
-            result = state.net(imgs, mask, generator=state.mask_noise_gen, num_masked=state.make_mask.num_masked)
-        state.scaler.scale(result.loss / cfg.optim.accum_steps).backward()
-    if last_micro_step:
-        if cfg.optim.clip_grad is not None:
-            state.scaler.unscale_(state.optimizer)
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.clip_grad)
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.optimizer.zero_grad(set_to_none=True)
-    return result
 
 
 def _print_resume(out: Path, saved: dict, cfg: Config, start_epoch: int, base_lr: float) -> None:

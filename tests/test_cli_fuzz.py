@@ -65,7 +65,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["pretrain", "--out", str(w / "new6"), "--config", str(w / "broken.yaml")], "broken.yaml"),
         (["pretrain", "--out", str(w / "notes.txt"), *as_sets(TINY)], "notes.txt"),
         (["pretrain", "--out", run, "--resume", *as_sets(TINY), "--set", "cimle.k=3"], "cimle.k"),
-        # sweep, submit, pack, export, bench, bench-data, build-in100
+        # sweep, submit, pack, export, bench-data, build-in100
         (["sweep", str(w / "sweep.yaml"), "--parallel", "0"], "--parallel"),
         (["sweep", str(w / "sweep_parallel0.yaml")], "parallel"),
         (["sweep", str(w / "no_sweep.yaml")], "no_sweep.yaml"),
@@ -76,7 +76,6 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["export", "--checkpoint", ckpt, "--format", "onnx", "--out", str(w / "new9")], "--format"),
         (["export", "--checkpoint", ckpt, "--format", "timm", "--out", str(w / "export")], "--overwrite"),
         (["export", "--checkpoint", ckpt, "--format", "timm", "--out", str(w / "notes.txt")], "notes.txt"),
-        (["bench", "--steps", "0"], "--steps"),
         (["bench-data", "--rate", "0"], "--rate"),
         (["build-in100", "--src", str(w / "no_imagenet"), "--dst", str(w / "in100")], "no_imagenet"),
         (["no-such-command"], "no-such-command"),

@@ -1,6 +1,6 @@
 """The CUDA path, checked without a GPU: no host syncs in a training step, fused AdamW, noise on the device.
 
-A step's host syncs are counted by the benchmark's counter (``study.bench.host_sync``)
+A step's host syncs are counted by ``tests/host_sync.py``
 on PyTorch's ``meta`` device: like CUDA it is not the CPU, so every CPU-only
 check is skipped, and any value read back to the host would fail there.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from study.bench.host_sync import SyncCounter
+from host_sync import SyncCounter
 from study.config import load_config
 from study.masking import build_mask_generator
 from study.models import build_model
@@ -32,7 +32,7 @@ def _model_and_batch(extra: list[str], device: str):
     cfg = load_config(None, tiny_overrides(*extra))
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    make_mask = build_mask_generator(cfg.mask, (cfg.model.img_size // cfg.model.patch_size,) * 2)
+    make_mask = build_mask_generator(cfg.mask, cfg.patch_grid)
     mask = make_mask(4, generator=torch.Generator().manual_seed(0)).to(device)  # [B, N]
     imgs = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size).to(device)
     return model, make_mask, mask, imgs

@@ -18,7 +18,8 @@ from study.config import ConfigError, load_config
 from study.methods import names, register
 from study.methods.base import Context, Objective, PretrainOutput, randn_like_on
 from study.objectives import least_squares
-from study.train import load_checkpoint, param_groups, pretrain
+from study.step import param_groups
+from study.train import load_checkpoint, pretrain
 from test_models import gen, make_batch, make_model, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -405,7 +405,7 @@ def test_mvae_kl_is_a_per_feature_mean_weighted_by_beta():
 
 def test_mvae_published_defaults_reach_the_optimizer():
     from study.config import load_config
-    from study.train import param_groups
+    from study.step import param_groups
 
     cfg = load_config("experiments/configs/cpu-small.yaml", ["objective=mvae"])
     assert (cfg.mvae.beta, cfg.mvae.lr_factor) == (30.0, 0.01)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("study", "toy")
+PACKAGES = ("study", "toy", "experiments")
 MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 500
 
@@ -102,6 +102,15 @@ def test_evaluation_never_imports_figures():
     graph = import_graph()
     offenders = {m: sorted(d for d in deps if d.startswith("study.figures"))
                  for m, deps in graph.items() if m.startswith("study.evaluation")}
+    assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_the_package_never_imports_the_experiments():
+    """Imports flow one way: experiments (the benchmark, the scripts) use study, never the reverse."""
+    graph = import_graph()
+    assert "experiments.bench.run" in graph, "the experiments were not read"
+    offenders = {m: sorted(d for d in deps if d.startswith("experiments"))
+                 for m, deps in graph.items() if m.startswith(("study", "toy"))}
     assert not {m: d for m, d in offenders.items() if d}
 
 

@@ -194,7 +194,7 @@ def test_redirected_pretrain_log_has_one_plain_line_per_epoch(tmp_path, one_thre
 
 
 def test_resume_with_more_epochs_extends_the_run(tmp_path, capsys):
-    from study.train import lr_at
+    from study.step import lr_at
 
     pretrain(tiny("epochs=2"), tmp_path, progress=False)
     row = pretrain(tiny("epochs=4"), tmp_path, resume=True, progress=True)

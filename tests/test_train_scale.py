@@ -11,7 +11,8 @@ import torch
 from conftest import image_folder_config, make_image_folder, make_train_val_folders, tiny_overrides
 from study.config import load_config
 from study.errors import UserError
-from study.train import _build, _step, load_checkpoint, pretrain
+from study.step import train_step
+from study.train import _build, load_checkpoint, pretrain
 
 PLACEMENTS = [
     ["objective=ls"],
@@ -31,7 +32,7 @@ def test_every_parameter_gets_a_gradient_each_step(extra):
     cfg = load_config(None, tiny_overrides(*extra, "optim.accum_steps=2"))
     state, train_set = _build(cfg, check_data=False)
     imgs = torch.stack([train_set[i][0] for i in range(8)])
-    _step(state, imgs, last_micro_step=False)  # no optimiser step: the gradients stay for inspection
+    train_step(state, imgs, last_micro_step=False)  # no optimiser step: the gradients stay for inspection
     missing = [n for n, p in state.model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
 
@@ -116,7 +117,7 @@ def test_train_and_val_with_different_classes_are_refused(folder):
 
 
 def test_effective_batch_sets_the_accumulation_for_the_processes_at_hand(tmp_path, capsys):
-    from study.train import base_lr_of, with_effective_batch
+    from study.step import base_lr_of, with_effective_batch
 
     cfg = load_config(None, tiny_overrides("optim.batch_size=4", "optim.effective_batch=16"))
     assert [with_effective_batch(cfg, w).optim.accum_steps for w in (1, 2, 4)] == [4, 2, 1]

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from study.console import interactive
 from study.data import RobustImageFolder, build_datasets, build_eval_datasets
-from study.runtime import autocast, grad_scaler, seed_everything, warmup_cosine
+from study.runtime import autocast, grad_scaler, linear_scaled_lr, seed_everything, warmup_cosine
 
 __all__ = ["FinetuneSettings", "FINETUNE_PRESETS", "FinetuneResult", "ViTClassifier", "finetune",
            "finetune_settings", "set_drop_path", "build_finetune_datasets", "finetune_train_transform"]
@@ -276,7 +276,7 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
     model = ViTClassifier(encoder, num_classes, pool=pool).to(device)
 
     batch = _batch_size(s, len(train_set))
-    base_lr = s.blr * batch / 256
+    base_lr = linear_scaled_lr(s.blr, batch)
     optimizer = create_optimizer_v2(model, "adamw", lr=base_lr, weight_decay=s.weight_decay,
                                     layer_decay=s.layer_decay, betas=s.betas)
     mixup, criterion = _mixup_and_loss(s, num_classes)

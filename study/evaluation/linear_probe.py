@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from study.console import interactive
-from study.runtime import cpu_threads, warmup_cosine
+from study.runtime import cpu_threads, linear_scaled_lr, warmup_cosine
 
 __all__ = ["LARS", "LinearProbeSettings", "LINEAR_PRESETS", "LinearProbeResult", "linear_probe_settings",
            "train_linear_probe"]
@@ -189,7 +189,7 @@ def _train_linear_probe(train_features, train_labels, val_features, val_labels, 
         head[1].weight.copy_(w)
         head[1].bias.zero_()
     batch = min(s.batch_size, n)
-    base_lr = s.blr * batch / 256
+    base_lr = linear_scaled_lr(s.blr, batch)
     opt = _make_optimizer(head, s, base_lr)
     x = train_features.to(device, torch.float32)
     y = train_labels.to(device, torch.int64)

@@ -1,7 +1,7 @@
 """Training-step benchmark: LS, cIMLE at several k and the Masked VAE, against transformers' ViTMAE.
 
-    python -m study bench --config experiments/configs/cpu-small.yaml --out results/bench/cpu-small.json
-    python -m study bench --config experiments/configs/in100-vit-t.yaml --set device=cpu --set precision=fp32 \\
+    python -m experiments.bench --config experiments/configs/cpu-small.yaml --out results/bench/cpu-small.json
+    python -m experiments.bench --config experiments/configs/in100-vit-t.yaml --set device=cpu --set precision=fp32 \\
         --batch 8 --k 1,2,4,8 --steps 3 --warmup 1 --out results/bench/in100-vit-t-cpu.json
 
 What one run measures, all on synthetic random images of the config's size,
@@ -43,30 +43,27 @@ on the config's device (``auto``: CUDA when available) and precision:
   0, at ``decoder_depth - 1`` (the last block) and in the token-wise head after
   the last attention (``head``; ``--late-blocks`` picks others,
   ``decoder_depth`` = after the last block), each step against LS.
-* **Hardware efficiency** (:mod:`~study.bench.flops`, as nanoGPT prints MFU):
+* **Hardware efficiency** (:mod:`~experiments.bench.flops`, as nanoGPT prints MFU):
   the FLOPs of one step of every variant, counted by PyTorch's flop counter
   (forward and backward matmuls and attention), the matmul peak of the device
   at each precision measured in the same run, and each step's share of it.
-* **Host syncs**: the memory step of every variant runs under a ``TorchFunctionMode`` that
-  records every ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``,
-  ``.numpy()``, ``.nonzero()``, ``.cpu()`` and boolean-mask indexing, with
-  the line of study code that made it (each is a device sync on CUDA).
 
-The modules, one job each: :mod:`~study.bench.settings` (checked settings),
-:mod:`~study.bench.variants` (our trainers, the timed variants, the cost-model
-components), :mod:`~study.bench.transformers_side` (transformers' model, its
-trainer, parameter counts), :mod:`~study.bench.timing` (round-robin timing),
-:mod:`~study.bench.memory` (peak memory, the selection-memory grid),
-:mod:`~study.bench.host_sync` (the sync counter), :mod:`~study.bench.flops`
-(FLOPs and the matmul peak), :mod:`~study.bench.run` (the stages in order),
-:mod:`~study.bench.ratios` and :mod:`~study.bench.report` (one precision's
-JSON report), :mod:`~study.bench.precisions` (the reports of every precision
-and the speed-ups across them), :mod:`~study.bench.table` (the printed table)
-and :mod:`~study.bench.cli` (the command's arguments).
+The steps' host syncs (each a device sync on CUDA) are counted by a test,
+``tests/test_gpu_readiness.py``, not here: they are a property of the code, not a timing.
+
+The modules, one job each: :mod:`~experiments.bench.settings` (checked settings),
+:mod:`~experiments.bench.variants` (our trainers, the timed variants, the cost-model
+components), :mod:`~experiments.bench.transformers_side` (transformers' model, its
+trainer, parameter counts), :mod:`~experiments.bench.timing` (round-robin timing),
+:mod:`~experiments.bench.memory` (peak memory, the selection-memory grid),
+:mod:`~experiments.bench.flops`
+(FLOPs and the matmul peak), :mod:`~experiments.bench.run` (the stages in order),
+:mod:`~experiments.bench.ratios` and :mod:`~experiments.bench.report` (one precision's
+JSON report), :mod:`~experiments.bench.precisions` (the reports of every precision
+and the speed-ups across them), :mod:`~experiments.bench.table` (the printed table)
+and :mod:`~experiments.bench.cli` (the command's arguments).
 """
 
-from study.bench.cli import add_arguments, run_from_args
-from study.bench.run import run_bench
-from study.bench.transformers_side import build_transformers_mae, count_parameters
+from experiments.bench.run import run_bench
 
-__all__ = ["add_arguments", "build_transformers_mae", "count_parameters", "run_bench", "run_from_args"]
+__all__ = ["run_bench"]

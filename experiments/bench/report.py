@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from study.bench.ratios import ROBUST_NOTE, cost_model, median, ratio, ratio_sets
-from study.bench.settings import Plan
-from study.bench.transformers_side import parameter_counts, transformers_info
-from study.bench.variants import HF_VARIANT, Variant
+from experiments.bench.ratios import ROBUST_NOTE, cost_model, median, ratio, ratio_sets
+from experiments.bench.settings import Plan
+from experiments.bench.transformers_side import parameter_counts, transformers_info
+from experiments.bench.variants import HF_VARIANT, Variant
 from study.config import config_to_dict
 
 __all__ = ["StepMemo", "Measured", "build_report"]
@@ -40,11 +40,10 @@ _DEFINITIONS = {
 
 @dataclass
 class StepMemo:
-    """The memory step of one variant: its peak memory, its loss and the host syncs it made."""
+    """The memory step of one variant: its peak memory and its loss."""
 
     memory: dict
     loss: float
-    syncs: dict[str, int]
 
 
 @dataclass
@@ -63,8 +62,8 @@ class Measured:
     load_before: list[float] | None
     models: dict[str, torch.nn.Module]  # parameter-count key (ours_ls, ...) -> model
     hf_model: torch.nn.Module | None
-    flops: dict[str, int]  # FLOPs of one step by task name (study.bench.flops)
-    matmul_peak: dict  # study.bench.flops.matmul_peak at this precision
+    flops: dict[str, int]  # FLOPs of one step by task name (experiments.bench.flops)
+    matmul_peak: dict  # experiments.bench.flops.matmul_peak at this precision
 
 
 def _variant_rows(m: Measured, batch: int) -> list[dict]:
@@ -228,7 +227,7 @@ def _efficiency(m: Measured, by_name: dict[str, dict]) -> dict:
         "components": components,
         "note": "FLOPs counted by torch.utils.flop_counter over one step (forward + backward; matmuls, "
                 "convolutions, attention; 2 per multiply-add); peak = best large matmul at this precision, "
-                "measured in the same run (study.bench.flops)",
+                "measured in the same run (experiments.bench.flops)",
     }
 
 
@@ -242,7 +241,6 @@ def build_report(plan: Plan, compile_info: dict, m: Measured, t_start: float) ->
     cimle_vs_cost, cimle_vs_cost_opt, cimle_vs_ls = _cimle_ratios(by_name, comp, plan.ks, block, ls_s)
     for r in rows:
         r.setdefault("vs_ls", ratio(r["step_s"], ls_s))
-        r["host_syncs"] = sum(m.memos[r["name"]].syncs.values())
     late_rows = _late_noise_rows(by_name, comp, plan, m.late_spec, ls_s)
     hf_name = HF_VARIANT if HF_VARIANT in m.variants else None
     paired_wall, _ = ratio_sets(m.times, plan.ks, block, m.late_spec, hf_name)
@@ -272,7 +270,6 @@ def build_report(plan: Plan, compile_info: dict, m: Measured, t_start: float) ->
         "selection_memory": m.selection_memory,
         "parameters": parameter_counts(m.models, m.hf_model),
         "transformers": transformers_info(m.hf_model, hf_s),
-        "host_syncs": {name: memo.syncs for name, memo in m.memos.items() if name != HF_VARIANT},
         "efficiency": _efficiency(m, by_name),
         "targets": _targets({"ours_vs_transformers": ours_vs_hf, "cimle_vs_cost_model": cimle_vs_cost},
                             paired_wall, cpu_ratios, late_rows, plan, m.selection_memory, by_name["ls"]),

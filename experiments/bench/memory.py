@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from study.bench.ratios import ratio
-from study.bench.timing import log, sync
+from experiments.bench.ratios import ratio
+from experiments.bench.timing import log, sync
 
 try:  # private API: without it the CPU figures are reported as unavailable instead of failing the run
     from torch._C._profiler import _EventType

@@ -1,7 +1,7 @@
 """The report of a run over several precisions: one report per precision and the ratios across them.
 
 Every precision's variants were timed in the same round-robin rounds
-(:func:`study.bench.run._time_all`), so a speed-up across precisions is
+(:func:`experiments.bench.run._time_all`), so a speed-up across precisions is
 paired per round like the ratios within one precision. The reference is fp32
 where it was run, else the first precision.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from study.bench.ratios import median, ratio
+from experiments.bench.ratios import median, ratio
 
 __all__ = ["SCHEMA", "TARGET_BF16_SPEEDUP", "combine_precisions"]
 

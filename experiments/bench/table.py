@@ -88,21 +88,13 @@ def _late_and_selection_lines(res: dict) -> list[str]:
     return lines
 
 
-def _parameter_sync_target_lines(res: dict) -> list[str]:
+def _parameter_target_lines(res: dict) -> list[str]:
     p = res["parameters"]
     lines = ["parameters: ours LS {:,} (trainable {:,}), cIMLE {:,}, mvae {:,}".format(
         p["ours_ls"]["total"], p["ours_ls"]["trainable"], p["ours_cimle"]["total"], p["ours_mvae"]["total"])]
     if "transformers" in p:
         lines.append("            transformers {:,} (trainable {:,}); difference LS - transformers: {:,}".format(
             p["transformers"]["total"], p["transformers"]["trainable"], p["ls_minus_transformers"]))
-    # the first cIMLE row keeps the table short; the JSON has every variant's
-    shown = [n for n in res["host_syncs"] if n in ("ls", "mvae") or n == next(
-        (m for m in res["host_syncs"] if m.startswith("cimle")), None)]
-    for name in shown:
-        hits = res["host_syncs"][name]
-        lines.append(f"host syncs in one {name} step: {sum(hits.values())}")
-        for where, n in hits.items():
-            lines.append(f"    {n} x {where}")
     lines.append("targets (reported, not asserted):")
     for k, v in res["targets"].items():
         lines.append(f"  {k}: " + ("; ".join(f"{kk}: {vv}" for kk, vv in v.items()) if isinstance(v, dict) else str(v)))
@@ -110,13 +102,13 @@ def _parameter_sync_target_lines(res: dict) -> list[str]:
 
 
 def _precision_table(res: dict) -> str:
-    """The text summary of one precision's report (:func:`study.bench.report.build_report`)."""
+    """The text summary of one precision's report (:func:`experiments.bench.report.build_report`)."""
     lines = _row_lines(res) + _ratio_lines(res) + _late_and_selection_lines(res)
-    return "\n".join(lines + _parameter_sync_target_lines(res))
+    return "\n".join(lines + _parameter_target_lines(res))
 
 
 def format_table(res: dict) -> str:
-    """The text summary of a run (:func:`study.bench.precisions.combine_precisions`): each precision's table,
+    """The text summary of a run (:func:`experiments.bench.precisions.combine_precisions`): each precision's table,
     then the speed-ups across precisions."""
     parts = [f"=== precision {p} ===\n" + _precision_table(rep) for p, rep in res["precisions"].items()]
     across = res["across_precisions"]

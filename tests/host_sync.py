@@ -2,8 +2,8 @@
 
 It records ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``,
 ``.numpy()``, ``.nonzero()``, ``.cpu()`` and boolean-mask indexing, each with
-the innermost line of code outside torch's dispatch glue and outside this
-package that made it, so that the report points at the study code to fix.
+the innermost line of code outside torch's dispatch glue and outside the
+tests that made it, so that a failing test points at the study code to fix.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from torch import Tensor
 __all__ = ["SyncCounter"]
 
 _SYNC_METHODS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "nonzero", "cpu"}
-_BENCH_DIR = Path(__file__).resolve().parent
+_TESTS_DIR = Path(__file__).resolve().parent
 # reported paths are relative to the checkout (``study/models/mae.py:...``)
-_ROOT = str(_BENCH_DIR.parent.parent)
+_ROOT = str(_TESTS_DIR.parent)
 _TORCH_GLUE = (os.sep + os.path.join("torch", "overrides.py"), os.sep + os.path.join("torch", "_tensor.py"),
                os.sep + os.path.join("torch", "utils", "_device.py"))
 
@@ -36,11 +36,11 @@ def _where(frame: traceback.FrameSummary) -> str:
 
 
 def _caller() -> str:
-    """The innermost frame that made the call (leaving out torch's dispatch glue and the benchmark itself)."""
-    bench = str(_BENCH_DIR) + os.sep
+    """The innermost frame that made the call (leaving out torch's dispatch glue and the tests themselves)."""
+    tests = str(_TESTS_DIR) + os.sep
     for frame in reversed(traceback.extract_stack()[:-2]):
         fname = str(Path(frame.filename).resolve())
-        if not fname.startswith(bench) and not fname.endswith(_TORCH_GLUE):
+        if not fname.startswith(tests) and not fname.endswith(_TORCH_GLUE):
             return _where(frame)
     return "?"
 

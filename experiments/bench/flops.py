@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from study.bench.timing import sync
+from experiments.bench.timing import sync
 
 __all__ = ["step_flops", "matmul_peak", "PEAK_SHAPES"]
 

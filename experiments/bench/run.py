@@ -1,4 +1,4 @@
-"""The benchmark run: check the settings, build the trainers, measure memory and host syncs, time, report.
+"""The benchmark run: check the settings, build the trainers, measure memory, time, report.
 
 The stages run in a fixed order, which the results depend on. Per precision:
 the trainers are built (each seeds the global generators), then the
@@ -10,7 +10,6 @@ variants in the same rounds, and per precision the selection-memory grid.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -21,17 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from study.bench.flops import matmul_peak, step_flops
-from study.bench.host_sync import SyncCounter
-from study.bench.memory import measure_memory, selection_memory
-from study.bench.precisions import combine_precisions
-from study.bench.report import Measured, StepMemo, build_report
-from study.bench.settings import (DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS, Block, Plan,
+from experiments.bench.flops import matmul_peak, step_flops
+from experiments.bench.memory import measure_memory, selection_memory
+from experiments.bench.precisions import combine_precisions
+from experiments.bench.report import Measured, StepMemo, build_report
+from experiments.bench.settings import (DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS, Block, Plan,
                                   check_counts, check_precisions, late_noise_blocks, selection_block_of,
                                   with_changes)
-from study.bench.timing import log, time_round_robin
-from study.bench.transformers_side import HFTrainer, import_transformers
-from study.bench.variants import CostParts, Trainer, Variant, cost_components, define_variants
+from experiments.bench.timing import log, time_round_robin
+from experiments.bench.transformers_side import HFTrainer, import_transformers
+from experiments.bench.variants import CostParts, Trainer, Variant, cost_components, define_variants
 from study.config import Config
 from study.runtime import resolve_device
 
@@ -57,7 +55,7 @@ def run_bench(
     selection_timing: bool = True,
     config_path: str | None = None,
 ) -> dict:
-    """Run the benchmark (see :mod:`study.bench`) at each of ``precisions`` (default: the config's) and return
+    """Run the benchmark (see :mod:`experiments.bench`) at each of ``precisions`` (default: the config's) and return
     the JSON-ready result."""
     ks = check_counts(steps, warmup, ks)
     if transformers:
@@ -65,7 +63,8 @@ def run_bench(
     device = resolve_device(cfg.device)
     precisions = check_precisions(precisions or [cfg.precision], device)
     batch = int(batch or cfg.optim.batch_size)
-    cfg = with_changes(cfg, compile=compile_models, optim={"batch_size": batch})
+    # every step is a whole optimizer step at the bench's batch, whatever accumulation the config asks for
+    cfg = with_changes(cfg, compile=compile_models, optim={"batch_size": batch, "accum_steps": 1, "effective_batch": None})
     t_start = time.perf_counter()
     plans = [Plan(cfg=with_changes(cfg, precision=p), device=device, batch=batch, ks=ks, steps=steps, warmup=warmup,
                   transformers=transformers, compile_models=compile_models,
@@ -99,7 +98,7 @@ def _prepare(plan: Plan) -> _Prepared:
         plan = dataclasses.replace(plan, cfg=with_changes(plan.cfg, compile=False))
     variants, late_spec = define_variants(trainers, plan.cfg, plan.ks, plan.late, plan.late_k)
     parts = cost_components(trainers, plan.cfg, late_spec, plan.selection_block, plan.ks[-1], plan.selection_timing)
-    memos = _memory_and_syncs(variants, plan.device, imgs, compiled=bool(compile_info.get("ok")))
+    memos = _memory(variants, plan.device, imgs, compiled=bool(compile_info.get("ok")))
     return _Prepared(plan, compile_info, trainers, variants, late_spec, parts, memos, imgs)
 
 
@@ -172,29 +171,21 @@ def _build_trainers(plan: Plan, imgs: Tensor) -> tuple[dict[str, Any], dict]:
     return trainers, compile_info
 
 
-def _memory_and_syncs(variants: dict[str, Variant], device: torch.device, imgs: Tensor,
-                      compiled: bool) -> dict[str, StepMemo]:
-    """One step per variant before the timing, measuring its peak memory and counting its host syncs.
+def _memory(variants: dict[str, Variant], device: torch.device, imgs: Tensor, compiled: bool) -> dict[str, StepMemo]:
+    """One step per variant before the timing, measuring its peak memory.
 
     The optimizers are primed, so it is a steady step; on CPU the profiler
-    slows it, which is why it is not timed. Compiled code hides its calls from
-    the sync counter, so with compile the syncs are counted on an extra eager step.
+    slows it, which is why it is not timed.
     """
     if compiled:  # compile every variant (each cIMLE k is its own graph) before measuring
         log("bench: compiling every variant")
         for v in variants.values():
             v.step()
-    log("bench: memory and host syncs, one step per variant")
+    log("bench: memory, one step per variant")
     memos: dict[str, StepMemo] = {}
     for name, v in variants.items():
-        counter = SyncCounter()
-        with (counter if not compiled else contextlib.nullcontext()):
-            memo, loss = measure_memory(v.step, device, v.trainer.model, v.trainer.optimizer, imgs)
-        if compiled and isinstance(v.trainer, Trainer):
-            step = v.trainer.step_fn(v.k, eager=True)
-            with counter:
-                step()
-        memos[name] = StepMemo(memo, float(loss), dict(sorted(counter.hits.items())))
+        memo, loss = measure_memory(v.step, device, v.trainer.model, v.trainer.optimizer, imgs)
+        memos[name] = StepMemo(memo, float(loss))
     return memos
 
 

@@ -13,9 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from study.bench.variants import optimizer_step, prime_optimizer, step_lr
+from experiments.bench.variants import prime_optimizer
 from study.config import Config
 from study.runtime import adamw, autocast, grad_scaler, seed_everything
+from study.step import base_lr_of
 
 __all__ = ["import_transformers", "build_transformers_mae", "count_parameters", "HFTrainer", "parameter_counts",
            "transformers_info"]
@@ -56,7 +57,7 @@ def build_transformers_mae(cfg: Config) -> nn.Module:
 
 
 def _hf_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The rule of :func:`study.train.param_groups`: no decay on biases, norms, tokens, position embeddings."""
+    """The rule of :func:`study.step.param_groups`: no decay on biases, norms, tokens, position embeddings."""
     skip = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -74,7 +75,7 @@ class HFTrainer:
         seed_everything(cfg.seed)
         self.model = build_transformers_mae(cfg).to(device)
         self.model.train()
-        self.optimizer = adamw(_hf_param_groups(self.model, cfg.optim.weight_decay), step_lr(cfg, imgs.shape[0]),
+        self.optimizer = adamw(_hf_param_groups(self.model, cfg.optim.weight_decay), base_lr_of(cfg),
                                (cfg.optim.beta1, cfg.optim.beta2), device)
         self.scaler = grad_scaler(cfg.precision, device)
         self.cfg, self.device, self.imgs = cfg, device, imgs
@@ -85,10 +86,17 @@ class HFTrainer:
         opt, scaler, imgs = self.optimizer, self.scaler, self.imgs
         net = self.model if eager else self.net
 
-        def step() -> Tensor:
+        def step() -> Tensor:  # as study.step.train_step does without accumulation
             with autocast(self.cfg.precision, self.device):
-                out = net(pixel_values=imgs)
-            return optimizer_step(out.loss, scaler, opt)
+                loss = net(pixel_values=imgs).loss
+            scaler.scale(loss).backward()
+            if self.cfg.optim.clip_grad is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
 
         return step
 

@@ -1,8 +1,8 @@
 """Our side of the benchmark: trainers that step on a fixed batch, the variants they time, the cost-model parts.
 
-A :class:`Trainer` is one of our models (LS, cIMLE or the Masked VAE) with its
-AdamW, built as :mod:`study.train` builds them. cIMLE's k is an argument of
-each step, so one cIMLE model serves every k; a different noise block is a
+A :class:`Trainer` is one of our models (LS, cIMLE or the Masked VAE) with the
+training state of :mod:`study.step`, and its step is :func:`study.step.train_step`,
+the training loop's. cIMLE's k is an argument of each step, so one cIMLE model serves every k; a different noise block is a
 different architecture and gets its own trainer, built from a changed copy of
 the config. :class:`Components` times the parts of the cost model
 ``E_fb + D_fb + k * D_f`` on one cIMLE model with a fixed mask and noise.
@@ -14,27 +14,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
+from experiments.bench.settings import Block, block_order
 from study.config import Config
-from study.masking import build_mask_generator
+from study.masking import mask_indices
 from study.models import build_model
-from study.models.mae import mask_indices
 from study.objectives import cimle, least_squares, per_example_squared_error
-from study.bench.settings import Block, block_order
-from study.runtime import autocast, grad_scaler, seed_everything
-from study.train import build_optimizer
+from study.runtime import autocast, seed_everything
+from study.step import train_step, training_state
 
 __all__ = ["HF_VARIANT", "Trainer", "Variant", "Components", "CostParts", "define_variants", "cost_components",
-           "step_lr", "prime_optimizer", "optimizer_step"]
+           "prime_optimizer"]
 
 HF_VARIANT = "transformers ViTMAE"  # the row name of transformers' model
-
-
-def step_lr(cfg: Config, batch: int) -> float:
-    """MAE's lr rule at the bench's batch; the bench steps without gradient accumulation, whatever the config says."""
-    return cfg.optim.blr * batch / 256
 
 
 def prime_optimizer(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -46,45 +42,23 @@ def prime_optimizer(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def optimizer_step(loss: Tensor, scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> Tensor:
-    """Backward, (scaled) AdamW step and zero_grad: the part of a training step every variant shares."""
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 class Trainer:
-    """One of our models with its AdamW (the rule of study.train), stepping on a fixed batch."""
+    """One of our models with its training state (``cfg`` has the bench's batch, no accumulation), on a fixed batch."""
 
     def __init__(self, cfg: Config, device: torch.device, imgs: Tensor, compile_model: bool) -> None:
-        self.cfg = cfg
-        self.device = device
-        self.imgs = imgs
+        self.cfg, self.device, self.imgs = cfg, device, imgs
         seed_everything(cfg.seed)
-        self.model = build_model(cfg).to(device)
+        self.state = training_state(cfg, build_model(cfg).to(device), device)
+        self.model, self.optimizer, self.make_mask = self.state.model, self.state.optimizer, self.state.make_mask
         self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg, step_lr(cfg, imgs.shape[0]), device)
-        self.scaler = grad_scaler(cfg.precision, device)
-        grid = cfg.patch_grid
-        self.make_mask = build_mask_generator(cfg.mask, grid)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1000)
-        self.net: nn.Module = torch.compile(self.model) if compile_model else self.model
+        if compile_model:
+            self.state.net = torch.compile(self.model)
         prime_optimizer(self.model, self.optimizer)
 
     def step_fn(self, k: int | None = None, eager: bool = False) -> Callable[[], Tensor]:
         """One training step with ``k`` cIMLE samples (None: the config's; LS and the Masked VAE ignore it)."""
-        model, opt, scaler, imgs = self.model, self.optimizer, self.scaler, self.imgs
-        net = model if eager else self.net
-
-        def step() -> Tensor:
-            mask = self.make_mask(imgs.shape[0], generator=self.gen, device=self.device)  # [B, N]
-            with autocast(self.cfg.precision, self.device):
-                out = net(imgs, mask, generator=self.gen, k=k, num_masked=self.make_mask.num_masked)
-            return optimizer_step(out.loss, scaler, opt)
-
-        return step
+        state = dataclasses.replace(self.state, net=self.model) if eager else self.state
+        return lambda: train_step(state, self.imgs, k=k).loss.detach()
 
 
 @dataclass

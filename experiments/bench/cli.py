@@ -1,4 +1,4 @@
-"""The ``python -m study bench`` command: its arguments, and the run that prints the table and writes the JSON."""
+"""The ``python -m experiments.bench`` command: its arguments, and the run that prints the table and writes the JSON."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import argparse
 import json
 import sys
 
-from study.bench.run import run_bench
-from study.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS
-from study.bench.table import format_table
-from study.cli_args import nonnegative_int, positive_int
+from experiments.bench.run import run_bench
+from experiments.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS
+from experiments.bench.table import format_table
+from study.cli_args import OneLineParser, nonnegative_int, positive_int
 from study.config import load_config
+from study.errors import run_command
 from study.io import atomic_write_text
 
-__all__ = ["add_arguments", "run_from_args"]
+__all__ = ["build_parser", "main"]
 
 
 def _int_list(text: str, minimum: int = 1) -> list[int]:
@@ -45,7 +46,13 @@ def _block_list(text: str) -> list[int | str]:
     return [_block(v) for v in text.split(",") if v.strip()]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m experiments.bench",
+                      description="time training steps: LS, cIMLE at each k, the Masked VAE, transformers' ViTMAE")
+    p.add_argument("--config", default=None, help="YAML file, e.g. experiments/configs/cpu-small.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set noise.block=head (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--precision", type=_name_list, default=None,
                    help="precisions to time in the same rounds, e.g. fp32,bf16 (default: the config's); "
                         "transformers' model runs at each")
@@ -69,9 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="noise block of the selection-memory grid (default: the config's noise.block)")
     p.add_argument("--no-selection-timing", action="store_true",
                    help="do not time the selection alone at the largest k (saves (k+1) D_f per round)")
+    return p
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a mistake in the flags (one line already printed), or --help
+        return exc.code if isinstance(exc.code, int) else 2
+    return run_command(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         res = run_bench(cfg, precisions=args.precision, ks=args.k, batch=args.batch, steps=args.steps, warmup=args.warmup,
