@@ -63,15 +63,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    default = load_config(args.config, ["data.synthetic_mean_shift=0"])
+    default = load_config(args.config, ["data.synthetic.mean_shift=0"])
     for ckpt in runs([Path(r) for r in args.runs], default):
         cfg, state, models = load_models(ckpt)
         dataset = build_eval_datasets(cfg)[1]
         gen = synthetic_generator(cfg, dataset)
         variant = "ls" if cfg.objective == "ls" else f"cimle_{cfg.cimle.select}"
         base = {"objective": cfg.objective, "cimle_select": cfg.cimle.select, "seed": cfg.seed,
-                "synthetic_mean_shift": cfg.data.synthetic_mean_shift, "synthetic_distractor":
-                cfg.data.synthetic_distractor, "mask_ratio": cfg.mask.ratio, "epochs": cfg.epochs, "k": args.k}
+                "synthetic_mean_shift": cfg.data.synthetic.mean_shift, "synthetic_distractor":
+                cfg.data.synthetic.distractor, "mask_ratio": cfg.mask.ratio, "epochs": cfg.epochs, "k": args.k}
         for r in completion_protocol(cfg, models, k=args.k):
             rows.append({**base, "encoder": r["encoder"], "metric": r["metric"], "value": r["value"]})
         batch = sampling.fixed_batch(cfg, sampling.DIVERSITY_IMAGES, sampling.SEED, dataset)

@@ -31,6 +31,7 @@ __all__ = [
     "CIMLEConfig",
     "MVAEConfig",
     "MaskConfig",
+    "SyntheticConfig",
     "DataConfig",
     "OptimConfig",
     "LoggingConfig",
@@ -109,6 +110,19 @@ class MaskConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """The same-mean synthetic images (``data.name: synthetic``; :mod:`study.synthetic_images`): every patch shows
+    its class axis with a random sign under a distractor shared by the image."""
+
+    classes: int = 10
+    per_class: int = 200
+    mean_shift: float = 0.0  # 0: classes differ only in their modes; 1: also in their mean
+    noise_std: float = 0.1  # pixel noise on every patch
+    cue: float = 2.0  # norm of the sign-random class cue in a patch
+    distractor: float = 1.0  # std of the image-shared distractor (hides the class from a random encoder)
+
+
+@dataclass
 class DataConfig:
     name: Literal["mnist", "digits", "synthetic", "imagefolder", "imagenet100"] = "mnist"
     root: str | None = None  # folder for imagefolder / imagenet100
@@ -120,15 +134,7 @@ class DataConfig:
     packed: str | None = None
     subset: int | None = None  # train on a fixed random N of the training images (smoke runs, rehearsals)
     val_fraction: float = 0.2  # held-out split for bundled / synthetic data
-    synthetic_classes: int = 10
-    synthetic_per_class: int = 200
-    synthetic_mean_shift: float = 0.0  # 0: classes differ only in their modes; 1: also in their mean
-    synthetic_noise_std: float = 0.1
-    # "gratings": the first synthetic images (class visible in every patch; kept for old results and
-    # checkpoints); "hidden": sign-random class cue under an image-shared distractor (study/synthetic_images.py)
-    synthetic_kind: Literal["gratings", "hidden"] = "gratings"
-    synthetic_cue: float = 2.0  # norm of the sign-random class cue in a patch
-    synthetic_distractor: float = 1.0  # std of the image-shared distractor (hides the class from a random encoder)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -270,14 +276,13 @@ def _validate_data(d: DataConfig) -> None:
            f"data.name={d.name!r}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-    _check(d.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {d.synthetic_classes}")
-    _check(d.synthetic_per_class >= 1, "data.synthetic_per_class", f"must be >= 1, got {d.synthetic_per_class}")
-
-    _check(0.0 <= d.synthetic_mean_shift <= 1.0, "data.synthetic_mean_shift",
-           f"must be in [0, 1], got {d.synthetic_mean_shift}")
-    _check(d.synthetic_noise_std >= 0, "data.synthetic_noise_std", f"must be >= 0, got {d.synthetic_noise_std}")
-    _check(d.synthetic_cue > 0, "data.synthetic_cue", f"must be > 0, got {d.synthetic_cue}")
-    _check(d.synthetic_distractor >= 0, "data.synthetic_distractor", f"must be >= 0, got {d.synthetic_distractor}")
+    s = d.synthetic
+    _check(s.classes >= 2, "data.synthetic.classes", f"must be >= 2, got {s.classes}")
+    _check(s.per_class >= 1, "data.synthetic.per_class", f"must be >= 1, got {s.per_class}")
+    _check(0.0 <= s.mean_shift <= 1.0, "data.synthetic.mean_shift", f"must be in [0, 1], got {s.mean_shift}")
+    _check(s.noise_std >= 0, "data.synthetic.noise_std", f"must be >= 0, got {s.noise_std}")
+    _check(s.cue > 0, "data.synthetic.cue", f"must be > 0, got {s.cue}")
+    _check(s.distractor >= 0, "data.synthetic.distractor", f"must be >= 0, got {s.distractor}")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -371,7 +376,25 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict) -> Config:
-    return validate(_build(Config, data or {}))
+    return validate(_build(Config, _nest_synthetic(data or {})))
+
+
+def _nest_synthetic(data: dict) -> dict:
+    """Read a config written with flat ``data.synthetic_<key>`` fields (run folders and checkpoints made before
+    they became the ``data.synthetic`` section) as the section; a nested value wins over a flat one."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not any(str(k).startswith("synthetic_") for k in section):
+        return data
+    section = dict(section)
+    nested = dict(section.get("synthetic") or {})
+    kind = section.pop("synthetic_kind", "gratings")  # the flat fields' default
+    if kind != "hidden" and section.get("name") == "synthetic":
+        raise ConfigError(f"data.synthetic_kind={kind!r}: only the same-mean images ('hidden') remain; this run "
+                          "was made with synthetic images this version no longer generates")
+    for key in [k for k in section if str(k).startswith("synthetic_")]:
+        nested.setdefault(key.removeprefix("synthetic_"), section.pop(key))
+    section["synthetic"] = nested
+    return {**data, "data": section}
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -26,9 +26,8 @@ Datasets (``data.name``)
 ``synthetic``
     :mod:`study.synthetic_images`: classes differ in the modes of the masked
     content, not its mean. Any ``in_chans``; values zero-centred, unit-ish
-    scale, not normalised further. Optional config fields read when present:
-    ``data.synthetic_mean_shift`` (default 0.0), ``data.synthetic_noise_std``
-    (default 0.1).
+    scale, not normalised further. Its settings are the ``data.synthetic``
+    section (classes, images per class, mean shift, noise, cue, distractor).
 ``imagefolder``
     ``data.root`` with ``train/`` and ``val/`` class folders, or a single folder
     of class folders that is split by ``data.val_fraction``. RGB, 3 channels.
@@ -79,7 +78,6 @@ from study.image_folders import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, Dat
                                   RobustImageFolder, check_images, eval_transform, train_transform)
 from study.imagenet100 import imagenet100_classes
 from study.packed import packed_train_set
-from study.synthetic_gratings import GratingImageGenerator
 from study.synthetic_images import SyntheticImageDataset, SyntheticImageGenerator, SyntheticImages
 
 if TYPE_CHECKING:
@@ -271,19 +269,10 @@ def _bundled(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
 
 
 def _synthetic(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
-    d, m = cfg.data, cfg.model
-    if d.synthetic_kind == "gratings":  # the first version, kept for the results made with it
-        gen = GratingImageGenerator(d.synthetic_classes, m.img_size, m.patch_size, m.in_chans,
-                                    mean_shift=d.synthetic_mean_shift, noise_std=d.synthetic_noise_std)
-    else:
-        gen = SyntheticImageGenerator(
-            d.synthetic_classes, m.img_size, m.patch_size, m.in_chans,
-            mean_shift=d.synthetic_mean_shift,
-            cue=d.synthetic_cue,
-            distractor=d.synthetic_distractor,
-            noise_std=d.synthetic_noise_std,
-        )
-    data = gen.generate(d.synthetic_per_class, seed=SYNTHETIC_SEED)
+    d, s, m = cfg.data, cfg.data.synthetic, cfg.model
+    gen = SyntheticImageGenerator(s.classes, m.img_size, m.patch_size, m.in_chans, mean_shift=s.mean_shift,
+                                  cue=s.cue, distractor=s.distractor, noise_std=s.noise_std)
+    data = gen.generate(s.per_class, seed=SYNTHETIC_SEED)
     tr, va = stratified_split(data.labels, d.val_fraction)
 
     def part(idx):

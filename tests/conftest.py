@@ -9,7 +9,7 @@ def tiny_overrides(*extra: str, size: int = 8, width: int = 8, decoder_width: in
 
     ``extra`` items come last, so they win over the base ones."""
     return [
-        "data.name=synthetic", "data.synthetic_classes=2", f"data.synthetic_per_class={per_class}",
+        "data.name=synthetic", "data.synthetic.classes=2", f"data.synthetic.per_class={per_class}",
         "data.augment=false", f"model.img_size={size}", "model.patch_size=4", f"model.embed_dim={width}",
         "model.depth=1", "model.num_heads=2", f"model.decoder_dim={decoder_width or width}", "model.decoder_depth=1",
         "model.decoder_heads=2", "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", f"cimle.k={k}",

@@ -101,3 +101,24 @@ def test_token_selection_refuses_inexact_noise():
         load_config(None, ["cimle.select=patch"])
     with pytest.raises(ConfigError, match=r"noise\.block"):
         load_config(None, ["noise.block=tail"])
+
+
+def test_flat_synthetic_fields_of_older_runs_read_as_the_section():
+    """Run folders and checkpoints written with ``data.synthetic_<key>`` load as ``data.synthetic``."""
+    from study.config import config_from_dict
+
+    flat = {"data": {"name": "synthetic", "synthetic_kind": "hidden", "synthetic_classes": 4,
+                     "synthetic_cue": 2.0, "synthetic_distractor": 0.75}}
+    cfg = config_from_dict(flat)
+    assert (cfg.data.synthetic.classes, cfg.data.synthetic.cue, cfg.data.synthetic.distractor) == (4, 2.0, 0.75)
+    mnist = config_from_dict({"data": {"name": "mnist", "synthetic_kind": "gratings", "synthetic_classes": 10}})
+    assert mnist.data.name == "mnist"  # the unused synthetic fields of an MNIST run do not matter
+    with pytest.raises(ConfigError, match="synthetic_kind='gratings'"):
+        config_from_dict({"data": {"name": "synthetic", "synthetic_kind": "gratings"}})
+
+
+def test_a_synthetic_setting_is_named_with_its_section():
+    with pytest.raises(ConfigError, match="data.synthetic.cue"):
+        load_config(None, ["data.synthetic.cue=0"])
+    with pytest.raises(ConfigError, match="unknown key.*data.synthetic"):
+        load_config(None, ["data.synthetic.kind=hidden"])

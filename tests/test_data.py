@@ -296,7 +296,7 @@ def test_synthetic_bayes_floor_matches_the_posterior_mean_predictor():
 
 
 def test_synthetic_datasets_from_config():
-    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_classes=3", "data.synthetic_per_class=10",
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic.classes=3", "data.synthetic.per_class=10",
                              "model.img_size=16", "model.patch_size=4", "model.in_chans=3"])
     train, val = build_datasets(cfg)
     assert len(train) == 24 and len(val) == 6 and train.num_classes == 3

@@ -25,7 +25,7 @@ from study.train import load_checkpoint, pretrain
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
 TINY = [
-    "data.name=synthetic", "data.synthetic_classes=2", "data.synthetic_per_class=200", "data.augment=false",
+    "data.name=synthetic", "data.synthetic.classes=2", "data.synthetic.per_class=200", "data.augment=false",
     "model.img_size=16", "model.patch_size=4", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
     "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=2", "optim.warmup_epochs=1",
     "optim.blr=0.05", "noise.dim=4", "mask.ratio=0.5", "epochs=2", "device=cpu",

@@ -228,7 +228,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 
 TINY = [
-    "data.name=synthetic", "data.synthetic_classes=3", "data.synthetic_per_class=20", "data.augment=false",
+    "data.name=synthetic", "data.synthetic.classes=3", "data.synthetic.per_class=20", "data.augment=false",
     "model.img_size=8", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
     "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2", "mask.ratio=0.5", "noise.dim=4",
 ]

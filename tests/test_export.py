@@ -13,7 +13,7 @@ from study.export import ExportError, export, timm_architecture, verify_export
 from study.models import ViTEncoder, build_model, load_pretrained_encoder, sincos_2d
 
 ARCH = ["model.img_size=8", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2"]
-TINY = ["data.name=synthetic", "data.synthetic_classes=3", "data.synthetic_per_class=20", *ARCH,
+TINY = ["data.name=synthetic", "data.synthetic.classes=3", "data.synthetic.per_class=20", *ARCH,
         "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2", "mask.ratio=0.5", "noise.dim=4",
         "objective=cimle"]
 SETS = as_sets(TINY)

@@ -91,8 +91,8 @@ def test_synthetic_default_point_is_the_configs():
     from study.figures.synthetic import DEFAULT_POINT
 
     cfg = load_config("experiments/configs/synthetic.yaml")
-    assert DEFAULT_POINT == {"synthetic_mean_shift": cfg.data.synthetic_mean_shift, "mask_ratio": cfg.mask.ratio,
-                             "synthetic_distractor": cfg.data.synthetic_distractor}
+    assert DEFAULT_POINT == {"synthetic_mean_shift": cfg.data.synthetic.mean_shift, "mask_ratio": cfg.mask.ratio,
+                             "synthetic_distractor": cfg.data.synthetic.distractor}
 
 
 def test_figures_draw_text_with_matplotlib_s_own_fonts():

@@ -14,7 +14,7 @@ from study.figures.samples import main as figures_main
 from study.synthetic_images import SyntheticImageGenerator
 
 TINY = [
-    "data.name=synthetic", "data.synthetic_classes=2", "data.synthetic_per_class=40", "data.augment=false",
+    "data.name=synthetic", "data.synthetic.classes=2", "data.synthetic.per_class=40", "data.augment=false",
     "model.img_size=16", "model.patch_size=4", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
     "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=2",
     "optim.batch_size=8", "optim.warmup_epochs=1", "noise.dim=4", "cimle.k=3", "mask.ratio=0.5",
@@ -116,25 +116,20 @@ def test_figures_written_and_identical_on_rerun(tmp_path):
 
 def test_comparison_refuses_other_data(tmp_path):
     a = weights_only(tmp_path, "ls")
-    cfg = tiny("cimle", "data.synthetic_classes=3")
+    cfg = tiny("cimle", "data.synthetic.classes=3")
     other = tmp_path / "other.pt"
     torch.save({"model": build_models(cfg, {}, "study", ("random",))["random"].state_dict(),
                 "config": config_to_dict(cfg), "epoch": 0}, other)
-    with pytest.raises(ValueError, match="synthetic_classes"):
+    with pytest.raises(ValueError, match="data.synthetic"):
         figures_main(["--checkpoints", str(a), str(other), "--out", str(tmp_path)])
 
 
 # --------------------------------------------------------------------------- Context-Completion
 
 
-@pytest.fixture(scope="module", params=["gratings", "hidden"])
-def oracle(request):
-    if request.param == "gratings":  # the first synthetic images
-        from study.synthetic_gratings import GratingImageGenerator
-
-        gen = GratingImageGenerator(3, 16, 4, 1, noise_std=0.1)
-    else:  # same-mean images with a distractor the oracle strips
-        gen = SyntheticImageGenerator(3, 16, 4, 1, noise_std=0.1, distractor=1.0)
+@pytest.fixture(scope="module")
+def oracle():
+    gen = SyntheticImageGenerator(3, 16, 4, 1, noise_std=0.1, distractor=1.0)  # a distractor the oracle strips
     return train_oracle(gen, n_train=3000, n_test=2000)
 
 
@@ -149,9 +144,7 @@ def test_oracle_is_accurate_and_rejects_the_mean(oracle):
     assert oracle.accuracy > 0.99 and oracle.bayes_agreement > 0.99
     assert oracle.clean_null_rate == 0.0 and oracle.mean_null_rate == 1.0
     gen = oracle.generator
-    # half the distance from a mode to the class mean (gratings: unit-RMS patterns; hidden: a cue of norm `cue`)
-    d_mean = gen.amplitude * gen.modes[0].numel() ** 0.5 if hasattr(gen, "amplitude") else gen.cue
-    assert oracle.radius == pytest.approx(0.5 * d_mean, rel=1e-5)
+    assert oracle.radius == pytest.approx(0.5 * gen.cue, rel=1e-5)  # half the distance from a mode to the class mean
 
 
 def test_context_completion_oracle_perfect_and_mean_models(oracle):
@@ -222,7 +215,7 @@ def test_completion_needs_synthetic_data(tmp_path):
 
 
 def test_completion_on_same_mean_images_reports_floors_and_masked_losses(tmp_path):
-    extra = ["data.synthetic_kind=hidden", "objective=cimle", "cimle.select=token", "noise.scope=token",
+    extra = ["objective=cimle", "cimle.select=token", "noise.scope=token",
              "noise.block=head", "cimle.k=2"]
     cfg = load_config(None, TINY + extra)
     model = build_models(cfg, {}, "study", ("random",))["random"]
@@ -244,12 +237,12 @@ def test_true_completions_are_found_by_the_oracle_and_keep_the_visible_patches()
     from study.evaluation.context_completion import (completion_metrics, synthetic_generator, to_generator_layout,
                                                      true_completions)
 
-    cfg = load_config(None, TINY + ["data.synthetic_kind=hidden"])
+    cfg = load_config(None, TINY)
     dataset = build_eval_datasets(cfg)[1]
     gen = synthetic_generator(cfg, dataset)
     batch = fixed_batch(cfg, 8, 0, dataset)
     true = true_completions(gen, dataset, batch, 6)  # [k, B, N, D]
-    model = tiny_model("ls", "data.synthetic_kind=hidden")[1]
+    model = tiny_model("ls")[1]
     target = model.patchify(batch.images)
     m = batch.mask
     assert torch.allclose(true[:, ~m], target[~m].expand(6, *target[~m].shape))

@@ -138,7 +138,7 @@ def test_the_submitted_job_runs_and_a_second_job_resumes_the_run(slurm, tmp_path
 def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm, tmp_path, capsys):
     out = tmp_path / "run"
     epochs = 16  # enough that the job is still training when the signal comes
-    job_id, _ = _submit(capsys, out, "--set", f"epochs={epochs}", "--set", "data.synthetic_per_class=60")
+    job_id, _ = _submit(capsys, out, "--set", f"epochs={epochs}", "--set", "data.synthetic.per_class=60")
     _wait_until(lambda: (out / "checkpoint.pt").is_file() or (slurm / job_id / "rc").is_file(), "a checkpoint")
     if not (out / "checkpoint.pt").is_file():
         _result(slurm, out / "slurm" / "%j", job_id)  # says why the job failed, if it did

@@ -57,7 +57,7 @@ def one_thread():
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, one_thread):
     epochs = 8
-    overrides = TINY + ["objective=cimle", f"epochs={epochs}", "data.synthetic_per_class=120"]
+    overrides = TINY + ["objective=cimle", f"epochs={epochs}", "data.synthetic.per_class=120"]
     reference = tmp_path / "reference"
     pretrain(load_config(None, overrides), reference, progress=False)
 

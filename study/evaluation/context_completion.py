@@ -296,7 +296,7 @@ def completion_protocol(cfg, models: dict, *, device="cpu", k: int | None = None
                           ("oracle_clean_null_rate", oracle.clean_null_rate),
                           ("oracle_mean_null_rate", oracle.mean_null_rate), ("oracle_seconds", oracle_seconds)):
         rows.append({"encoder": "pretrained", "metric": metric, "value": value, **base})
-    if hasattr(generator, "bayes_floor"):  # the same-mean images know E[y | x] (the gratings do not report it)
+    if hasattr(generator, "bayes_floor"):  # a generator that knows E[y | x] reports the floors it implies
         n_visible = cfg.num_patches - num_masked(cfg.mask.ratio, cfg.num_patches)
         for metric, value in (("bayes_floor", generator.bayes_floor(n_visible)),
                               ("mode_floor", generator.mode_floor(n_visible))):

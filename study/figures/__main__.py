@@ -8,7 +8,8 @@
   (``make experiments``)
 * same-mean synthetic images (mean shift, mask ratio, cue-to-distractor trade-off): one
   table, ``results/synthetic_cpu.csv`` (``make experiments-synthetic``)
-* samples: the small committed checkpoints ``results/checkpoints/*.pt``
+* synthetic samples: the small committed checkpoints ``results/checkpoints/synthetic_hidden_*.pt``
+  (``experiments/synthetic_completion.py --checkpoints``)
 
 A figure whose stored results are missing is reported and skipped (exit
 status 1 at the end), so one missing table does not hide the others.
@@ -40,7 +41,6 @@ SYNTHETIC = {  # same-mean synthetic images: figure -> its axis, all from result
     "synthetic_ratio_cpu": "mask_ratio",
     "synthetic_tradeoff": "tradeoff",
 }
-SAMPLE_OBJECTIVES = ("ls", "cimle", "mvae")
 
 
 def _toy(results: Path, out: Path) -> list[Path]:
@@ -69,15 +69,6 @@ def _synthetic(name: str, kind: str) -> Callable[[Path, Path], list[Path]]:
     return draw
 
 
-def _samples(results: Path, out: Path) -> list[Path]:
-    checkpoints = [results / "checkpoints" / f"synthetic_{obj}.pt" for obj in SAMPLE_OBJECTIVES]
-    missing = [str(p) for p in checkpoints if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
-    with cpu_threads(1):  # one reduction order on every machine: byte-identical figures
-        return redraw(checkpoints, out)
-
-
 def _synthetic_samples(results: Path, out: Path) -> list[Path]:
     """LS's mean beside per-token cIMLE's modes on the same-mean synthetic images."""
     checkpoints = [results / "checkpoints" / f"synthetic_hidden_{obj}.pt" for obj in ("ls", "cimle_token")]
@@ -101,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs: dict[str, Callable[[Path, Path], list[Path]]] = {"toy": _toy, "masks": _masks}
     jobs.update({sweep: _study(sweep, kind) for sweep, kind in STUDIES.items()})
     jobs.update({name: _synthetic(name, kind) for name, kind in SYNTHETIC.items()})
-    jobs["samples"] = _samples
     jobs["synthetic_samples"] = _synthetic_samples
     skipped = []
     for name, draw in jobs.items():

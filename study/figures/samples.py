@@ -1,7 +1,7 @@
 """Completions of masked images: one figure per checkpoint and one LS / cIMLE / Masked VAE comparison.
 
-    python -m study.figures.samples --checkpoints results/checkpoints/synthetic_ls.pt \\
-        results/checkpoints/synthetic_cimle.pt results/checkpoints/synthetic_mvae.pt --out figures
+    python -m study.figures.samples --checkpoints results/checkpoints/synthetic_hidden_ls.pt \\
+        results/checkpoints/synthetic_hidden_cimle_token.pt --out runs/figures
 
 writes ``samples_<objective>.{png,pdf}`` for every checkpoint and
 ``samples_comparison.{png,pdf}`` (rows = images; columns original | masked |
@@ -189,9 +189,7 @@ def _comparable(cfg_a, cfg_b) -> list[str]:
     """Fields that must agree for two checkpoints to complete the same images and masks."""
     diffs = []
     da, db = dataclasses.asdict(cfg_a.data), dataclasses.asdict(cfg_b.data)
-    for key in ("name", "root", "val_fraction", "synthetic_classes", "synthetic_per_class",
-                "synthetic_mean_shift", "synthetic_noise_std", "synthetic_kind", "synthetic_cue",
-                "synthetic_distractor"):
+    for key in ("name", "root", "val_fraction", "synthetic"):
         if da[key] != db[key]:
             diffs.append(f"data.{key}: {da[key]!r} vs {db[key]!r}")
     for key in ("img_size", "patch_size", "in_chans"):
