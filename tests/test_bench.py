@@ -119,7 +119,7 @@ def test_cimle_step_passes_k_per_call():
     for k in (1, 5, None):
         assert torch.isfinite(tr.step_fn(k)())
     assert seen == [1, 5, None]
-    assert tr.cfg is cfg and tr.model.cimle_k == 3 and not hasattr(tr.model, "cfg")
+    assert tr.cfg is cfg and tr.model.method.cfg.cimle.k == 3 and not hasattr(tr.model, "cfg")
 
 
 def test_step_flops_counts_forward_and_backward_matmuls_and_cpu_attention():

@@ -41,7 +41,7 @@ class Context:
     hidden: Tensor  # [B, 1+N, Dd]
     target: Tensor  # [B, N, p*p*C]
     generator: torch.Generator | None
-    k: int  # samples per step (cIMLE); the model's default or the caller's
+    k: int | None  # samples this step (cIMLE), as the caller asked; None: the objective's own default
 
 
 class Objective:

@@ -45,6 +45,6 @@ class CIMLE(Objective):
             pred = model.decoder.suffix(ctx.hidden, z, ctx.mask)  # [B, N, p*p*C]
             return pred if rows is None else pred.gather(1, rows)
 
-        res = cimle(decode, target, k=ctx.k, noise_shape=model.noise_shape(ctx.ids.num_masked), mask=mask,
+        res = cimle(decode, target, k=c.k if ctx.k is None else ctx.k, noise_shape=model.noise_shape(ctx.ids.num_masked), mask=mask,
                     chunk=c.chunk, generator=ctx.generator, vectorize=model.vectorize, select=c.select)
         return _selection_stats(res)

@@ -40,7 +40,6 @@ class MaskedAutoencoder(nn.Module):
         m = cfg.model
         self.objective = cfg.objective
         self.method: Objective = objective_class(cfg.objective)(cfg)
-        self.cimle_k = cfg.cimle.k  # forward() takes k per call (as MAE takes mask_ratio); this is the default
         self.vectorize = vectorize
         self.patch_size = m.patch_size
         self.in_chans = m.in_chans
@@ -112,13 +111,12 @@ class MaskedAutoencoder(nn.Module):
                 k: int | None = None, num_masked: int | None = None) -> PretrainOutput:
         """``imgs [B, C, H, W]``, ``mask [B, N]`` bool -> loss and detached stats.
 
-        ``k``: cIMLE's samples per step (default the config's ``cimle.k``). ``num_masked``: the masked
+        ``k``: cIMLE's samples per step (None: the objective's default, ``cimle.k``). ``num_masked``: the masked
         patches per image where the mask generator knows it (saves reading it from the mask, a host sync)."""
         ids = mask_indices(mask, self.num_patches, num_masked)
         latent = self.encoder(imgs, ids.keep)  # [B, 1+N_vis, D]
         hidden = self.decoder.prefix(latent, ids.restore)  # [B, 1+N, Dd]
-        context = Context(imgs, mask, ids, hidden, self.target(imgs), generator,
-                          self.cimle_k if k is None else int(k))
+        context = Context(imgs, mask, ids, hidden, self.target(imgs), generator, None if k is None else int(k))
         return self.method.loss(self, context)
 
     # ------------------------------------------------------------------ evaluation
