@@ -86,7 +86,7 @@ def test_script_end_to_end_and_plot_only(tmp_path, monkeypatch):
     table = pd.read_csv(out / CSV_NAME)
     assert {"objective", "k", "mask_strength", "seed", "metric", "value"} <= set(table.columns)
     assert {"test_loss", "bayes_floor", "probe_accuracy", "probe_accuracy_untrained",
-            "energy_distance"} <= set(table.metric)
+            "energy_distance", "mode_accuracy"} <= set(table.metric)
     assert set(table.objective) == {"ls", "cimle"} and set(table.mask_strength) == {0.0, 1.0}
     assert len(table) == len(frame) and table.value.notna().all()
     assert "acceptance:" in (out / SUMMARY_NAME).read_text()
@@ -130,3 +130,22 @@ def test_graded_criterion_fails_on_a_knife_edge_and_passes_on_a_graded_fall():
     assert not graded(_frame({0.0: 1.0, 0.5: 1.0, 0.75: 1.0, 0.9: 1.0, 1.0: 0.27}))
     assert not graded(_frame({0.0: 1.0, 0.5: 0.97, 0.75: 0.6, 0.9: 0.3, 1.0: 0.27}))  # one point only
     assert graded(_frame({0.0: 1.0, 0.5: 0.93, 0.75: 0.8, 0.9: 0.5, 1.0: 0.27}))
+
+
+def test_mode_accuracy_tells_the_right_class_s_samples_from_a_class_mixture():
+    """True samples name their class; samples of p(y | v) (any class's modes) and the mean at s = 1 do not."""
+    task = ToyTask()
+    g = gen(3)
+    c, v = task.sample_classes(2000, g), task.sample_aux(2000, g)
+    for s in (0.0, 1.0):
+        right = task.nearest_mode_class(task.sample_y(c, v, s, g), v, s) == c
+        mixture = task.nearest_mode_class(task.sample_y(task.sample_classes(2000, g), v, s, g), v, s) == c
+        assert right.float().mean() > 0.99 and abs(mixture.float().mean() - 0.25) < 0.05
+    mean = task.class_means(1.0)[c] + task.aux_means[v]
+    assert abs((task.nearest_mode_class(mean, v, 1.0) == c).float().mean() - 0.25) < 0.05
+
+
+def test_a_grid_without_inner_strengths_says_the_graded_check_needs_the_full_grid():
+    frame = _frame({0.0: 1.0, 1.0: 0.27})
+    assert not any(text.startswith("graded") for text, _ in rtm.acceptance(frame))
+    assert "needs two strengths between 0 and 1" in rtm.report(frame)

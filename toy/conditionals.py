@@ -126,6 +126,15 @@ class ToyTask:
         """E[y | x] = (1 - s) m_c + n_v, shape [N, dy] (x names c and v exactly)."""
         return self.class_means(s)[batch.c] + self.aux_means[batch.v]
 
+    def nearest_mode_class(self, y: Tensor, v: Tensor, s: float) -> Tensor:
+        """``[N]``: the class whose mode ``(1 - s) m_c + n_v +- r_c u_c`` lies nearest to each row of
+        ``y [N, dy]`` (given each row's ``v``): which class a sample names."""
+        signs = torch.tensor([1.0, -1.0])
+        modes = self.class_means(s)[:, None] + signs[None, :, None] * self.radii[:, None, None] * self.mode_dirs[:, None]
+        centres = modes[None] + self.aux_means[v][:, None, None]  # [N, C, 2, dy]
+        dist = (centres - y[:, None, None]).pow(2).sum(-1).flatten(1)  # [N, 2C]
+        return dist.argmin(1) // 2
+
     def bayes_floor(self, s: float = 1.0) -> float:
         """min_f E||f(x) - y||^2 / dy, attained by f(x) = E[y|x]; same for every s."""
         _check_strength(s)

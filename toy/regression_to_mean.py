@@ -11,7 +11,20 @@ are trained on fresh samples of :class:`toy.conditionals.ToyTask` and measured:
 * ``probe_accuracy`` / ``probe_accuracy_untrained``: a linear probe of h(x)
   for the class, trained encoder / the same encoder at initialisation;
 * ``energy_distance``: model samples f(h(x), z) against true samples of
-  p(y | c), per class, averaged over classes.
+  p(y | c), per class, averaged over classes;
+* ``mode_accuracy``: the fraction of those samples whose nearest true mode
+  (given x's auxiliary label) belongs to x's class: whether the samples name
+  the class (chance 1/C).
+
+The checks judge the samples at s = 1 by ``mode_accuracy``, not by the energy
+distance: there every class has mean 0 and only the modes tell the classes
+apart, and a sampler that ignores the class (the class-mixture p(y | v))
+already reaches about the energy distance of a good class-aware one (0.20,
+measured with the task's own samples, against cIMLE's 0.21 and LS's point
+prediction 0.59), because the channel noise blurs every model's samples by
+more than the classes' modes differ in that distance. Energy distance tells a
+point prediction from a spread one; mode accuracy tells whether the spread is
+the right class's.
 
 Least squares uses the decoder with z = 0 (the deterministic predictor it is
 after); it is recorded with k = 1, the cIMLE setting in which selection
@@ -227,13 +240,14 @@ def evaluate(model: Trained, task: ToyTask, s: float, objective: str, seed: int,
     with torch.no_grad():
         test_loss = _objective_loss(objective, model.encoder, model.decoder, test.x, test.y, settings, gen, gen)
         mean_loss = least_squares(_predictive_mean(model, objective, test.x, gen, settings.channel_noise), test.y)
-    energies = []
+    energies, on_mode = [], []
     for c in range(task.config.n_classes):
         labels = torch.full((ENERGY_SAMPLES,), c, dtype=torch.long)
         aux = task.sample_aux(ENERGY_SAMPLES, gen)  # the same v for model and truth: p(y | c) over v
         model_y = _sample_model(model, objective, task.sample_x(labels, aux, gen), gen, settings.channel_noise)
         true_y = task.sample_y(labels, aux, s, gen)  # [n, dy]
         energies.append(energy_distance(model_y, true_y))
+        on_mode.append((task.nearest_mode_class(model_y, aux, s) == c).float().mean())
     return {
         "test_loss": float(test_loss),
         "mean_pred_loss": float(mean_loss),
@@ -241,6 +255,7 @@ def evaluate(model: Trained, task: ToyTask, s: float, objective: str, seed: int,
         "probe_accuracy": _probe(model.encoder, task, s, seed, settings),
         "probe_accuracy_untrained": _probe(model.untrained_encoder, task, s, seed, settings),
         "energy_distance": float(torch.stack(energies).mean()),
+        "mode_accuracy": float(torch.stack(on_mode).mean()),
     }
 
 
@@ -269,7 +284,7 @@ def run_grid(strengths: Sequence[float], seeds: Sequence[int], settings: TrainSe
 # ---- reporting --------------------------------------------------------------
 
 SUMMARY_METRICS = ("test_loss", "mean_pred_loss", "bayes_floor", "probe_accuracy", "probe_accuracy_untrained",
-                   "energy_distance")
+                   "energy_distance", "mode_accuracy")
 
 
 def summarize(frame: pd.DataFrame) -> str:
@@ -297,17 +312,19 @@ def acceptance(frame: pd.DataFrame) -> list[tuple[str, bool]]:
             (f"s=1: LS probe {ls('probe_accuracy'):.3f} <= untrained {ls('probe_accuracy_untrained'):.3f} + 0.10",
              ls("probe_accuracy") <= ls("probe_accuracy_untrained") + 0.10),
             (f"s=1: cIMLE probe {ci('probe_accuracy'):.3f} >= 0.90", ci("probe_accuracy") >= 0.90),
-            (f"s=1: cIMLE energy {ci('energy_distance'):.4f} <= 0.25 x LS {ls('energy_distance'):.4f}",
-             ci("energy_distance") <= 0.25 * ls("energy_distance")),
         ]
+        if ("cimle", 1.0, "mode_accuracy") in mean.index:
+            checks.append((f"s=1: cIMLE samples on their class's modes {ci('mode_accuracy'):.3f} >= 0.90 "
+                           f"(LS {ls('mode_accuracy'):.3f}; chance {1 / frame.n_classes.iloc[0]:.2f})",
+                           ci("mode_accuracy") >= 0.90))
     if 0.0 in strengths:
         for obj in OBJECTIVES:
             acc = mean[(obj, 0.0, "probe_accuracy")]
             checks.append((f"s=0: {obj} probe {acc:.3f} >= 0.90", acc >= 0.90))
-    if {0.0, 1.0} <= strengths:
+    inner = sorted(s for s in strengths if 0.0 < s < 1.0)
+    if {0.0, 1.0} <= strengths and len(inner) >= 2:
         # graded collapse: LS's probe falls through intermediate strengths, not at s = 1 only
         lo, hi = mean[("ls", 1.0, "probe_accuracy")], mean[("ls", 0.0, "probe_accuracy")]
-        inner = sorted(s for s in strengths if 0.0 < s < 1.0)
         graded = [s for s in inner if hi - 0.05 >= mean[("ls", s, "probe_accuracy")] >= lo + 0.05]
         checks.append((f"graded: LS probe >= 0.05 away from both its s=0 ({hi:.3f}) and s=1 ({lo:.3f}) values at "
                        f"s = {graded} (need >= 2)", len(graded) >= 2))
@@ -319,12 +336,16 @@ def acceptance(frame: pd.DataFrame) -> list[tuple[str, bool]]:
 def report(frame: pd.DataFrame) -> str:
     lines = [summarize(frame), "", "acceptance:"]
     lines += [f"  [{'PASS' if ok else 'FAIL'}] {text}" for text, ok in acceptance(frame)]
+    if len([s for s in set(frame.mask_strength) if 0.0 < s < 1.0]) < 2:
+        lines.append("  (the graded collapse needs two strengths between 0 and 1: the full grid, make toy)")
     return "\n".join(lines) + "\n"
 
 
 # ---- command line -----------------------------------------------------------
 
-QUICK = dict(strengths=[0.0, 0.5, 1.0], seeds=3, steps=600)
+# the end strengths at the full grid's training length: every check but the graded collapse's, in about
+# 80 s of CPU time (the graded collapse needs strengths between them)
+QUICK = dict(strengths=[0.0, 1.0], seeds=2, steps=2000)
 DEFAULT = dict(strengths=[0.0, 0.25, 0.5, 0.75, 0.9, 1.0], seeds=5, steps=2000)
 
 

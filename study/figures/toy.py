@@ -1,4 +1,4 @@
-"""The toy figure: probe accuracy and energy distance against mask strength, LS vs cIMLE.
+"""The toy figure: probe accuracy, samples on the class's modes and energy distance against mask strength.
 
 Drawn only from the tidy table that ``toy/regression_to_mean.py`` writes.
 Files are byte-identical across reruns: PNG/PDF metadata carry no date.
@@ -20,17 +20,21 @@ PALETTE = {label: OBJECTIVE_PALETTE[label] for label in ("least squares", "cIMLE
 
 
 def plot_toy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Two panels (probe accuracy, energy distance) vs mask strength; returns the files written."""
+    """Panels vs mask strength (probe accuracy, samples on their class's modes where the table has them,
+    energy distance); returns the files written."""
     out_dir = Path(out_dir)
     frame = frame.assign(objective=frame.objective.map(OBJECTIVE_LABELS).fillna(frame.objective))
-    trained = frame[frame.metric.isin(["probe_accuracy", "energy_distance"])]
+    panels = {"probe_accuracy": "linear probe accuracy of h(x)",
+              "mode_accuracy": "samples on their class's modes",
+              "energy_distance": "energy distance to p(y | c)"}
+    panels = {m: t for m, t in panels.items() if m in set(frame.metric)}
+    trained = frame[frame.metric.isin(list(panels))]
     untrained = frame[frame.metric == "probe_accuracy_untrained"]
     chance = 1.0 / frame["n_classes"].iloc[0]
 
     sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = subplots(1, 2, figsize=(8.0, 3.2))
-    for ax, metric, title in zip(axes, ["probe_accuracy", "energy_distance"],
-                                 ["linear probe accuracy of h(x)", "energy distance to p(y | c)"]):
+    fig, axes = subplots(1, len(panels), figsize=(4.0 * len(panels), 3.2))
+    for ax, (metric, title) in zip(axes, panels.items()):
         sns.lineplot(data=trained[trained.metric == metric], x="mask_strength", y="value", hue="objective",
                      hue_order=list(PALETTE), palette=PALETTE, style="objective", markers=True, dashes=False,
                      errorbar="sd", ax=ax)
@@ -42,7 +46,12 @@ def plot_toy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     probe_ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"chance (1/{round(1 / chance)})")
     probe_ax.set(ylim=(0, 1.02), ylabel="accuracy")
     probe_ax.legend(title=None, fontsize=8, loc="center left")
-    axes[1].set(ylim=(0, None), ylabel="energy distance (lower is better)")
+    for ax, metric in zip(axes, panels):
+        if metric == "mode_accuracy":
+            ax.axhline(chance, color="black", linestyle=":", linewidth=1)
+            ax.set(ylim=(0, 1.02), ylabel="fraction of samples")
+        elif metric == "energy_distance":
+            ax.set(ylim=(0, None), ylabel="energy distance (lower is better)")
     fig.tight_layout()
 
     paths = save_figure(fig, out_dir, FIGURE_NAME, bbox_inches="tight")
