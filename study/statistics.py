@@ -55,7 +55,7 @@ def paired_differences(table: pd.DataFrame, baseline: str = "ls", *, level: floa
     rows = rows.assign(objective=objective_variants(rows))
     keys = [k for k in PAIR_KEYS if k in rows.columns]
     # missing keys (e.g. no filter for random masks) must still group together
-    rows = rows.assign(**{k: rows[k].fillna("-") for k in keys})
+    rows = rows.assign(**{k: rows[k].astype(object).fillna("-") for k in keys})
     wide = rows.pivot_table(index=keys + ["seed"], columns="objective", values="value", aggfunc="first")
     if baseline not in wide.columns:
         raise ValueError(f"no {baseline!r} rows to pair with; objectives present: {sorted(wide.columns)}")

@@ -4,6 +4,7 @@ import itertools
 
 import pandas as pd
 import pytest
+from pathlib import Path
 
 from study.figures import studies
 from study.figures.__main__ import main as figures_main
@@ -108,3 +109,17 @@ def test_figures_draw_text_with_matplotlib_s_own_fonts():
     for weight in ("normal", "bold"):
         found = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight=weight))
         assert Path(found).is_relative_to(bundled), found
+
+
+def test_the_readme_table_is_the_headline_of_the_committed_tables(tmp_path):
+    """The README's results table is generated: headline_markdown of the committed results, verbatim."""
+    from study.figures.headline import headline_markdown, headline_rows
+
+    root = Path(__file__).resolve().parents[1]
+    rows = headline_rows(root / "results")
+    table = headline_markdown(rows)
+    assert table in (root / "README.md").read_text()
+    assert table == (root / "figures" / "headline.md").read_text()
+    toy = rows[rows.rung.str.startswith("toy")].iloc[0]
+    assert toy["diff"] == pytest.approx(toy["cimle"] - toy["ls"])  # paired over the same seeds: the means' difference
+    assert list(rows.variant) == ["one z per example", "per token", "per image", "per token", "per image"]

@@ -8,6 +8,8 @@
   (``make experiments``)
 * same-mean synthetic images (mean shift, mask ratio, cue-to-distractor trade-off): one
   table, ``results/synthetic_cpu.csv`` (``make experiments-synthetic``)
+* headline (the ladder side by side, and the README's table ``headline.md``): the toy, synthetic and
+  efficiency tables
 * synthetic samples: the small committed checkpoints ``results/checkpoints/synthetic_hidden_*.pt``
   (``experiments/synthetic_completion.py --checkpoints``)
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from study.figures import studies, synthetic
+from study.figures.headline import write_headline
 from study.figures.masks import plot_mask_examples
 from study.figures.samples import redraw
 from study.figures.toy import plot_toy
@@ -93,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs.update({sweep: _study(sweep, kind) for sweep, kind in STUDIES.items()})
     jobs.update({name: _synthetic(name, kind) for name, kind in SYNTHETIC.items()})
     jobs["synthetic_samples"] = _synthetic_samples
+    jobs["headline"] = write_headline
     skipped = []
     for name, draw in jobs.items():
         start = time.perf_counter()
