@@ -250,3 +250,43 @@ def test_true_completions_are_found_by_the_oracle_and_keep_the_visible_patches()
                              to_generator_layout(true, cfg.model.patch_size, cfg.model.in_chans), m, batch.labels)
     assert float(res["precision"].mean()) == 1.0 and float(res["recall"].mean()) > 0.9
     assert sample_diversity(true, m) > 1.0
+
+
+# --------------------------------------------------------------------------- class-axis figure
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_class_axis_projections_put_the_truth_on_its_modes_and_the_wrong_class_at_zero(in_chans):
+    from study.data import build_eval_datasets
+    from study.evaluation.context_completion import synthetic_generator, true_completions
+    from study.figures.synthetic_axes import axis_projections
+
+    cfg = tiny("ls", f"model.in_chans={in_chans}")
+    dataset = build_eval_datasets(cfg)[1]
+    gen = synthetic_generator(cfg, dataset)
+    batch = fixed_batch(cfg, 8, 0, dataset)
+    true = true_completions(gen, dataset, batch, 4)  # model layout: a wrong layout would blur both
+    own, other = axis_projections(gen, true, batch.labels, batch.mask)
+    masked = int(batch.mask.sum())
+    assert own.shape == (4 * masked,) and other.shape == (4 * masked * (gen.num_classes - 1),)
+    assert ((own.abs() - gen.cue).abs() < 4 * gen.noise_std).all()  # +-cue plus the noise
+    assert (other.abs() < 4 * gen.noise_std).all()
+    own_wrong, _ = axis_projections(gen, true, 1 - batch.labels, batch.mask)  # two classes: the other one
+    assert (own_wrong.abs() < 4 * gen.noise_std).all()
+
+
+def test_class_axis_figure_is_identical_on_rerun_and_refuses_other_data(tmp_path):
+    from study.figures.synthetic_axes import main as axes_main
+
+    ckpts = [str(weights_only(tmp_path, o)) for o in ("ls", "cimle")]
+    for out in ("a", "b"):
+        assert axes_main(["--checkpoints", *ckpts, "--out", str(tmp_path / out)]) == 0
+    for ext in ("png", "pdf"):
+        a, b = (tmp_path / d / f"synthetic_class_axis.{ext}" for d in ("a", "b"))
+        assert a.stat().st_size > 1000 and a.read_bytes() == b.read_bytes()
+    cfg = tiny("cimle", "data.synthetic.classes=3")
+    other = tmp_path / "other.pt"
+    torch.save({"model": build_models(cfg, {}, "study", ("random",))["random"].state_dict(),
+                "config": config_to_dict(cfg), "epoch": 0}, other)
+    with pytest.raises(ValueError, match="data.synthetic"):
+        axes_main(["--checkpoints", ckpts[0], str(other), "--out", str(tmp_path)])

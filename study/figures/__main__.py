@@ -10,7 +10,8 @@
   table, ``results/synthetic_cpu.csv`` (``make experiments-synthetic``)
 * headline (the ladder side by side, and the README's table ``headline.md``): the toy, synthetic and
   efficiency tables
-* synthetic samples: the small committed checkpoints ``results/checkpoints/synthetic_hidden_*.pt``
+* synthetic class axis (where each masked patch's samples lie on its class's axis): the small committed
+  checkpoints ``results/checkpoints/synthetic_hidden_*.pt``
   (``experiments/synthetic_completion.py --checkpoints``)
 
 A figure whose stored results are missing is reported and skipped (exit
@@ -25,10 +26,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from study.figures import studies, synthetic
+from study.figures import studies, synthetic, synthetic_axes
 from study.figures.headline import write_headline
 from study.figures.masks import plot_mask_examples
-from study.figures.samples import redraw
 from study.figures.toy import plot_toy
 from study.results import read_results
 from study.runtime import cpu_threads
@@ -72,14 +72,14 @@ def _synthetic(name: str, kind: str) -> Callable[[Path, Path], list[Path]]:
     return draw
 
 
-def _synthetic_samples(results: Path, out: Path) -> list[Path]:
-    """LS's mean beside per-token cIMLE's modes on the same-mean synthetic images."""
+def _synthetic_class_axis(results: Path, out: Path) -> list[Path]:
+    """LS's mean beside per-token cIMLE's samples, on the class axis of the same-mean synthetic images."""
     checkpoints = [results / "checkpoints" / f"synthetic_hidden_{obj}.pt" for obj in ("ls", "cimle_token")]
     missing = [str(p) for p in checkpoints if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
     with cpu_threads(1):
-        return redraw(checkpoints, out, prefix="synthetic_samples")
+        return synthetic_axes.redraw(checkpoints, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs: dict[str, Callable[[Path, Path], list[Path]]] = {"toy": _toy, "masks": _masks}
     jobs.update({sweep: _study(sweep, kind) for sweep, kind in STUDIES.items()})
     jobs.update({name: _synthetic(name, kind) for name, kind in SYNTHETIC.items()})
-    jobs["synthetic_samples"] = _synthetic_samples
+    jobs["synthetic_class_axis"] = _synthetic_class_axis
     jobs["headline"] = write_headline
     skipped = []
     for name, draw in jobs.items():
@@ -104,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = draw(results, out)
         except FileNotFoundError as exc:
             skipped.append(name)
-            print(f"{name:18s} SKIPPED: {exc}", file=sys.stderr)
+            print(f"{name:20s} SKIPPED: {exc}", file=sys.stderr)
             continue
-        print(f"{name:18s} {time.perf_counter() - start:5.1f} s  " + " ".join(str(p) for p in paths))
+        print(f"{name:20s} {time.perf_counter() - start:5.1f} s  " + " ".join(str(p) for p in paths))
     if skipped:
         print(f"skipped {len(skipped)} figure(s) for lack of stored results: {', '.join(skipped)} "
               "(toy: make toy; studies: make experiments)", file=sys.stderr)

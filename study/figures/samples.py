@@ -35,7 +35,7 @@ from study.evaluation.setup import load_models
 from study.figures.common import OBJECTIVE_LABELS, save_figure
 from study.runtime import cpu_threads
 
-__all__ = ["plot_samples", "draw_samples", "plot_comparison", "redraw", "main"]
+__all__ = ["plot_samples", "draw_samples", "plot_comparison", "completion_mismatches", "redraw", "main"]
 
 MASK_COLOR = (0.80, 0.86, 0.93)  # masked patches in the "masked" column
 OUTLINE_COLOR = "#2b8cbe"  # edge of the masked region on the output panels
@@ -185,7 +185,7 @@ def plot_comparison(entries: Sequence[tuple[str, object, Tensor]], batch, out_di
 # --------------------------------------------------------------------------- from checkpoints
 
 
-def _comparable(cfg_a, cfg_b) -> list[str]:
+def completion_mismatches(cfg_a, cfg_b) -> list[str]:
     """Fields that must agree for two checkpoints to complete the same images and masks."""
     diffs = []
     da, db = dataclasses.asdict(cfg_a.data), dataclasses.asdict(cfg_b.data)
@@ -215,7 +215,7 @@ def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *
     loaded = [load_models(c) for c in checkpoints]
     cfg0 = loaded[0][0]
     for path, (cfg, _, _) in zip(checkpoints[1:], loaded[1:]):
-        diffs = _comparable(cfg0, cfg)
+        diffs = completion_mismatches(cfg0, cfg)
         if diffs:
             raise ValueError(f"{path} does not complete the same images as {checkpoints[0]}: " + "; ".join(diffs))
     batch = sampling.fixed_batch(cfg0, sampling.DIVERSITY_IMAGES, seed)
