@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.config import config_to_dict, load_config  # noqa: E402
+from study.checkpoint import save_weights_only  # noqa: E402
+from study.config import load_config  # noqa: E402
 from study.data import build_eval_datasets  # noqa: E402
 from study.evaluation import samples as sampling  # noqa: E402
 from study.evaluation.context_completion import (completion_protocol, synthetic_generator,  # noqa: E402
@@ -82,10 +83,7 @@ def main(argv=None) -> int:
         rows.append({**base, "encoder": "pretrained", "metric": "true_diversity", "value": true})
         print(f"{ckpt}: diversity {div:.3f} (true {true:.3f})")
         if args.checkpoints and cfg.seed == 0:
-            out = Path("results/checkpoints") / f"synthetic_hidden_{variant}.pt"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": state["model"], "config": config_to_dict(cfg), "epoch": state.get("epoch"),
-                        "train_seconds": state.get("train_seconds")}, out)
+            save_weights_only(Path("results/checkpoints") / f"synthetic_hidden_{variant}.pt", state)
     write_results(args.out, pd.DataFrame(rows))
     print("wrote", args.out)
     return 0

@@ -35,7 +35,7 @@ from study.errors import UserError, one_line
 from study.io import atomic_write
 from study.runtime import Dist
 
-__all__ = ["CHECKPOINT", "INTEGRITY", "CheckpointError", "save_checkpoint", "load_checkpoint", "state_digest",
+__all__ = ["CHECKPOINT", "INTEGRITY", "CheckpointError", "save_checkpoint", "save_weights_only", "load_checkpoint", "state_digest",
            "require_finite", "config_diff", "resume_diffs", "rng_state", "set_rng_state", "gathered_rng_states"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -56,6 +56,16 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     body = {key: value for key, value in state.items() if key != INTEGRITY}
     record = {**body, INTEGRITY: state_digest(body)}
     atomic_write(path, lambda tmp: torch.save(record, tmp))
+
+
+WEIGHTS_ONLY_KEYS = ("model", "config", "epoch", "train_seconds")
+
+
+def save_weights_only(path: str | Path, state: dict) -> None:
+    """A small copy of a training checkpoint for evaluation and figures: its weights, config, epoch and
+    training time, without optimizer, scaler or RNG state (what ``results/checkpoints/`` holds)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {key: state.get(key) for key in WEIGHTS_ONLY_KEYS})
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -290,3 +290,59 @@ def test_class_axis_figure_is_identical_on_rerun_and_refuses_other_data(tmp_path
                 "config": config_to_dict(cfg), "epoch": 0}, other)
     with pytest.raises(ValueError, match="data.synthetic"):
         axes_main(["--checkpoints", ckpts[0], str(other), "--out", str(tmp_path)])
+
+
+# --------------------------------------------------------------------------- completions of real images
+
+
+def test_nearest_visible_completions_find_the_image_itself_and_keep_its_visible_patches():
+    from study.figures.completions import nearest_visible_completions
+
+    cfg, model = tiny_model("ls")
+    batch = fixed_batch(cfg, 6, 0)
+    others = torch.randn(30, *batch.images.shape[1:])
+    train = torch.cat([others, batch.images])  # every image is its own nearest neighbour
+    out = nearest_visible_completions(model, train, batch, 3)  # [3, B, N, D]
+    own = model.patchify(batch.images)
+    assert out.shape == (3, *own.shape)
+    assert torch.equal(out[0], own)
+    assert torch.equal(out[:, ~batch.mask], own[~batch.mask].expand(3, *own[~batch.mask].shape))
+    assert not torch.equal(out[1][batch.mask], own[batch.mask])  # the others are other images
+
+
+def test_completions_figure_is_identical_on_rerun_and_names_every_diversity(tmp_path, monkeypatch):
+    from study.figures import completions
+
+    titles = []
+    plot = completions.plot_comparison
+    monkeypatch.setattr(completions, "plot_comparison",
+                        lambda *a, title, **kw: titles.append(title) or plot(*a, title=title, **kw))
+    ckpts = [str(weights_only(tmp_path, o)) for o in ("ls", "cimle", "mvae")]
+    for out in ("a", "b"):
+        assert completions.main(["--checkpoints", *ckpts, "--out", str(tmp_path / out)]) == 0
+    for ext in ("png", "pdf"):
+        a, b = (tmp_path / d / f"mnist_completions.{ext}" for d in ("a", "b"))
+        assert a.stat().st_size > 1000 and a.read_bytes() == b.read_bytes()
+    assert titles[0] == titles[1]
+    for part in ("data ", "LS 0.00", "cIMLE-i ", "MVAE "):
+        assert part in titles[0], titles[0]
+
+
+def test_mnist_completions_keeps_weights_only_copies_of_every_variant(tmp_path, capsys):
+    from experiments import mnist_completions as script
+    from study.evaluation.setup import load_models
+    from study.train import pretrain
+
+    runs = tmp_path / "runs"
+    assert script.main(["--runs", str(runs), "--out", str(tmp_path / "ck")]) == 2
+    assert capsys.readouterr().err.startswith("error: no run of ls, cimle_token, cimle_image, mvae")
+    variants = {"ls": ["objective=ls"], "cimle_token": ["objective=cimle", "cimle.select=token", "noise.scope=token", "noise.block=head"],
+                "cimle_image": ["objective=cimle"], "mvae": ["objective=mvae"]}
+    for name, overrides in variants.items():
+        pretrain(tiny(overrides[0].split("=")[1], "epochs=1", *overrides[1:]), runs / name / "run", progress=False)
+    assert script.main(["--runs", str(runs), "--out", str(tmp_path / "ck"), "--results", str(tmp_path / "none.csv")]) == 0
+    for name in variants:
+        cfg, state, models = load_models(tmp_path / "ck" / f"mnist_{name}.pt")
+        _, run_state, _ = load_models(runs / name / "run" / "checkpoint.pt", which=())
+        assert script.variant(cfg) == name and set(state) <= {"model", "config", "epoch", "train_seconds"}
+        assert all(torch.equal(state["model"][k], run_state["model"][k]) for k in run_state["model"])

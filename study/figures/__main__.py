@@ -13,6 +13,8 @@
 * synthetic class axis (where each masked patch's samples lie on its class's axis): the small committed
   checkpoints ``results/checkpoints/synthetic_hidden_*.pt``
   (``experiments/synthetic_completion.py --checkpoints``)
+* MNIST completions at ratio 0.9 (every objective, with sample diversity against the data's): the
+  committed checkpoints ``results/checkpoints/mnist_*.pt`` (``make completions``)
 
 A figure whose stored results are missing is reported and skipped (exit
 status 1 at the end), so one missing table does not hide the others.
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from study.figures import studies, synthetic, synthetic_axes
+from study.figures import completions, studies, synthetic, synthetic_axes
 from study.figures.headline import write_headline
 from study.figures.masks import plot_mask_examples
 from study.figures.toy import plot_toy
@@ -82,6 +84,16 @@ def _synthetic_class_axis(results: Path, out: Path) -> list[Path]:
         return synthetic_axes.redraw(checkpoints, out)
 
 
+def _mnist_completions(results: Path, out: Path) -> list[Path]:
+    """Every objective's completions of real digits at ratio 0.9, with their diversity against the data's."""
+    checkpoints = [results / "checkpoints" / f"mnist_{v}.pt" for v in ("ls", "cimle_token", "cimle_image", "mvae")]
+    missing = [str(p) for p in checkpoints if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no checkpoint at {', '.join(missing)} (make completions)")
+    with cpu_threads(1):
+        return completions.redraw(checkpoints, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.figures", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="folder of stored results (default: results)")
@@ -96,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs.update({sweep: _study(sweep, kind) for sweep, kind in STUDIES.items()})
     jobs.update({name: _synthetic(name, kind) for name, kind in SYNTHETIC.items()})
     jobs["synthetic_class_axis"] = _synthetic_class_axis
+    jobs["mnist_completions"] = _mnist_completions
     jobs["headline"] = write_headline
     skipped = []
     for name, draw in jobs.items():

@@ -163,19 +163,21 @@ def draw_samples(drawing: sampling.SamplesDrawing, out_dir: str | Path) -> list[
 
 
 def plot_comparison(entries: Sequence[tuple[str, object, Tensor]], batch, out_dir: str | Path,
-                    name: str = "samples_comparison") -> list[Path]:
-    """Several checkpoints on the same images and masks: ``entries = [(label, model, patches)]``."""
+                    name: str = "samples_comparison", title: str | None = None) -> list[Path]:
+    """Several checkpoints on the same images and masks: ``entries = [(label, model, patches)]``;
+    ``title`` replaces the one naming each entry's output count."""
     if not entries:
         raise ValueError("plot_comparison needs at least one checkpoint")
     cols: list[tuple[str, Tensor]] = []
     for label, model, patches in entries:
         cols += _output_columns(model.objective, patches, model, label)
     model0 = entries[0][1]
-    title = ("Completions of the same masked images: "
-             + ", ".join(f"{label or SHORT_LABELS.get(m.objective, m.objective)} "
-                         f"({'1 output' if m.objective == 'ls' else f'{p.shape[0]} samples'})"
-                         for label, m, p in entries)
-             + " - masked patches (blue edges) from the model, the rest pasted from the input")
+    if title is None:
+        title = ("Completions of the same masked images: "
+                 + ", ".join(f"{label or SHORT_LABELS.get(m.objective, m.objective)} "
+                             f"({'1 output' if m.objective == 'ls' else f'{p.shape[0]} samples'})"
+                             for label, m, p in entries)
+                 + " - masked patches (blue edges) from the model, the rest pasted from the input")
     with matplotlib.rc_context({"svg.hashsalt": name, "pdf.fonttype": 42}):
         fig = _grid_figure(batch.images, batch.mask, batch.labels, cols, model0.patch_size, title,
                            _norm(model0.in_chans))
