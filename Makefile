@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test rehearsal figures toy experiments experiments-mnist experiments-synthetic completions reports bench clean-venv
+.PHONY: setup test rehearsal figures toy experiments experiments-mnist experiments-synthetic completions k-axis reports bench clean-venv
 
 setup: $(STAMP)
 
@@ -60,6 +60,15 @@ experiments-synthetic: $(STAMP)
 completions: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/mnist_completions_cpu.yaml --no-report
 	$(BIN)/python experiments/mnist_completions.py
+	$(BIN)/python -m study.figures --results results --out figures
+
+# The k axis (not part of `make experiments`): cIMLE with k in {1, 2, 4, 8, 32}, per token and per
+# image, against LS on the same decoder, on MNIST at ratio 0.9 (5 seeds) and on the synthetic images'
+# default point (3 seeds); then the latent-swap diagnostic of every run and every figure.
+k-axis: $(STAMP)
+	$(BIN)/python -m study sweep experiments/sweeps/k_axis_cpu.yaml --no-report
+	$(BIN)/python -m study sweep experiments/sweeps/k_axis_synthetic_cpu.yaml --no-report
+	$(BIN)/python experiments/latent_swap.py
 	$(BIN)/python -m study.figures --results results --out figures
 
 # The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.

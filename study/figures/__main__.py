@@ -13,6 +13,8 @@
 * synthetic class axis (where each masked patch's samples lie on its class's axis): the small committed
   checkpoints ``results/checkpoints/synthetic_hidden_*.pt``
   (``experiments/synthetic_completion.py --checkpoints``)
+* k axis (cIMLE's k on MNIST and the synthetic images, with the latent-swap diagnostic, and its
+  table ``k_axis.md``): ``results/k_axis_{cpu,synthetic_cpu,latent_swap}.csv`` (``make k-axis``)
 * MNIST completions at ratio 0.9 (every objective, with sample diversity against the data's): the
   committed checkpoints ``results/checkpoints/mnist_*.pt`` (``make completions``)
 
@@ -30,6 +32,7 @@ from typing import Callable, Sequence
 
 from study.figures import completions, studies, synthetic, synthetic_axes
 from study.figures.headline import write_headline
+from study.figures.k_axis import write_k_axis
 from study.figures.masks import plot_mask_examples
 from study.figures.toy import plot_toy
 from study.results import read_results
@@ -109,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs.update({name: _synthetic(name, kind) for name, kind in SYNTHETIC.items()})
     jobs["synthetic_class_axis"] = _synthetic_class_axis
     jobs["mnist_completions"] = _mnist_completions
+    jobs["k_axis"] = write_k_axis
     jobs["headline"] = write_headline
     skipped = []
     for name, draw in jobs.items():
@@ -122,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:20s} {time.perf_counter() - start:5.1f} s  " + " ".join(str(p) for p in paths))
     if skipped:
         print(f"skipped {len(skipped)} figure(s) for lack of stored results: {', '.join(skipped)} "
-              "(toy: make toy; studies: make experiments)", file=sys.stderr)
+              "(toy: make toy; studies: make experiments; k axis: make k-axis; completions: make completions)",
+              file=sys.stderr)
         return 1
     return 0
 
