@@ -95,6 +95,7 @@ __all__ = [
     "check_images",
     "DataError",
     "dataset_channels",
+    "dataset_items",
     "eval_transform",
     "train_transform",
     "load_mnist",
@@ -237,6 +238,14 @@ class TensorImageDataset(Dataset):
 
 
 # =========================================================================== the entry points
+
+
+def dataset_items(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [n, C, H, W] float32, labels [n] int64)`` of ``dataset[indices]``, in one call where
+    the dataset fetches batches (``__getitems__``)."""
+    items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
+    images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
+    return images, torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
 
 
 def dataset_channels(name: str, in_chans: int) -> int:

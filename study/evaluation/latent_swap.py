@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from study.data import dataset_items
 from study.masking import build_mask_generator, mask_indices
 from study.methods.base import Context
 
@@ -25,11 +26,6 @@ __all__ = ["latent_swap", "BATCH", "REPEATS", "SEED"]
 BATCH = 250  # images per shared mask
 REPEATS = 4  # masks per batch
 SEED = 0
-
-
-def _images(dataset, indices: list[int]) -> torch.Tensor:
-    items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
-    return torch.stack([torch.as_tensor(x) for x, _ in items]).float()
 
 
 @torch.no_grad()
@@ -50,7 +46,7 @@ def latent_swap(model, cfg, dataset, *, batch_size: int = BATCH, repeats: int = 
             indices = list(range(start, min(start + batch_size, len(dataset))))
             if len(indices) < 2:  # a lone image has no other to borrow from
                 break
-            imgs = _images(dataset, indices)
+            imgs = dataset_items(dataset, indices)[0]
             target = model.target(imgs)
             for _ in range(repeats):
                 mask = masks(1, generator=mask_gen).repeat(len(indices), 1)  # [B, N], one mask for all

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from study.data import build_eval_datasets
+from study.data import build_eval_datasets, dataset_items
 from study.masking import build_mask_generator
 
 __all__ = [
@@ -79,9 +79,7 @@ def fixed_batch(cfg, n: int, seed: int = SEED, dataset=None) -> SampleBatch:
     if n < 1:
         raise ValueError("need at least one image")
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    items = dataset.__getitems__(idx.tolist()) if hasattr(dataset, "__getitems__") else [dataset[i] for i in idx]
-    images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
-    labels = torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+    images, labels = dataset_items(dataset, idx.tolist())
     grid = cfg.patch_grid
     mask = build_mask_generator(cfg.mask, grid)(n, generator=torch.Generator().manual_seed(seed + 1))
     return SampleBatch(images, labels, mask, idx)

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from study.data import build_eval_datasets
+from study.data import build_eval_datasets, dataset_items
 from study.evaluation import samples as sampling
 from study.evaluation.setup import load_models
 from study.figures.samples import completion_mismatches, plot_comparison
@@ -42,11 +42,6 @@ LONG = {"LS": "least squares", "cIMLE-t": "cIMLE per token", "cIMLE-i": "cIMLE o
 def _short_label(cfg) -> str:
     select = cfg.cimle.select if cfg.objective == "cimle" else None
     return SHORT.get((cfg.objective, select), cfg.objective)
-
-
-def _all_images(dataset) -> Tensor:
-    items = dataset.__getitems__(list(range(len(dataset)))) if hasattr(dataset, "__getitems__") else list(dataset)
-    return torch.stack([torch.as_tensor(x) for x, _ in items]).float()
 
 
 def nearest_visible_completions(model, train_images: Tensor, batch: sampling.SampleBatch, k: int) -> Tensor:
@@ -83,7 +78,7 @@ def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *
         patches = sampling.model_samples(model, batch, k, seed)  # [k, B, N, D]
         diversity[label] = sampling.sample_diversity(patches, batch.mask)
         entries.append((label, model, patches[:shown, :sampling.SHOWN_IMAGES]))
-    data = nearest_visible_completions(loaded[0][2]["pretrained"], _all_images(train), batch, k)
+    data = nearest_visible_completions(loaded[0][2]["pretrained"], dataset_items(train, list(range(len(train))))[0], batch, k)
     data_diversity = sampling.sample_diversity(data, batch.mask)
     title = (f"{cfg0.data.name}, mask ratio {cfg0.mask.ratio:g}, {cfg0.epochs} epochs: "
              + ", ".join(f"{label} = {LONG.get(label, label)}" for label in diversity)

@@ -44,6 +44,8 @@ def _variant_rows(table: pd.DataFrame, select: str) -> tuple[pd.DataFrame, pd.Da
     table = table.assign(noise_block=table.noise_block.astype(str))
     cimle = table[(table.objective == "cimle") & (table.cimle_select == select)]
     blocks = set(cimle.noise_block)
+    if not blocks:  # a sweep still running: the variant has no rows yet
+        return cimle, cimle
     if len(blocks) != 1:
         raise ValueError(f"cIMLE {select} runs on {len(blocks)} decoders ({sorted(blocks)}); expected one")
     ls = table[(table.objective == "ls") & (table.noise_block == blocks.pop())]
@@ -53,6 +55,8 @@ def _variant_rows(table: pd.DataFrame, select: str) -> tuple[pd.DataFrame, pd.Da
 def _paired_by_k(cimle: pd.DataFrame, ls: pd.DataFrame, scale: float) -> list[dict]:
     base = ls.groupby("seed").value.first()
     rows = []
+    if not len(base):
+        return rows
     for k, group in cimle.groupby("k"):
         own = group.groupby("seed").value.first()
         seeds = own.index.intersection(base.index)
