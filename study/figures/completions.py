@@ -29,7 +29,7 @@ from torch import Tensor
 from study.data import build_eval_datasets, dataset_items
 from study.evaluation import samples as sampling
 from study.evaluation.setup import load_models
-from study.figures.samples import completion_mismatches, plot_comparison
+from study.figures.samples import load_comparable, plot_comparison
 from study.runtime import cpu_threads
 
 __all__ = ["nearest_visible_completions", "redraw", "main"]
@@ -61,14 +61,8 @@ def nearest_visible_completions(model, train_images: Tensor, batch: sampling.Sam
 def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *, shown: int = 4,
            seed: int = sampling.SEED, name: str = "mnist_completions") -> list[Path]:
     """The figure for ``checkpoints`` (same data, model shape and mask), on the first one's images and masks."""
-    if not checkpoints:
-        raise ValueError("no checkpoint given")
-    loaded = [load_models(c) for c in checkpoints]
+    loaded = load_comparable(checkpoints)
     cfg0 = loaded[0][0]
-    for path, (cfg, _, _) in zip(checkpoints[1:], loaded[1:]):
-        diffs = completion_mismatches(cfg0, cfg)
-        if diffs:
-            raise ValueError(f"{path} does not complete the same images as {checkpoints[0]}: " + "; ".join(diffs))
     train, val = build_eval_datasets(cfg0)
     batch = sampling.fixed_batch(cfg0, sampling.DIVERSITY_IMAGES, seed, val)
     k = sampling.MAX_SAMPLES

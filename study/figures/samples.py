@@ -35,7 +35,7 @@ from study.evaluation.setup import load_models
 from study.figures.common import OBJECTIVE_LABELS, save_figure
 from study.runtime import cpu_threads
 
-__all__ = ["plot_samples", "draw_samples", "plot_comparison", "completion_mismatches", "redraw", "main"]
+__all__ = ["plot_samples", "draw_samples", "plot_comparison", "completion_mismatches", "load_comparable", "redraw", "main"]
 
 MASK_COLOR = (0.80, 0.86, 0.93)  # masked patches in the "masked" column
 OUTLINE_COLOR = "#2b8cbe"  # edge of the masked region on the output panels
@@ -201,6 +201,19 @@ def completion_mismatches(cfg_a, cfg_b) -> list[str]:
     return diffs
 
 
+def load_comparable(checkpoints: Sequence[str | Path]) -> list:
+    """``load_models`` of every checkpoint; ValueError unless all complete the first one's images."""
+    if not checkpoints:
+        raise ValueError("no checkpoint given")
+    loaded = [load_models(c) for c in checkpoints]
+    cfg0 = loaded[0][0]
+    for path, (cfg, _, _) in zip(checkpoints[1:], loaded[1:]):
+        diffs = completion_mismatches(cfg0, cfg)
+        if diffs:
+            raise ValueError(f"{path} does not complete the same images as {checkpoints[0]}: " + "; ".join(diffs))
+    return loaded
+
+
 def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *, comparison: bool = True,
            seed: int | None = None, n_shown: int | None = None, max_samples: int | None = None,
            device: str = "cpu", prefix: str = "samples") -> list[Path]:
@@ -212,14 +225,8 @@ def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *
     seed = sampling.SEED if seed is None else seed
     n_shown = sampling.SHOWN_IMAGES if n_shown is None else n_shown
     max_samples = sampling.MAX_SAMPLES if max_samples is None else max_samples
-    if not checkpoints:
-        raise ValueError("no checkpoint given")
-    loaded = [load_models(c) for c in checkpoints]
+    loaded = load_comparable(checkpoints)
     cfg0 = loaded[0][0]
-    for path, (cfg, _, _) in zip(checkpoints[1:], loaded[1:]):
-        diffs = completion_mismatches(cfg0, cfg)
-        if diffs:
-            raise ValueError(f"{path} does not complete the same images as {checkpoints[0]}: " + "; ".join(diffs))
     batch = sampling.fixed_batch(cfg0, sampling.DIVERSITY_IMAGES, seed)
     shown = batch.head(n_shown)
     objectives = [cfg.objective for cfg, _, _ in loaded]

@@ -33,7 +33,7 @@ from study.evaluation import samples as sampling
 from study.evaluation.context_completion import synthetic_generator, true_completions
 from study.evaluation.setup import load_models
 from study.figures.common import OBJECTIVE_LABELS, save_figure, subplots
-from study.figures.samples import completion_mismatches
+from study.figures.samples import load_comparable
 from study.runtime import cpu_threads
 
 __all__ = ["axis_projections", "class_axis_figure", "redraw", "main"]
@@ -94,14 +94,8 @@ def class_axis_figure(panels: Sequence[tuple[str, str, Tensor, Tensor]], cue: fl
 def redraw(checkpoints: Sequence[str | Path], out_dir: str | Path = "figures", *, seed: int = sampling.SEED,
            name: str = "synthetic_class_axis") -> list[Path]:
     """The figure for ``checkpoints`` (synthetic-data runs), all on the first one's images and masks."""
-    if not checkpoints:
-        raise ValueError("no checkpoint given")
-    loaded = [load_models(c) for c in checkpoints]
+    loaded = load_comparable(checkpoints)
     cfg0 = loaded[0][0]
-    for path, (cfg, _, _) in zip(checkpoints[1:], loaded[1:]):
-        diffs = completion_mismatches(cfg0, cfg)
-        if diffs:
-            raise ValueError(f"{path} does not complete the same images as {checkpoints[0]}: " + "; ".join(diffs))
     dataset = build_eval_datasets(cfg0)[1]  # the validation split: the batch's images and their truth
     generator = synthetic_generator(cfg0, dataset)
     batch = sampling.fixed_batch(cfg0, sampling.DIVERSITY_IMAGES, seed, dataset)
