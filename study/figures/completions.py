@@ -28,7 +28,6 @@ from torch import Tensor
 
 from study.data import build_eval_datasets, dataset_items
 from study.evaluation import samples as sampling
-from study.evaluation.setup import load_models
 from study.figures.samples import load_comparable, plot_comparison
 from study.runtime import cpu_threads
 

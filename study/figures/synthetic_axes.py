@@ -31,7 +31,6 @@ from torch import Tensor
 from study.data import build_eval_datasets
 from study.evaluation import samples as sampling
 from study.evaluation.context_completion import synthetic_generator, true_completions
-from study.evaluation.setup import load_models
 from study.figures.common import OBJECTIVE_LABELS, save_figure, subplots
 from study.figures.samples import load_comparable
 from study.runtime import cpu_threads
