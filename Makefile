@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test rehearsal figures toy experiments experiments-mnist experiments-synthetic completions k-axis reports bench clean-venv
+.PHONY: setup test rehearsal figures toy experiments experiments-mnist experiments-synthetic completions k-axis training-length reports bench clean-venv
 
 setup: $(STAMP)
 
@@ -69,6 +69,12 @@ k-axis: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/k_axis_cpu.yaml --no-report
 	$(BIN)/python -m study sweep experiments/sweeps/k_axis_synthetic_cpu.yaml --no-report
 	$(BIN)/python experiments/latent_swap.py
+	$(BIN)/python -m study.figures --results results --out figures
+
+# Training length (not part of `make experiments`): LS, cIMLE per image and per-token cIMLE for the
+# full recipe's 150 epochs at mask ratio 0.75 and 0.9, 5 seeds, every snapshot evaluated; then every figure.
+training-length: $(STAMP)
+	$(BIN)/python -m study sweep experiments/sweeps/training_length_cpu.yaml --no-report
 	$(BIN)/python -m study.figures --results results --out figures
 
 # The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.

@@ -15,6 +15,9 @@
   (``experiments/synthetic_completion.py --checkpoints``)
 * k axis (cIMLE's k on MNIST and the synthetic images, with the latent-swap diagnostic, and its
   table ``k_axis.md``): ``results/k_axis_{cpu,synthetic_cpu,latent_swap}.csv`` (``make k-axis``)
+* training length (LS and both cIMLE variants for 150 epochs at ratios 0.75 and 0.9, paired
+  differences at every snapshot, and its table ``training_length.md``):
+  ``results/training_length_cpu.csv`` (``make training-length``)
 * MNIST completions at ratio 0.9 (every objective, with sample diversity against the data's): the
   committed checkpoints ``results/checkpoints/mnist_*.pt`` (``make completions``)
 
@@ -35,6 +38,7 @@ from study.figures.headline import write_headline
 from study.figures.k_axis import write_k_axis
 from study.figures.masks import plot_mask_examples
 from study.figures.toy import plot_toy
+from study.figures.training_length import write_training_length
 from study.results import read_results
 from study.runtime import cpu_threads
 
@@ -113,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs["synthetic_class_axis"] = _synthetic_class_axis
     jobs["mnist_completions"] = _mnist_completions
     jobs["k_axis"] = write_k_axis
+    jobs["training_length"] = write_training_length
     jobs["headline"] = write_headline
     skipped = []
     for name, draw in jobs.items():
@@ -126,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:20s} {time.perf_counter() - start:5.1f} s  " + " ".join(str(p) for p in paths))
     if skipped:
         print(f"skipped {len(skipped)} figure(s) for lack of stored results: {', '.join(skipped)} "
-              "(toy: make toy; studies: make experiments; k axis: make k-axis; completions: make completions)",
+              "(toy: make toy; studies: make experiments; k axis: make k-axis; training length: make training-length;"
+              " completions: make completions)",
               file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,113 @@
+"""Training length: does cIMLE's gap to least squares on MNIST close, hold or open with epochs?
+
+From ``results/training_length_cpu.csv`` (``make training-length``): LS, cIMLE with
+one noise vector per image and per-token cIMLE, 150 epochs at mask ratio 0.75 and
+0.9, 5 seeds, each run's snapshots (10, 20, 40, 60, 100 epochs) and final
+encoder evaluated by k-NN and the linear probe on mean-pooled features.
+
+Each snapshot is paired with the LS run of the same seed, ratio and epoch
+(:func:`study.statistics.paired_differences`). A snapshot of a 150-epoch run
+is not a 60-epoch run: its learning rate is still high there, so the curve
+shows one schedule's trajectory, and the claim is read at its end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure, subplots
+from study.io import atomic_write_text
+from study.results import read_results
+from study.statistics import objective_variants, paired_differences
+
+__all__ = ["training_length_rows", "training_length_figure", "training_length_markdown", "write_training_length",
+           "TABLE"]
+
+TABLE = "training_length_cpu.csv"
+METRICS = {"knn_top1": "k-NN %", "linear_top1": "linear probe %"}
+VARIANTS = {"cimle": "per image", "cimle-token": "per token", "mvae": "Masked VAE"}
+
+
+def training_length_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per objective, ratio, epoch and metric: mean and sd over seeds, in %;
+    per variant, ratio, epoch and metric: the paired difference to LS with its 95% interval, in %)."""
+    table = table[(table.pool == "mean") & table.metric.isin(list(METRICS))]
+    pretrained = table[table.encoder == "pretrained"].assign(objective=lambda t: objective_variants(t))
+    curves = (pretrained.groupby(["mask_ratio", "metric", "objective", "epochs"]).value
+              .agg(["mean", "std", "count"]).mul([100, 100, 1]).reset_index())
+    random = table[table.encoder == "random"].drop_duplicates(["seed", "metric"])
+    random = random.groupby("metric").value.mean().mul(100).rename("random").reset_index()
+    curves = curves.merge(random, on="metric", how="left")
+    paired = paired_differences(table, metrics=tuple(METRICS))
+    paired = paired.assign(**{c: paired[c] * 100 for c in ("mean_diff", "ci_low", "ci_high", "objective_mean",
+                                                           "baseline_mean")})
+    return curves, paired[["mask_ratio", "metric", "objective", "epochs", "n", "mean_diff", "ci_low", "ci_high",
+                           "excludes_zero", "objective_mean", "baseline_mean"]]
+
+
+def training_length_figure(curves: pd.DataFrame, paired: pd.DataFrame, out_dir: str | Path,
+                           name: str = "training_length") -> list[Path]:
+    """Columns: the mask ratios. Rows: k-NN against epochs (mean ± sd); then, per metric, cIMLE - LS
+    (paired, 95% interval) against epochs."""
+    ratios = sorted(curves.mask_ratio.unique())
+    fig, axes = subplots(1 + len(METRICS), len(ratios), figsize=(4.8 * len(ratios), 9.0), squeeze=False,
+                         sharex=True)
+    for j, ratio in enumerate(ratios):
+        ax = axes[0, j]
+        part = curves[(curves.mask_ratio == ratio) & (curves.metric == "knn_top1")]
+        for objective, group in part.groupby("objective", sort=True):
+            label = OBJECTIVE_LABELS.get(objective, objective)
+            ax.errorbar(group.epochs, group["mean"], yerr=group["std"].fillna(0.0), marker="o", ms=4, capsize=2,
+                        color=OBJECTIVE_PALETTE.get(label, "0.3"), label=label)
+        if len(part) and np.isfinite(part.random.iloc[0]):
+            ax.axhline(part.random.iloc[0], color="0.5", ls="--", lw=1, label="random init")
+        seeds = int(part["count"].max()) if len(part) else 0
+        ax.set_title(f"MNIST-5k, ratio {ratio:g} ({seeds} seeds)", fontsize=9)
+        ax.set_ylabel(METRICS["knn_top1"] if j == 0 else "")
+        ax.legend(fontsize=7)
+        for i, (metric, label) in enumerate(METRICS.items(), start=1):
+            ax = axes[i, j]
+            part = paired[(paired.mask_ratio == ratio) & (paired.metric == metric)]
+            for objective, group in part.groupby("objective", sort=True):
+                group = group.sort_values("epochs")
+                name_ = OBJECTIVE_LABELS.get(objective, objective)
+                color = OBJECTIVE_PALETTE.get(name_, "0.3")
+                ax.plot(group.epochs, group.mean_diff, marker="o", ms=4, color=color, label=f"{name_} - LS")
+                ax.fill_between(group.epochs, group.ci_low, group.ci_high, color=color, alpha=0.2, lw=0)
+            ax.axhline(0.0, color="0.2", lw=0.8)
+            ax.set_ylabel(f"{label}: objective - LS, paired 95%" if j == 0 else "")
+            ax.legend(fontsize=7)
+        axes[-1, j].set_xlabel("pretraining epochs (snapshots of 150-epoch runs)")
+    fig.set_layout_engine("constrained")
+    return save_figure(fig, out_dir, name)
+
+
+def training_length_markdown(paired: pd.DataFrame) -> str:
+    """One row per (ratio, variant, epoch): both metrics' means and paired differences."""
+    lines = ["| ratio | objective | epochs | seeds | k-NN: it | LS | it - LS, paired 95% | linear: it | LS |"
+             " it - LS, paired 95% |", "|---|---|---|---|---|---|---|---|---|---|"]
+    wide = paired.set_index(["mask_ratio", "objective", "epochs", "metric"]).sort_index()
+    for (ratio, objective, epochs), group in wide.groupby(level=[0, 1, 2], sort=True):
+        cells = []
+        for metric in METRICS:
+            if (ratio, objective, epochs, metric) not in group.index:
+                cells.append("- | - | -")
+                continue
+            r = group.loc[(ratio, objective, epochs, metric)]
+            diff = f"{r.mean_diff:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
+            cells.append(f"{r.objective_mean:.1f} | {r.baseline_mean:.1f} | {'**' + diff + '**' if r.excludes_zero else diff}")
+        variant = VARIANTS.get(objective, objective)
+        lines.append(f"| {ratio:g} | {variant} | {int(epochs)} | {int(group.n.max())} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_training_length(results: str | Path, out: str | Path) -> list[Path]:
+    """``out/training_length.{png,pdf}`` and the table ``out/training_length.md``, from the committed table."""
+    curves, paired = training_length_rows(read_results(Path(results) / TABLE))
+    paths = training_length_figure(curves, paired, out)
+    table = Path(out) / "training_length.md"
+    atomic_write_text(table, training_length_markdown(paired))
+    return paths + [table]
