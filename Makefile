@@ -99,9 +99,10 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python experiments/profile_step.py --config experiments/configs/in100-vit-t.yaml \
 	    --set device=cpu --batch 32 --precision fp32,bf16 --out results/bench/in100-vit-t-cpu-profile.txt
 
-# The full toy (more seeds, finer grid; < 15 minutes on 2 cores).
+# The full toy (more seeds, finer grid; < 15 minutes on 2 cores), then where its cIMLE samples lose the class.
 toy: $(STAMP)
 	$(BIN)/python toy/regression_to_mean.py --out results/toy --figures figures
+	$(BIN)/python toy/sample_diagnostic.py --out results/toy
 
 clean-venv:
 	rm -rf $(VENV)

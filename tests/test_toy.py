@@ -145,7 +145,79 @@ def test_mode_accuracy_tells_the_right_class_s_samples_from_a_class_mixture():
     assert abs((task.nearest_mode_class(mean, v, 1.0) == c).float().mean() - 0.25) < 0.05
 
 
+def test_axis_and_amplitude_judge_true_samples_right_and_a_mixture_by_chance():
+    task = ToyTask()
+    g = gen(5)
+    c, v = task.sample_classes(2000, g), task.sample_aux(2000, g)
+    for s in (0.0, 1.0):
+        y = task.sample_y(c, v, s, g)
+        assert (task.axis_class(y, v, s) == c).float().mean() > 0.99
+        assert task.mode_amplitude(y, v, c, s).mean().item() == pytest.approx(1.0, abs=0.05)
+        mixture = task.sample_y(task.sample_classes(2000, g), v, s, g)
+        assert abs((task.axis_class(mixture, v, s) == c).float().mean() - 0.25) < 0.05
+
+
+def test_half_amplitude_samples_under_blur_lose_the_larger_radii_to_the_nearest_true_mode():
+    """The confound the sample diagnostic measures: drawn in to half amplitude and blurred, the largest-radius
+    class's samples lie nearer a smaller class's true modes, the smallest class's do not; judged against the
+    drawn-in modes the two are alike."""
+    task = ToyTask()
+    g = gen(7)
+    v = task.sample_aux(4000, g)
+    accuracy = {}
+    for c in (0, 3):
+        sign = torch.randint(2, (4000, 1), generator=g).float() * 2 - 1
+        y = task.aux_means[v] + 0.5 * task.radii[c] * sign * task.mode_dirs[c] + 0.2 * torch.randn(4000, 12, generator=g)
+        accuracy[c] = [(task.nearest_mode_class(y, v, 1.0, amplitude=a) == c).float().mean().item() for a in (1.0, 0.5)]
+    assert accuracy[0][0] > 0.95 and accuracy[3][0] < 0.85
+    assert min(accuracy[0][1], accuracy[3][1]) > 0.9
+    assert abs(accuracy[0][1] - accuracy[3][1]) < abs(accuracy[0][0] - accuracy[3][0]) / 3
+
+
+def test_nearest_of_k_amplitude_is_where_the_nearest_of_k_loss_of_a_two_mode_sampler_is_least():
+    from toy.sample_diagnostic import nearest_of_k_amplitude
+
+    g = gen(6)
+    y = torch.randint(2, (20_000,), generator=g).float() * 2 - 1  # modes +-1
+    amplitudes = torch.linspace(0, 1, 101)
+    for k in (1, 2, 3, 8):
+        sides = torch.randint(2, (20_000, k), generator=g).float() * 2 - 1  # each sample's mode
+        loss = [(y[:, None] - b * sides).pow(2).min(1).values.mean() for b in amplitudes]
+        best = amplitudes[int(torch.stack(loss).argmin())].item()
+        assert best == pytest.approx(nearest_of_k_amplitude(k), abs=0.03), k
+
+
 def test_a_grid_without_inner_strengths_says_the_graded_check_needs_the_full_grid():
     frame = _frame({0.0: 1.0, 1.0: 0.27})
     assert not any(text.startswith("graded") for text, _ in rtm.acceptance(frame))
     assert "needs two strengths between 0 and 1" in rtm.report(frame)
+
+
+def test_sample_diagnostic_judges_true_samples_right_and_a_centred_sampler_as_shrunk(task):
+    from toy.sample_diagnostic import _judge, truth
+
+    own = truth(task)
+    assert own["mode_accuracy"] > 0.95 and own["axis_accuracy"] > 0.95
+    assert own["amplitude"] == pytest.approx(1.0, abs=0.05)
+    # a sampler with the right axis at half the radius: the amplitude says so, the axis still names the class
+    aux = task.sample_aux(400, gen(3))
+    half = task.aux_means[aux] + 0.5 * task.radii[2] * task.mode_dirs[2]  # [400, dy]
+    judged = _judge(half, aux, 2, task, k=2)
+    assert judged["amplitude"] == pytest.approx(0.5, abs=1e-5)
+    assert judged["axis_accuracy"] == 1.0
+
+
+def test_sample_diagnostic_end_to_end_and_a_bad_out_is_one_line(tmp_path):
+    script = ROOT / "toy" / "sample_diagnostic.py"
+    done = subprocess.run([sys.executable, str(script), "--k", "2", "--seeds", "1", "--steps", "20",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    frame = pd.read_csv(tmp_path / "sample_diagnostic.csv")
+    assert set(frame.metric) == {"mode_accuracy", "mode_accuracy_clean", "optimum_mode_accuracy", "axis_accuracy",
+                                 "amplitude", "predicted_amplitude"}
+    assert len(frame) == 4 * 6  # 4 classes x 6 metrics
+    assert (tmp_path / "sample_diagnostic.txt").read_text().startswith("cIMLE samples at s = 1")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad = subprocess.run([sys.executable, str(script), "--out", str(blocker / "sub")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: cannot write to --out") and "Traceback" not in bad.stderr

@@ -126,14 +126,30 @@ class ToyTask:
         """E[y | x] = (1 - s) m_c + n_v, shape [N, dy] (x names c and v exactly)."""
         return self.class_means(s)[batch.c] + self.aux_means[batch.v]
 
-    def nearest_mode_class(self, y: Tensor, v: Tensor, s: float) -> Tensor:
-        """``[N]``: the class whose mode ``(1 - s) m_c + n_v +- r_c u_c`` lies nearest to each row of
-        ``y [N, dy]`` (given each row's ``v``): which class a sample names."""
-        signs = torch.tensor([1.0, -1.0])
+    def nearest_mode_class(self, y: Tensor, v: Tensor, s: float, amplitude: float = 1.0) -> Tensor:
+        """``[N]``: the class whose mode ``(1 - s) m_c + n_v +- amplitude r_c u_c`` lies nearest to each row
+        of ``y [N, dy]`` (given each row's ``v``): which class a sample names. ``amplitude`` < 1 judges
+        against modes drawn in towards the class centre."""
+        signs = amplitude * torch.tensor([1.0, -1.0])
         modes = self.class_means(s)[:, None] + signs[None, :, None] * self.radii[:, None, None] * self.mode_dirs[:, None]
         centres = modes[None] + self.aux_means[v][:, None, None]  # [N, C, 2, dy]
         dist = (centres - y[:, None, None]).pow(2).sum(-1).flatten(1)  # [N, 2C]
         return dist.argmin(1) // 2
+
+    def axis_class(self, y: Tensor, v: Tensor, s: float) -> Tensor:
+        """``[N]``: the class along whose mode axis ``u_c`` each row of ``y [N, dy]`` lies from that
+        class's centre ``(1 - s) m_c + n_v`` (largest |cos|): which class a sample names, however far
+        out along the axis it lies. Under isotropic blur it favours the larger radii, whose offsets are
+        longer against the same noise, as the nearest mode favours the smaller ones."""
+        offsets = y[:, None] - self.class_means(s)[None] - self.aux_means[v][:, None]  # [N, C, dy]
+        along = (offsets * self.mode_dirs[None]).sum(-1).abs()  # [N, C]
+        return (along / offsets.norm(dim=-1).clamp_min(1e-12)).argmax(1)
+
+    def mode_amplitude(self, y: Tensor, v: Tensor, c: Tensor, s: float) -> Tensor:
+        """``[N]``: |<y - (1 - s) m_c - n_v, u_c>| / r_c, how far out along its class's axis each row lies
+        (the class's modes: 1; its centre: 0)."""
+        offsets = y - self.class_means(s)[c] - self.aux_means[v]  # [N, dy]
+        return (offsets * self.mode_dirs[c]).sum(-1).abs() / self.radii[c]
 
     def bayes_floor(self, s: float = 1.0) -> float:
         """min_f E||f(x) - y||^2 / dy, attained by f(x) = E[y|x]; same for every s."""
