@@ -230,6 +230,15 @@ def drop_stale_points(path: str | Path, sweep: str, points: Iterable[str]) -> in
         return int(stale.sum())
 
 
+def points_with_rows(path: str | Path) -> set[str]:
+    """The ``point`` values that have rows in the table at ``path`` (none when there is no table yet)."""
+    with _locked(Path(path)):
+        old = _read_existing(Path(path))
+    if old is None or "point" not in old.columns:
+        return set()
+    return set(old["point"].dropna().astype(str))
+
+
 def read_results(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():

@@ -57,7 +57,7 @@ from study.errors import UserError
 from study.io import atomic_write_text
 from study.notebook import execute_notebook
 from study.reports import build_report
-from study.results import check_table, drop_stale_points
+from study.results import check_table, drop_stale_points, points_with_rows
 
 __all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "resolve_gpus", "error_cause"]
 
@@ -200,15 +200,19 @@ def _assign_random_baseline(points: list[Point], encoders: list[str]) -> None:
         seen.add(key)
 
 
-def is_done(sweep: Sweep, point: Point) -> bool:
-    """The point ran to the end with the config it would run with now."""
-    done = sweep.path(sweep.runs_dir) / sweep.name / point.slug / "done.json"
-    if not done.exists():
-        return False
+def _done_config(folder: Path) -> str | None:
+    """The config fingerprint a point's ``done.json`` records (None: not done, or unreadable)."""
     try:
-        return json.loads(done.read_text()).get("config") == point.config
+        return json.loads((folder / "done.json").read_text()).get("config")
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def is_done(sweep: Sweep, point: Point, tabled: set[str]) -> bool:
+    """The point ran to the end with the config it would run with now, and its rows are in the table
+    (``tabled``: the points with rows; a run of a smaller grid drops the rows of the points it lacks)."""
+    folder = sweep.path(sweep.runs_dir) / sweep.name / point.slug
+    return _done_config(folder) == point.config and point.slug in tabled
 
 
 def _yaml_value(value: Any) -> str:
@@ -217,7 +221,8 @@ def _yaml_value(value: Any) -> str:
 
 def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
     folder = sweep.path(sweep.runs_dir) / sweep.name / point.slug
-    stale = (folder / "done.json").exists()  # done with another config: start over, not resume
+    # done with another config: start over, not resume; done with this one but without rows: resume
+    stale = (folder / "done.json").exists() and _done_config(folder) != point.config
     (folder / "done.json").unlink(missing_ok=True)
     if stale and (folder / "run").exists():
         shutil.rmtree(folder / "run")
@@ -347,11 +352,16 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
     points = expand(sweep)
     check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
-    todo = [p for p in points if not is_done(sweep, p)]
-    changed = sum((base / p.slug / "done.json").exists() for p in todo)
+    tabled = points_with_rows(sweep.path(sweep.results))
+    todo = [p for p in points if not is_done(sweep, p, tabled)]
+    untabled = sum(_done_config(base / p.slug) == p.config for p in todo)
+    changed = sum((base / p.slug / "done.json").exists() for p in todo) - untabled
     if changed and progress:
         print(f"{changed} point(s) done before with another config (base config or defaults changed, "
               "or run before configs were fingerprinted): rerunning them")
+    if untabled and progress:
+        print(f"{untabled} point(s) done before but without rows in {sweep.results} (a run of a smaller "
+              "grid dropped them): evaluating them again from their checkpoints")
     skipped = len(points) - len(todo)
     failures: dict[str, str] = {}
     seconds: dict[str, float] = {}

@@ -241,9 +241,15 @@ def _record_parameters(monkeypatch) -> dict:
     """Run points in this process without a kernel; returns {point: the run notebook's parameters}."""
     import study.sweep
 
+    from study.results import append_rows
+
     seen = {}
-    monkeypatch.setattr(study.sweep, "execute_notebook",
-                        lambda source, output, params, cwd: seen.__setitem__(params["point"], params))
+
+    def execute(source, output, params, cwd):
+        seen[params["point"]] = params
+        append_rows(params["results"], [{"point": params["point"], "metric": "ran", "value": 1.0}])
+
+    monkeypatch.setattr(study.sweep, "execute_notebook", execute)
     return seen
 
 
@@ -295,3 +301,16 @@ def test_points_with_another_encoder_get_their_own_random_baseline(tmp_path):
     chosen = [p.overrides for p in expand(load_sweep(path)) if p.random_baseline]
     assert chosen == [["model.depth=2", "mask.ratio=0.5", f"seed={s}"] for s in (0, 1)] + \
         [["model.depth=3", "mask.ratio=0.5", f"seed={s}"] for s in (0, 1)]
+
+
+def test_a_done_point_without_rows_in_the_table_runs_again_and_its_rows_return(tmp_path, capsys):
+    """A run of a smaller grid drops the rows of the points it lacks (see above); their done markers stay."""
+    sweep = load_sweep(_write_sweep(tmp_path))
+    run_sweep(sweep, progress=False, report=False)
+    table = pd.read_csv(tmp_path / "results.csv")
+    dropped = sorted(table.point)[-1]
+    table[table.point != dropped].to_csv(tmp_path / "results.csv", index=False)
+    again = run_sweep(sweep, report=False)
+    assert dropped in set(pd.read_csv(tmp_path / "results.csv").point)
+    assert again["skipped_done"] == 2 and again["ran"] == 2  # the dropped point and the failing one
+    assert "1 point(s) done before but without rows" in capsys.readouterr().out
