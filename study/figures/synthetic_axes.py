@@ -20,6 +20,7 @@ apart.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -68,7 +69,9 @@ def class_axis_figure(panels: Sequence[tuple[str, str, Tensor, Tensor]], cue: fl
                       name: str = "synthetic_class_axis") -> list[Path]:
     """``panels = [(title, color, own, other)]``, one panel each, on shared axes."""
     values = torch.cat([torch.cat([own, other]) for _, _, own, other in panels])
-    lim = max(1.6 * cue, float(values.abs().max()))
+    # bin edges on a 0.1 grid: edges from the raw maximum would move with the last bits that differ
+    # between CPU kernels, and with them every bar of the PDF
+    lim = math.ceil(10 * max(1.6 * cue, float(values.abs().max()))) / 10
     bins = np.linspace(-lim, lim, BINS + 1)
     fig, axes = subplots(1, len(panels), figsize=(3.1 * len(panels), 2.9), sharex=True, sharey=True)
     axes = np.atleast_1d(axes)
