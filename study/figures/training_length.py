@@ -2,8 +2,9 @@
 
 From ``results/training_length_cpu.csv`` (``make training-length``): LS, cIMLE with
 one noise vector per image and per-token cIMLE, 150 epochs at mask ratio 0.75 and
-0.9, 5 seeds, each run's snapshots (10, 20, 40, 60, 100 epochs) and final
-encoder evaluated by k-NN and the linear probe on mean-pooled features.
+0.9, the seeds the table holds (the sweep names 5), each run's snapshots (10, 20,
+40, 60, 100 epochs) and final encoder evaluated by k-NN and the linear probe on
+mean-pooled features.
 
 Each snapshot is paired with the LS run of the same seed, ratio and epoch
 (:func:`study.statistics.paired_differences`). A snapshot of a 150-epoch run
