@@ -30,7 +30,8 @@ def _run(tmp_path, *extra, precision="fp32"):
     for item in TINY:
         argv += ["--set", item]
     argv += ["--batch", "4", "--k", "1,2", "--steps", "2", "--warmup", "1", "--late-k", "2",
-             "--selection-k", "2,4", "--selection-chunk", "1,2", "--precision", precision, "--out", str(out), *extra]
+             "--selection-k", "2,4", "--selection-chunk", "1,2", "--precision", precision, "--out", str(out),
+             "--peak-shapes", "256x256x256", *extra]  # the default shapes take minutes in bf16 on a CPU without it
     assert bench_main(argv) == 0
     res = json.loads(out.read_text())
     assert res["schema"] == 2 and list(res["precisions"]) == precision.split(",")
@@ -149,7 +150,8 @@ def test_bench_refuses_fp16_on_cpu(capsys):
 
 @pytest.mark.parametrize("argv, word", [(["--steps", "0"], "--steps"), (["--k", "0,2"], "--k"),
                                         (["--set", "model.depth=0"], "model.depth"),
-                                        (["--late-blocks", "9"], "late noise blocks")])
+                                        (["--late-blocks", "9"], "late noise blocks"),
+                                        (["--peak-shapes", "256x256"], "--peak-shapes")])
 def test_a_bench_mistake_is_one_error_line(capsys, argv, word):
     one_error_line(capsys, bench_main([*[a for item in TINY for a in ("--set", item)], "--no-transformers", *argv]),
                    word)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from experiments.bench.flops import PEAK_SHAPES
 from experiments.bench.run import run_bench
 from experiments.bench.settings import DEFAULT_KS, DEFAULT_SELECTION_CHUNKS, DEFAULT_SELECTION_KS
 from experiments.bench.table import format_table
@@ -76,7 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise block of the selection-memory grid (default: the config's noise.block)")
     p.add_argument("--no-selection-timing", action="store_true",
                    help="do not time the selection alone at the largest k (saves (k+1) D_f per round)")
+    p.add_argument("--peak-shapes", type=_shape_list, default=list(PEAK_SHAPES),
+                   help="matmul shapes MxKxN,... of the peak-throughput measure (default "
+                        + ",".join("x".join(map(str, s)) for s in PEAK_SHAPES) + "; smaller ones finish sooner on a "
+                        "CPU without fast bf16, and read lower)")
     return p
+
+
+def _shape_list(text: str) -> list[tuple[int, int, int]]:
+    try:
+        shapes = [tuple(int(d) for d in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes like 256x256x256,512x512x512, got {text!r}")
+    return shapes
 
 
 def main(argv=None) -> int:
@@ -95,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
                         selection_ks=args.selection_k, selection_chunks=args.selection_chunk,
                         late_noise=not args.no_late_noise, late_k=args.late_k, late_blocks=args.late_blocks,
                         selection_block=args.selection_block, selection_timing=not args.no_selection_timing,
-                        config_path=args.config)
+                        config_path=args.config, peak_shapes=args.peak_shapes)
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from experiments.bench.flops import matmul_peak, step_flops
+from experiments.bench.flops import PEAK_SHAPES, matmul_peak, step_flops
 from experiments.bench.memory import measure_memory, selection_memory
 from experiments.bench.precisions import combine_precisions
 from experiments.bench.report import Measured, StepMemo, build_report
@@ -54,6 +54,7 @@ def run_bench(
     selection_block: Block | None = None,
     selection_timing: bool = True,
     config_path: str | None = None,
+    peak_shapes: Sequence[tuple[int, int, int]] = PEAK_SHAPES,
 ) -> dict:
     """Run the benchmark (see :mod:`experiments.bench`) at each of ``precisions`` (default: the config's) and return
     the JSON-ready result."""
@@ -72,7 +73,7 @@ def run_bench(
                   selection_chunks=selection_chunks, selection_block=selection_block_of(cfg, selection_block),
                   selection_timing=selection_timing, config_path=config_path)
              for p in precisions]
-    return _measure(plans, t_start)
+    return _measure(plans, t_start, peak_shapes)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _prepare(plan: Plan) -> _Prepared:
     return _Prepared(plan, compile_info, trainers, variants, late_spec, parts, memos, imgs)
 
 
-def _measure(plans: list[Plan], t_start: float) -> dict:
+def _measure(plans: list[Plan], t_start: float, peak_shapes: Sequence[tuple[int, int, int]]) -> dict:
     prepared = {plan.cfg.precision: _prepare(plan) for plan in plans}
     first = next(iter(prepared.values()))
     log("bench: FLOPs, one step per variant")  # the same ops at every precision: counted once, eager
@@ -111,7 +112,7 @@ def _measure(plans: list[Plan], t_start: float) -> dict:
     peaks = {}
     for precision in prepared:
         log(f"bench: matmul peak at {precision}")
-        peaks[precision] = matmul_peak(precision, first.plan.device)
+        peaks[precision] = matmul_peak(precision, first.plan.device, peak_shapes)
     times, cpu_times, load_before = _time_all(prepared)
     reports = {}
     for precision, p in prepared.items():
