@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +31,7 @@ def _use_bundled_fonts() -> None:
 
 _use_bundled_fonts()
 
-__all__ = ["save_figure", "subplots", "OBJECTIVE_LABELS", "OBJECTIVE_PALETTE"]
+__all__ = ["save_figure", "subplots", "paired_cell", "OBJECTIVE_LABELS", "OBJECTIVE_PALETTE"]
 
 METADATA = {
     "png": {"Software": None},
@@ -59,3 +61,13 @@ def save_figure(fig, out_dir: str | Path, name: str, formats: tuple[str, ...] = 
                                                             **savefig_kwargs))
         paths.append(path)
     return paths
+
+
+def paired_cell(diff: float, low: float, high: float, digits: int, bold: bool = True) -> str:
+    """A paired difference and its interval for a markdown table, ``+1.2 [-0.3, +2.7]``; in bold where the
+    interval excludes 0 (unless ``bold`` is False); ``-`` for a value that is not finite."""
+    def signed(x: float) -> str:
+        return "-" if not math.isfinite(x) else f"{x:+.{digits}f}"
+
+    cell = f"{signed(diff)} [{signed(low)}, {signed(high)}]"
+    return f"**{cell}**" if bold and (low > 0 or high < 0) else cell

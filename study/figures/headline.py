@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study.figures.common import OBJECTIVE_PALETTE, save_figure, subplots
+from study.figures.common import OBJECTIVE_PALETTE, paired_cell, save_figure, subplots
 from study.figures.synthetic import axis_slice
 from study.io import atomic_write_text
 from study.results import read_results
@@ -96,14 +96,12 @@ def headline_markdown(rows: pd.DataFrame) -> str:
         pct = r.measure.endswith("%")
         first = r.rung not in seen
         seen.add(r.rung)
-        excludes = r.low > 0 or r.high < 0
-        diff = f"{r.diff:+.{1 if pct else 3}f} [{r.low:+.{1 if pct else 3}f}, {r.high:+.{1 if pct else 3}f}]"
         lines.append("| " + " | ".join([
             f"{r.rung} ({r.seeds})" if first else "", r.measure if first else "",
             _num(r.random, pct) if first else "",
             f"{_num(r.ls, pct)} ± {_num(r.ls_sd, pct)}" if first else "",
             f"{r.variant}: {_num(r.cimle, pct)} ± {_num(r.cimle_sd, pct)}",
-            f"**{diff}**" if excludes else diff]) + " |")
+            paired_cell(r.diff, r.low, r.high, 1 if pct else 3)]) + " |")
     return "\n".join(lines) + "\n"
 
 

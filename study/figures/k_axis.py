@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from study.figures.common import save_figure, subplots
+from study.figures.common import paired_cell, save_figure, subplots
 from study.io import atomic_write_text
 from study.results import read_results
 from study.statistics import t_interval
@@ -96,10 +95,6 @@ def swap_rows(results: str | Path) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _fmt(x: float, digits: int) -> str:
-    return "-" if not np.isfinite(x) else f"{x:+.{digits}f}"
-
-
 def k_axis_markdown(probe: pd.DataFrame, swap: pd.DataFrame) -> str:
     """One row per (data set, variant, k): probe, paired difference, swap gains."""
     swap = swap.set_index(["data", "variant", "k"])
@@ -107,13 +102,11 @@ def k_axis_markdown(probe: pd.DataFrame, swap: pd.DataFrame) -> str:
              " cIMLE - LS, paired 95% |", "|---|---|---|---|---|---|---|---|---|"]
     for r in probe.itertuples():
         digits = 1 if r.measure.endswith("%") else 3
-        bold = r.low > 0 or r.high < 0
-        diff = f"{_fmt(r.diff, digits)} [{_fmt(r.low, digits)}, {_fmt(r.high, digits)}]"
         s = swap.loc[(r.data, r.variant, r.k)] if (r.data, r.variant, r.k) in swap.index else None
         sw = ("| - | - | - |" if s is None else
-              f"| {s.cimle:.1f} | {s.ls:.1f} | {_fmt(s['diff'], 1)} [{_fmt(s.low, 1)}, {_fmt(s.high, 1)}] |")
+              f"| {s.cimle:.1f} | {s.ls:.1f} | {paired_cell(s['diff'], s.low, s.high, 1, bold=False)} |")
         lines.append(f"| {r.data} ({r.seeds}) | {r.variant} | {r.k} | {r.cimle:.{digits}f} ± {r.cimle_sd:.{digits}f} "
-                     f"| {r.ls:.{digits}f} | {'**' + diff + '**' if bold else diff} {sw}")
+                     f"| {r.ls:.{digits}f} | {paired_cell(r.diff, r.low, r.high, digits)} {sw}")
     return "\n".join(lines) + "\n"
 
 

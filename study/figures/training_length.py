@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure, subplots
+from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, paired_cell, save_figure, subplots
 from study.io import atomic_write_text
 from study.results import read_results
 from study.statistics import objective_variants, paired_differences
@@ -98,8 +98,8 @@ def training_length_markdown(paired: pd.DataFrame) -> str:
                 cells.append("- | - | -")
                 continue
             r = group.loc[(ratio, objective, epochs, metric)]
-            diff = f"{r.mean_diff:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
-            cells.append(f"{r.objective_mean:.1f} | {r.baseline_mean:.1f} | {'**' + diff + '**' if r.excludes_zero else diff}")
+            cells.append(f"{r.objective_mean:.1f} | {r.baseline_mean:.1f} | "
+                         + paired_cell(r.mean_diff, r.ci_low, r.ci_high, 1))
         variant = VARIANTS.get(objective, objective)
         lines.append(f"| {ratio:g} | {variant} | {int(epochs)} | {int(group.n.max())} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
