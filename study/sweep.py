@@ -208,13 +208,6 @@ def _done_config(folder: Path) -> str | None:
         return None
 
 
-def is_done(sweep: Sweep, point: Point, tabled: set[str]) -> bool:
-    """The point ran to the end with the config it would run with now, and its rows are in the table
-    (``tabled``: the points with rows; a run of a smaller grid drops the rows of the points it lacks)."""
-    folder = sweep.path(sweep.runs_dir) / sweep.name / point.slug
-    return _done_config(folder) == point.config and point.slug in tabled
-
-
 def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
@@ -352,10 +345,13 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
     points = expand(sweep)
     check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
+    # done: ran to the end with the config it would run with now, and its rows are in the table (a run of
+    # a smaller grid drops the rows of the points it lacks, and leaves their done markers)
     tabled = points_with_rows(sweep.path(sweep.results))
-    todo = [p for p in points if not is_done(sweep, p, tabled)]
-    untabled = sum(_done_config(base / p.slug) == p.config for p in todo)
-    changed = sum((base / p.slug / "done.json").exists() for p in todo) - untabled
+    recorded = {p.slug: _done_config(base / p.slug) for p in points}
+    todo = [p for p in points if not (recorded[p.slug] == p.config and p.slug in tabled)]
+    untabled = sum(recorded[p.slug] == p.config for p in todo)
+    changed = sum((base / p.slug / "done.json").exists() and recorded[p.slug] != p.config for p in todo)
     if changed and progress:
         print(f"{changed} point(s) done before with another config (base config or defaults changed, "
               "or run before configs were fingerprinted): rerunning them")
