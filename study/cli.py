@@ -24,7 +24,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from study.cli_args import OneLineParser, int_at_least, nonnegative_int, positive_int
+from study.cli_args import OneLineParser, int_at_least, nonnegative_int, positive_int, seed_list
 from study.config import load_config
 from study.errors import UserError, run_command
 
@@ -83,7 +83,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, gpus=args.gpus, report=not args.no_report)
+    summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, gpus=args.gpus, report=not args.no_report,
+                        seeds=args.seeds)
     return 1 if summary["failed"] or summary.get("report_error") else 0
 
 
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs for the points, one point per GPU: 'auto' (all visible) or indices such as 0,1,2,3 "
                         "(default: the sweep file's gpus; none: CPU)")
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="run only these of the file's seeds, e.g. 3,4 (the other seeds' rows are kept)")
     p.add_argument("--report-only", action="store_true",
                    help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
     p.set_defaults(func=_cmd_sweep)

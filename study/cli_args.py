@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-__all__ = ["OneLineParser", "int_at_least", "positive_float", "positive_int", "nonnegative_int"]
+__all__ = ["OneLineParser", "int_at_least", "positive_float", "positive_int", "nonnegative_int", "seed_list"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,3 +51,14 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 0, e.g. ``3,4``."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 3,4, got {text!r}") from None
+    if any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text}")
+    return seeds

@@ -333,13 +333,18 @@ def _worker_count(parallel: int | None, gpus: list[str] | None) -> int:
 
 
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | str | None = None,
-              report: bool = True, progress: bool = True) -> dict:
+              report: bool = True, progress: bool = True, seeds: list[int] | None = None) -> dict:
     """Run the missing points, then the report notebook; returns a summary dict (also printed).
 
     ``parallel`` and ``gpus`` (a list of indices, ``"auto"`` or ``"0,1"``) replace the sweep file's.
+    ``seeds`` (a subset of the file's) runs only those seeds' missing points; the rows of the other
+    seeds stay in the table, as the grid is still the whole file's (seeds split across machines).
     """
     if parallel is not None and parallel < 1:
         raise UserError(f"parallel must be >= 1 (points run at once), got {parallel}")
+    if seeds is not None and not set(seeds) <= set(sweep.seeds):
+        raise UserError(f"seeds {sorted(set(seeds) - set(sweep.seeds))} are not in the sweep's seeds "
+                        f"{sweep.seeds}: add them to the sweep file, or pick from those")
     gpu_ids = resolve_gpus(gpus if gpus is not None else sweep.gpus)
     workers = _worker_count(parallel or sweep.parallel, gpu_ids)
     points = expand(sweep)
@@ -349,7 +354,8 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
     # a smaller grid drops the rows of the points it lacks, and leaves their done markers)
     tabled = points_with_rows(sweep.path(sweep.results))
     recorded = {p.slug: _done_config(base / p.slug) for p in points}
-    todo = [p for p in points if not (recorded[p.slug] == p.config and p.slug in tabled)]
+    todo = [p for p in points if not (recorded[p.slug] == p.config and p.slug in tabled)
+            and (seeds is None or p.seed in seeds)]
     untabled = sum(recorded[p.slug] == p.config for p in todo)
     changed = sum((base / p.slug / "done.json").exists() and recorded[p.slug] != p.config for p in todo)
     if changed and progress:
@@ -358,7 +364,7 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
     if untabled and progress:
         print(f"{untabled} point(s) done before but without rows in {sweep.results} (a run of a smaller "
               "grid dropped them): evaluating them again from their checkpoints")
-    skipped = len(points) - len(todo)
+    skipped = sum(recorded[p.slug] == p.config and p.slug in tabled for p in points)
     failures: dict[str, str] = {}
     seconds: dict[str, float] = {}
     bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", disable=not (progress and interactive()))

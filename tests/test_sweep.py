@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from study.config import ConfigError
+from study.errors import UserError
 from study.sweep import expand, load_sweep, run_sweep
 
 # The parameter cell papermill fills in, as in notebooks/run.py.
@@ -314,3 +315,25 @@ def test_a_done_point_without_rows_in_the_table_runs_again_and_its_rows_return(t
     assert dropped in set(pd.read_csv(tmp_path / "results.csv").point)
     assert again["skipped_done"] == 2 and again["ran"] == 2  # the dropped point and the failing one
     assert "1 point(s) done before but without rows" in capsys.readouterr().out
+
+
+def test_a_run_of_some_seeds_runs_only_theirs_and_keeps_the_others_rows(tmp_path):
+    sweep = load_sweep(_write_sweep(tmp_path))
+    first = run_sweep(sweep, progress=False, report=False, seeds=[0])
+    assert first["ran"] == 2 and not first["failed"]
+    runs_dir = tmp_path / "runs" / "tiny"
+    assert sorted(int(p.name.split("_s")[1][0]) for p in runs_dir.iterdir()) == [0, 0]
+    second = run_sweep(sweep, progress=False, report=False, seeds=[1])
+    assert second["ran"] == 2 and second["skipped_done"] == 2 and len(second["failed"]) == 1
+    assert second["stale_rows_dropped"] == 0
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 3  # seed 0's two rows kept, seed 1's one
+    with pytest.raises(UserError, match=r"seeds \[7\] are not in the sweep's seeds"):
+        run_sweep(sweep, progress=False, report=False, seeds=[1, 7])
+
+
+def test_the_seeds_flag_rejects_a_bad_list_in_one_line(tmp_path, capsys):
+    from study.cli import main
+
+    assert main(["sweep", str(_write_sweep(tmp_path)), "--seeds", "3,x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "3,x" in err and len(err.strip().splitlines()) == 1
