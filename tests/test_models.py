@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -486,3 +487,35 @@ def test_attention_explicit_path_matches_sdpa_and_runs_where_wanted(monkeypatch)
     sdpa = layer(x)
     monkeypatch.setattr(attention, "explicit_attention_wanted", lambda t: True)
     torch.testing.assert_close(layer(x), sdpa, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block,scope,injection,select", [
+    ("head", "token", "add", "token"), ("head", "image", "add", "image"), ("head", "token", "add", "image"),
+    (0, "image", "add", "image"), (1, "token", "adaln", "image"), (2, "image", "adaln", "image")])
+def test_cimle_selection_equals_the_reference_decode_of_every_token(block, scope, injection, select):
+    """The objective decodes only the masked patches and, with the noise in the head, reads the decoder
+    features through the head's first layer once; the reference decodes every token per sample
+    (``decoder.suffix``) and then picks the masked rows. Same noise: the same choices, the same loss."""
+    k = 8
+    cfg = tiny_cfg("cimle", block=block, scope=scope, injection=injection, k=k)
+    cfg = dataclasses.replace(cfg, cimle=dataclasses.replace(cfg.cimle, select=select))
+    model = make_model(cfg)
+    imgs, mask = make_batch(batch=16)
+    ids = mask_indices(mask, model.num_patches)
+    hidden = model.decoder.prefix(model.encoder(imgs, ids.keep), ids.restore)  # [B, 1+N, Dd]
+    rows = ids.masked[..., None].expand(-1, -1, PATCH * PATCH * CHANS)
+    target = model.target(imgs).gather(1, rows)  # [B, N_mask, p*p*C]
+    ref = cimle(lambda z: model.decoder.suffix(hidden, z, mask).gather(1, rows), target, k=k,
+                noise_shape=model.noise_shape(N_MASK), generator=gen(3), select=select)
+    new = model(imgs, mask, generator=gen(3)).selection
+    assert torch.equal(new.index, ref.index)
+    torch.testing.assert_close(new.distances, ref.distances, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(new.loss, ref.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(new.pred, ref.pred, rtol=1e-5, atol=1e-6)
+    new.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref.loss.backward()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -1,13 +1,15 @@
 """Conditional IMLE: k noise samples decoded from one encoding, the nearest kept, least squares on it.
 
 The encoder and the decoder's blocks before the noise run once (the model's :class:`Context`);
-:func:`study.objectives.cimle` decodes the k samples through ``decoder.suffix`` without gradient and
-once more with gradient for the chosen one. ``cimle.select``:
+``decoder.masked_sampler`` does what else does not depend on the noise once (with the noise in the
+head: the norm and the head's first layer on the decoder features) and returns the per-sample rest,
+which predicts the masked patches only, the only ones the loss reads. :func:`study.objectives.cimle`
+runs it k times without gradient and once more with gradient for the chosen noise. ``cimle.select``:
 
 * ``"image"``: the nearest of k samples per image (noise ``[B, dim]`` or ``[B, N_mask, dim]``).
-* ``"token"``: factorised, each masked patch keeps its nearest of k. The objective sees only the
-  masked patches ``[B, N_mask, ...]``, whose rows line up with the token noise ``z [B, N_mask, dim]``;
-  the config guarantees that a patch's output depends on its own noise row only (exact selection).
+* ``"token"``: factorised, each masked patch keeps its nearest of k; the masked patches' rows
+  ``[B, N_mask, ...]`` line up with the token noise ``z [B, N_mask, dim]``, and the config guarantees
+  that a patch's output depends on its own noise row only (exact selection).
 """
 
 from __future__ import annotations
@@ -36,15 +38,10 @@ class CIMLE(Objective):
 
     def loss(self, model, ctx: Context) -> PretrainOutput:
         c = self.cfg.cimle
-        target, mask, rows = ctx.target, ctx.mask, None
-        if c.select == "token":  # the objective sees the masked patches only, in the noise rows' order
-            rows = ctx.ids.masked[..., None].expand(-1, -1, ctx.target.shape[-1])  # [B, N_mask, p*p*C]
-            target, mask = ctx.target.gather(1, rows), None
-
-        def decode(z):
-            pred = model.decoder.suffix(ctx.hidden, z, ctx.mask)  # [B, N, p*p*C]
-            return pred if rows is None else pred.gather(1, rows)
-
-        res = cimle(decode, target, k=c.k if ctx.k is None else ctx.k, noise_shape=model.noise_shape(ctx.ids.num_masked), mask=mask,
-                    chunk=c.chunk, generator=ctx.generator, vectorize=model.vectorize, select=c.select)
+        # the loss reads the masked patches only: they are all that is decoded, in the noise rows' order
+        rows = ctx.ids.masked[..., None].expand(-1, -1, ctx.target.shape[-1])  # [B, N_mask, p*p*C]
+        decode = model.decoder.masked_sampler(ctx.hidden, ctx.mask, ctx.ids.masked)  # z -> [B, N_mask, p*p*C]
+        res = cimle(decode, ctx.target.gather(1, rows), k=c.k if ctx.k is None else ctx.k,
+                    noise_shape=model.noise_shape(ctx.ids.num_masked), chunk=c.chunk, generator=ctx.generator,
+                    vectorize=model.vectorize, select=c.select)
         return _selection_stats(res)

@@ -24,7 +24,7 @@ ascending patch order; it reaches masked positions only.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +115,14 @@ class AdaLNNoise(nn.ModuleList):
 
 
 class LinearPredictor(nn.Linear):
-    """MAE's ``decoder_pred``: ``[B, 1+N, Dd] -> [B, N, p*p*C]``, the class token dropped."""
+    """MAE's ``decoder_pred``: ``[B, 1+N, Dd] -> [B, N, p*p*C]``, the class token dropped; given ``masked
+    [B, N_mask]`` (the masked patches' indices), ``[B, N_mask, p*p*C]`` at those patches only."""
 
-    def forward(self, x: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
-        return super().forward(x)[:, 1:]
+    def forward(self, x: Tensor, z: Tensor | None, mask: Tensor, masked: Tensor | None = None) -> Tensor:
+        if masked is None:
+            return super().forward(x)[:, 1:]
+        x = x[:, 1:].gather(1, masked[..., None].expand(-1, -1, x.shape[-1]))  # [B, N_mask, Dd]
+        return super().forward(x)
 
 
 class TokenHead(nn.Sequential):
@@ -140,6 +144,20 @@ class TokenHead(nn.Sequential):
         else:
             noise = mask.to(x.dtype)[..., None] * z[:, None, :]  # [B, N, dz]
         return super().forward(torch.cat([x, noise], dim=-1))  # [B, N, p*p*C]
+
+    def sampler(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x [B, M, Dd]`` (the masked tokens) -> ``decode(z) -> [B, M, p*p*C]`` for ``z [B, M, dz]`` (token
+        scope) or ``[B, dz]`` (image scope). The first layer splits as ``W_x x + W_z z + b``; the part that
+        reads ``x`` (Dd of its Dd + dz inputs) is computed here, once for every sample of ``z``."""
+        first, act, second = self
+        w_x, w_z = first.weight.split([x.shape[-1], self.noise_dim], dim=1)
+        shared = F.linear(x, w_x, first.bias)  # [B, M, hidden]
+
+        def decode(z: Tensor) -> Tensor:
+            noise = F.linear(z.to(shared.dtype), w_z)  # [B, M, hidden] | [B, hidden]
+            return second(act(shared + (noise if self.token else noise[:, None, :])))  # [B, M, p*p*C]
+
+        return decode
 
 
 class MAEDecoder(nn.Module):
@@ -227,6 +245,25 @@ class MAEDecoder(nn.Module):
     def suffix(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
         """``hidden [B, 1+N, Dd]``, ``z [B, dim] | [B, N_mask, dim] | None``, ``mask [B, N]`` (True = masked)
         -> ``pred [B, N, p*p*C]``. ``z=None``: no noise (least squares)."""
+        x = self._blocks_after_noise(hidden, z, mask)  # [B, 1+N, Dd]
+        predict = self.decoder_head if self.decoder_pred is None else self.decoder_pred
+        return predict(x, z, mask)  # [B, N, p*p*C]
+
+    def masked_sampler(self, hidden: Tensor, mask: Tensor, masked: Tensor) -> Callable[[Tensor], Tensor]:
+        """``decode(z) -> pred [B, N_mask, p*p*C]`` at the masked patches only (``masked [B, N_mask]``, their
+        indices), for objectives that decode many ``z`` from one ``hidden``: what does not depend on ``z``
+        is done here, once. Equal to ``suffix(hidden, z, mask)`` at the masked rows, up to float rounding.
+        With the noise in the head that is the norm and the first layer's feature part; with the noise at
+        a block, each ``z`` still runs the blocks from there on over every token, but only the masked
+        tokens are predicted."""
+        self._checked_has_noise()
+        if self.decoder_head is not None:  # the noise enters in the head: no block after the split
+            x = self._blocks_after_noise(hidden, None, mask)[:, 1:]  # [B, N, Dd]
+            return self.decoder_head.sampler(x.gather(1, masked[..., None].expand(-1, -1, x.shape[-1])))
+        return lambda z: self.decoder_pred(self._blocks_after_noise(hidden, z, mask), z, mask, masked)
+
+    def _blocks_after_noise(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
+        """Inject ``z`` (unless it enters in the head), run blocks ``split ..``, norm: ``[B, 1+N, Dd]``."""
         x, mods = hidden, None
         if z is not None:
             z = self._checked(z, mask).to(x.dtype)
@@ -241,12 +278,14 @@ class MAEDecoder(nn.Module):
         if mods[-1] is not None:
             shift, scale = mods[-1]
             x = x * (1 + scale) + shift  # [B, 1+N, Dd]
-        predict = self.decoder_head if self.decoder_pred is None else self.decoder_pred
-        return predict(x, z, mask)  # [B, N, p*p*C]
+        return x
 
-    def _checked(self, z: Tensor, mask: Tensor) -> Tensor:
+    def _checked_has_noise(self) -> None:
         if self.noise is None:
             raise ValueError("this decoder was built without noise (objective 'ls'); pass z=None")
+
+    def _checked(self, z: Tensor, mask: Tensor) -> Tensor:
+        self._checked_has_noise()
         # the number of masked tokens is not checked here (it would cost a device sync)
         ndim = 2 if self.noise.scope == "image" else 3
         if z.ndim != ndim or z.shape[0] != mask.shape[0] or z.shape[-1] != self.noise.dim:
