@@ -17,14 +17,15 @@ on the config's device (``auto``: CUDA when available) and precision:
   norm_pix_loss, batch, AdamW with the same decay rule), SDPA attention.
 * **cIMLE cost model** ``E_fb + D_fb + k * D_f``, from components timed in the
   same rounds: ``E_fb`` encoder forward + backward on the visible patches;
-  ``D_fb`` decoder ``prefix`` + ``suffix`` forward + backward (with the noise
-  input and the loss, gradient flowing back to the encoder's output);
-  ``D_f`` one no-gradient pass of ``decoder.suffix`` (blocks ``j ..`` where
-  the noise enters, norm, prediction) at batch B plus its distance to the
-  target. With late noise (``noise.block = j > 0``) the blocks before ``j``
-  run once per step, with gradient, and are part of ``D_fb``; only the suffix
-  is repeated per sample, so ``D_f`` is the suffix alone, not the whole
-  decoder. The model leaves out the optimizer step, the mask and the target;
+  ``D_fb`` decoder ``prefix`` + the objective's decode (``decoder.masked_sampler``)
+  forward + backward (with the noise input and the loss, gradient flowing back
+  to the encoder's output); ``D_f`` one no-gradient pass of the decode's
+  per-sample part (blocks ``j ..`` where the noise enters, norm, prediction at
+  the masked patches; with the noise in the head, the head after the part of
+  its first layer that reads the decoder features) at batch B plus its
+  distance to the target. The blocks before ``j``, and what the sampler shares
+  across samples, run once per step, with gradient, and are part of ``D_fb``;
+  only the per-sample part is repeated, so ``D_f`` is that part alone. The model leaves out the optimizer step, the mask and the target;
   ``cimle_vs_cost_model_with_optimizer`` adds the separately timed AdamW step.
 * **Peak memory** of one step per variant, taken before the timing on a
   steady step (every optimizer is primed with one step on zero gradients

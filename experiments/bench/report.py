@@ -30,10 +30,11 @@ TARGET_PEAK_SHARE = {"bf16": 0.4}  # LS step FLOP/s over the measured matmul pea
 
 _DEFINITIONS = {
     "E_fb": "encoder forward on the visible patches + backward of a fixed output gradient",
-    "D_fb": "decoder prefix + suffix forward at the chosen noise, least_squares, backward "
-            "(gradient also to the encoder output); keyed by noise block",
-    "D_f": "one no-grad decoder.suffix pass (blocks noise.block .. depth-1, norm, pred) at batch B "
-           "+ its per-example distance; keyed by noise block",
+    "D_fb": "decoder prefix + masked_sampler (its shared part and one decode) at the chosen noise, "
+            "least_squares, backward (gradient also to the encoder output); keyed by noise block",
+    "D_f": "one no-grad pass of the per-sample decode of decoder.masked_sampler (blocks noise.block .. "
+           "depth-1, norm, pred at the masked patches; noise in the head: the head after its shared "
+           "first-layer part) at batch B + its per-example distance; keyed by noise block",
     "optimizer": "one AdamW step of the cIMLE model (all gradients present) + zero_grad",
 }
 
@@ -204,7 +205,7 @@ def _components(plan: Plan, comp: dict[str, float], m: Measured) -> dict:
             "k": kmax, "noise_block": block, "chunk": plan.cfg.cimle.chunk,
             "seconds": comp[m.selection_name], "model_s": sel_model,
             "vs_model": ratio(comp[m.selection_name], sel_model),
-            "definition": "one study.objectives.cimle call under no_grad: k vmapped suffix passes "
+            "definition": "one study.objectives.cimle call under no_grad: k per-sample decodes "
                           "+ distances + one no-grad pass at the chosen noise; model (k+1) * D_f"},
         "definitions": dict(_DEFINITIONS),
         "all_s": {n: m.times[f"[{n}]"] for n in m.component_names},

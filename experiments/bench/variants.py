@@ -103,7 +103,8 @@ def define_variants(trainers: dict[str, Any], cfg: Config, ks: Sequence[int], la
 
 
 class Components:
-    """Closures for the cost model's parts on one cIMLE model (fixed mask, fixed noise)."""
+    """Closures for the cost model's parts on one cIMLE model (fixed mask, fixed noise), through the
+    objective's own decode: ``decoder.masked_sampler``, the masked patches only."""
 
     def __init__(self, tr: Trainer) -> None:
         self.tr = tr
@@ -112,9 +113,12 @@ class Components:
         self.mask = tr.make_mask(imgs.shape[0], generator=gen, device=device)  # [B, N]
         self.ids = mask_indices(self.mask, model.num_patches)
         with torch.no_grad(), autocast(tr.cfg.precision, device):
-            self.target = model.target(imgs)  # [B, N, p*p*C]
+            target = model.target(imgs)  # [B, N, p*p*C]
+            self.target = target.gather(1, self.ids.masked[..., None].expand(-1, -1, target.shape[-1]))
             latent = model.encoder(imgs, self.ids.keep)  # [B, 1+N_vis, D]
             self.hidden = model.decoder.prefix(latent, self.ids.restore)  # [B, 1+N, Dd]
+            # the per-sample part of the decode; what it shares across samples is done here, once
+            self.decode = model.decoder.masked_sampler(self.hidden, self.mask, self.ids.masked)
         self.latent = latent.detach()
         self.grad_latent = torch.randn_like(self.latent)
         self.z = torch.randn((imgs.shape[0], *model.noise_shape(self.ids.num_masked)), generator=gen).to(device)
@@ -133,15 +137,14 @@ class Components:
         latent = self.latent.detach().requires_grad_(True)  # gradient flows back to the encoder output
         with autocast(self.tr.cfg.precision, self.tr.device):
             hidden = model.decoder.prefix(latent, self.ids.restore)
-            pred = model.decoder.suffix(hidden, self.z, self.mask)
-            loss = least_squares(pred, self.target, self.mask)
+            pred = model.decoder.masked_sampler(hidden, self.mask, self.ids.masked)(self.z)
+            loss = least_squares(pred, self.target)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
     def decoder_f(self) -> None:
         with torch.no_grad(), autocast(self.tr.cfg.precision, self.tr.device):
-            pred = self.tr.model.decoder.suffix(self.hidden, self.z, self.mask)
-            per_example_squared_error(pred, self.target, self.mask)
+            per_example_squared_error(self.decode(self.z), self.target)
 
     def selection(self, k: int, chunk: int | None) -> Callable[[], None]:
         """One ``study.objectives.cimle`` call under no_grad (selection + one no-grad decode of the choice)."""
@@ -150,9 +153,8 @@ class Components:
 
         def run() -> None:
             with torch.no_grad(), autocast(self.tr.cfg.precision, self.tr.device):
-                cimle(lambda z: model.decoder.suffix(self.hidden, z, self.mask), self.target, k=k,
-                      noise_shape=model.noise_shape(self.ids.num_masked), mask=self.mask, chunk=chunk,
-                      generator=gen)
+                cimle(self.decode, self.target, k=k, noise_shape=model.noise_shape(self.ids.num_masked),
+                      chunk=chunk, generator=gen, select=self.tr.cfg.cimle.select)
 
         return run
 
