@@ -38,17 +38,22 @@ figures: $(STAMP)
 
 # Every CPU study (papermill sweeps) that writes results/*.csv; points already
 # done under runs/ are skipped, so an interrupted `make experiments` resumes.
-experiments: experiments-mnist experiments-synthetic
+# The four sweeps share one pool of 2 workers, the longest points first (by the
+# time each took in its last run, recorded in the committed tables), so no core
+# idles behind one long point between sweeps.
+STUDY_SWEEPS := $(addprefix experiments/sweeps/,mask_strength_cpu.yaml efficiency_cpu.yaml noise_block_cpu.yaml synthetic_cpu.yaml)
+experiments: $(STAMP)
+	$(BIN)/python -m study sweep $(STUDY_SWEEPS) --no-report
+	$(BIN)/python experiments/synthetic_completion.py --checkpoints
+	$(BIN)/python -m study sweep $(STUDY_SWEEPS) --report-only
 
-# The MNIST studies (mask strength, efficiency, noise block).
+# The MNIST studies alone (mask strength, efficiency, noise block).
 experiments-mnist: $(STAMP)
-	$(BIN)/python -m study sweep experiments/sweeps/mask_strength_cpu.yaml
-	$(BIN)/python -m study sweep experiments/sweeps/efficiency_cpu.yaml
-	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml
+	$(BIN)/python -m study sweep $(filter-out %/synthetic_cpu.yaml,$(STUDY_SWEEPS))
 
-# The same-mean synthetic images: one sweep over mean shift, mask ratio and the
-# cue-to-distractor trade-off (102 points, 2 at a time; 61 minutes from a fresh clone on 2 cores),
-# then Context-Completion at k = 8 on its default point, the samples checkpoints and the report.
+# The same-mean synthetic images alone: one sweep over mean shift, mask ratio and the
+# cue-to-distractor trade-off (102 points, 2 at a time), then Context-Completion at k = 8
+# on its default point, the samples checkpoints and the report.
 experiments-synthetic: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --no-report
 	$(BIN)/python experiments/synthetic_completion.py --checkpoints

@@ -68,24 +68,26 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from study.sweep import load_sweep, run_sweep
+    from study.sweep import load_sweep, run_sweeps
 
+    sweeps = [load_sweep(path) for path in args.sweep]
     if args.report_only:
         from study.reports import build_report
 
-        try:
-            print(f"report: {build_report(load_sweep(args.sweep))}")
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except Exception as exc:  # noqa: BLE001 - a failing report cell, in one line
-            print(f"error: report failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}",
-                  file=sys.stderr)
-            return 1
+        for sweep in sweeps:
+            try:
+                print(f"report: {build_report(sweep)}")
+            except FileNotFoundError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            except Exception as exc:  # noqa: BLE001 - a failing report cell, in one line
+                print(f"error: report failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}",
+                      file=sys.stderr)
+                return 1
         return 0
-    summary = run_sweep(load_sweep(args.sweep), parallel=args.parallel, gpus=args.gpus, report=not args.no_report,
-                        seeds=args.seeds)
-    return 1 if summary["failed"] or summary.get("report_error") else 0
+    summaries = run_sweeps(sweeps, parallel=args.parallel, gpus=args.gpus, report=not args.no_report,
+                           seeds=args.seeds)
+    return 1 if any(s["failed"] or s.get("report_error") for s in summaries) else 0
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -163,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
-    p.add_argument("sweep", help="sweep file, e.g. experiments/sweeps/mask_strength_cpu.yaml")
+    p.add_argument("sweep", nargs="+", help="sweep file(s), e.g. experiments/sweeps/mask_strength_cpu.yaml; the "
+                                            "points of several share one pool, the longest first")
     p.add_argument("--parallel", type=positive_int, default=None, help="points run at once (default: the file's)")
     p.add_argument("--gpus", default=None,
                    help="GPUs for the points, one point per GPU: 'auto' (all visible) or indices such as 0,1,2,3 "

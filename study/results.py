@@ -31,8 +31,8 @@ import pandas as pd
 from study.errors import WRITE_ERRNOS, UserError, WriteError, write_error
 from study.io import atomic_write
 
-__all__ = ["append_rows", "check_table", "drop_stale_points", "read_results", "save_rows_aside", "write_results",
-           "ResultsTableError"]
+__all__ = ["append_rows", "check_table", "drop_stale_points", "point_seconds", "read_results", "save_rows_aside",
+           "write_results", "ResultsTableError"]
 
 REQUIRED = ("metric", "value")
 
@@ -237,6 +237,21 @@ def points_with_rows(path: str | Path) -> set[str]:
     if old is None or "point" not in old.columns:
         return set()
     return set(old["point"].dropna().astype(str))
+
+
+def point_seconds(path: str | Path) -> dict[str, float]:
+    """Each point's recorded time in the table at ``path``: its training seconds plus the seconds of its
+    evaluations (``*_seconds`` metrics); empty when there is no table or no such columns."""
+    with _locked(Path(path)):
+        old = _read_existing(Path(path))
+    if old is None or not {"point", "train_seconds"} <= set(old.columns):
+        return {}
+    old = old[old["point"].notna()]
+    train = pd.to_numeric(old["train_seconds"], errors="coerce").groupby(old["point"].astype(str)).max()
+    timed = old[old["metric"].astype(str).str.endswith("_seconds")]
+    evals = pd.to_numeric(timed["value"], errors="coerce").groupby(timed["point"].astype(str)).sum()
+    total = train.add(evals, fill_value=0.0).dropna()
+    return {str(k): float(v) for k, v in total.items()}
 
 
 def read_results(path: str | Path) -> pd.DataFrame:

@@ -57,9 +57,9 @@ from study.errors import UserError
 from study.io import atomic_write_text
 from study.notebook import execute_notebook
 from study.reports import build_report
-from study.results import check_table, drop_stale_points, points_with_rows
+from study.results import check_table, drop_stale_points, point_seconds, points_with_rows
 
-__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "resolve_gpus", "error_cause"]
+__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "run_sweeps", "resolve_gpus", "error_cause"]
 
 RANDOM_BASELINE_RULES = ("once_per_seed",)
 
@@ -340,47 +340,46 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
     ``seeds`` (a subset of the file's) runs only those seeds' missing points; the rows of the other
     seeds stay in the table, as the grid is still the whole file's (seeds split across machines).
     """
+    return run_sweeps([sweep], parallel=parallel, gpus=gpus, report=report, progress=progress, seeds=seeds)[0]
+
+
+def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[int] | str | None = None,
+               report: bool = True, progress: bool = True, seeds: list[int] | None = None) -> list[dict]:
+    """:func:`run_sweep` for several sweeps whose missing points share one pool of workers, the longest
+    first: each point's time recorded in its sweep's results table (its last run) orders them, points
+    without one go first in grid order. A pool that ends on one long point leaves the other workers
+    idle; longest first keeps them busy to the end. ``parallel`` (default: the largest of the files')
+    and ``gpus`` (default: the files', which must then agree) apply to the pool."""
     if parallel is not None and parallel < 1:
         raise UserError(f"parallel must be >= 1 (points run at once), got {parallel}")
-    if seeds is not None and not set(seeds) <= set(sweep.seeds):
-        raise UserError(f"seeds {sorted(set(seeds) - set(sweep.seeds))} are not in the sweep's seeds "
-                        f"{sweep.seeds}: add them to the sweep file, or pick from those")
-    gpu_ids = resolve_gpus(gpus if gpus is not None else sweep.gpus)
-    workers = _worker_count(parallel or sweep.parallel, gpu_ids)
-    points = expand(sweep)
-    check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
-    base = sweep.path(sweep.runs_dir) / sweep.name
-    # done: ran to the end with the config it would run with now, and its rows are in the table (a run of
-    # a smaller grid drops the rows of the points it lacks, and leaves their done markers)
-    tabled = points_with_rows(sweep.path(sweep.results))
-    recorded = {p.slug: _done_config(base / p.slug) for p in points}
-    todo = [p for p in points if not (recorded[p.slug] == p.config and p.slug in tabled)
-            and (seeds is None or p.seed in seeds)]
-    untabled = sum(recorded[p.slug] == p.config for p in todo)
-    changed = sum((base / p.slug / "done.json").exists() and recorded[p.slug] != p.config for p in todo)
-    if changed and progress:
-        print(f"{changed} point(s) done before with another config (base config or defaults changed, "
-              "or run before configs were fingerprinted): rerunning them")
-    if untabled and progress:
-        print(f"{untabled} point(s) done before but without rows in {sweep.results} (a run of a smaller "
-              "grid dropped them): evaluating them again from their checkpoints")
-    skipped = sum(recorded[p.slug] == p.config and p.slug in tabled for p in points)
-    failures: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", disable=not (progress and interactive()))
+    if gpus is None and len({json.dumps(s.gpus) for s in sweeps}) > 1:
+        raise UserError("the sweep files list different gpus: pass --gpus for the run")
+    gpu_ids = resolve_gpus(gpus if gpus is not None else sweeps[0].gpus)
+    files_parallel = max((s.parallel for s in sweeps if s.parallel is not None), default=None)
+    workers = _worker_count(parallel or files_parallel, gpu_ids)
+    plans = [_plan(sweep, seeds, progress) for sweep in sweeps]
+    jobs = _longest_first([(plan.sweep, p) for plan in plans for p in plan.todo])
+    failures: dict[str, dict[str, str]] = {s.name: {} for s in sweeps}
+    seconds: dict[str, dict[str, float]] = {s.name: {} for s in sweeps}
+    bar = tqdm(total=len(jobs), desc=f"sweep {'+'.join(s.name for s in sweeps)}",
+               disable=not (progress and interactive()))
+    done = 0
 
-    def finished(slug: str, error: str | None, sec: float) -> None:
-        seconds[slug] = sec
+    def finished(sweep: Sweep, slug: str, error: str | None, sec: float) -> None:
+        nonlocal done
+        done += 1
+        seconds[sweep.name][slug] = sec
         if error:
-            failures[slug] = error
+            failures[sweep.name][slug] = error
         if progress:
             status = f"FAILED: {error}" if error else "done"
-            bar.write(f"point {len(seconds)}/{len(todo)} {slug} ({duration(sec)}): {status}")
+            where = f"{sweep.name}/" if len(sweeps) > 1 else ""
+            bar.write(f"point {done}/{len(jobs)} {where}{slug} ({duration(sec)}): {status}")
         bar.update(1)
 
     if workers == 1 and gpu_ids is None:
-        for point in todo:
-            finished(*_run_point(sweep, point))
+        for sweep, point in jobs:
+            finished(sweep, *_run_point(sweep, point))
     else:
         # each point runs its own kernel; spawn keeps the workers free of the parent's threads, and the
         # cores are split between workers (kernels inherit OMP_NUM_THREADS) instead of oversubscribed;
@@ -390,16 +389,60 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
         queue = _gpu_queue(context, gpu_ids)
         with ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                  initializer=_init_worker, initargs=(threads, queue)) as pool:
-            futures = [pool.submit(_run_point, sweep, p) for p in todo]
+            futures = {pool.submit(_run_point, sweep, p): sweep for sweep, p in jobs}
             for fut in as_completed(futures):
-                finished(*fut.result())
+                finished(futures[fut], *fut.result())
     bar.close()
+    return [_finish(plan, failures[plan.sweep.name], seconds[plan.sweep.name], report) for plan in plans]
 
-    summary = {"sweep": sweep.name, "points": len(points), "ran": len(todo), "skipped_done": skipped,
+
+@dataclass
+class _Plan:
+    sweep: Sweep
+    points: list[Point]
+    todo: list[Point]
+    skipped: int
+
+
+def _plan(sweep: Sweep, seeds: list[int] | None, progress: bool) -> _Plan:
+    """The sweep's points and those to run now (``seeds``: only theirs)."""
+    if seeds is not None and not set(seeds) <= set(sweep.seeds):
+        raise UserError(f"seeds {sorted(set(seeds) - set(sweep.seeds))} are not in {sweep.name}'s seeds "
+                        f"{sweep.seeds}: add them to the sweep file, or pick from those")
+    points = expand(sweep)
+    check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
+    base = sweep.path(sweep.runs_dir) / sweep.name
+    # done: ran to the end with the config it would run with now, and its rows are in the table (a run of
+    # a smaller grid drops the rows of the points it lacks, and leaves their done markers)
+    tabled = points_with_rows(sweep.path(sweep.results))
+    recorded = {p.slug: _done_config(base / p.slug) for p in points}
+    is_done = {p.slug: recorded[p.slug] == p.config and p.slug in tabled for p in points}
+    todo = [p for p in points if not is_done[p.slug] and (seeds is None or p.seed in seeds)]
+    untabled = sum(recorded[p.slug] == p.config for p in todo)
+    changed = sum((base / p.slug / "done.json").exists() and recorded[p.slug] != p.config for p in todo)
+    if changed and progress:
+        print(f"{sweep.name}: {changed} point(s) done before with another config (base config or defaults "
+              "changed, or run before configs were fingerprinted): rerunning them")
+    if untabled and progress:
+        print(f"{sweep.name}: {untabled} point(s) done before but without rows in {sweep.results} (a run of a "
+              "smaller grid dropped them): evaluating them again from their checkpoints")
+    return _Plan(sweep, points, todo, sum(is_done.values()))
+
+
+def _longest_first(jobs: list[tuple[Sweep, Point]]) -> list[tuple[Sweep, Point]]:
+    """Jobs by their recorded time, longest first; unrecorded ones first, in the order given (stable sort)."""
+    recorded = {s.name: point_seconds(s.path(s.results)) for s, _ in jobs}
+    return sorted(jobs, key=lambda job: -recorded[job[0].name].get(job[1].slug, float("inf")))
+
+
+def _finish(plan: _Plan, failures: dict[str, str], seconds: dict[str, float], report: bool) -> dict:
+    """Drop the rows of points no longer in the grid, build the report, print and return the summary."""
+    sweep = plan.sweep
+    summary = {"sweep": sweep.name, "points": len(plan.points), "ran": len(plan.todo), "skipped_done": plan.skipped,
                "failed": failures, "seconds": round(sum(seconds.values()), 1), "report": None,
                # rows of points that the current grid and base config no longer produce
                "stale_rows_dropped": drop_stale_points(sweep.path(sweep.results), sweep.name,
-                                                       [p.slug for p in points])}
+                                                       [p.slug for p in plan.points])}
     if report and sweep.report_notebook:
         try:
             summary["report"] = str(build_report(sweep))  # reports/<sweep>.ipynb, committed

@@ -271,6 +271,7 @@ def test_ls_loss_ignores_noise_config():
 
 
 def _count_calls(modules):
+    """Calls of each module, through ``__call__`` or (a decoder block's last-block path) ``forward_at``."""
     counts = {name: 0 for name in modules}
 
     def hook(name):
@@ -278,7 +279,24 @@ def _count_calls(modules):
             counts[name] += 1
         return fn
 
+    class Unpatch:
+        def __init__(self, module):
+            self.module = module
+
+        def remove(self):
+            del self.module.forward_at
+
+    def counting(name, method):
+        def fn(*args, **kwargs):
+            counts[name] += 1
+            return method(*args, **kwargs)
+        return fn
+
     handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    for name, m in modules.items():
+        if hasattr(m, "forward_at"):
+            m.forward_at = counting(name, m.forward_at)
+            handles.append(Unpatch(m))
     return counts, handles
 
 
@@ -492,12 +510,13 @@ def test_attention_explicit_path_matches_sdpa_and_runs_where_wanted(monkeypatch)
 @pytest.mark.parametrize("block,scope,injection,select", [
     ("head", "token", "add", "token"), ("head", "image", "add", "image"), ("head", "token", "add", "image"),
     (0, "image", "add", "image"), (1, "token", "adaln", "image"), (2, "image", "adaln", "image")])
-def test_cimle_selection_equals_the_reference_decode_of_every_token(block, scope, injection, select):
+@pytest.mark.parametrize("chunk", [None, 1])  # all samples in one vmapped call; one at a time (SDPA)
+def test_cimle_selection_equals_the_reference_decode_of_every_token(block, scope, injection, select, chunk):
     """The objective decodes only the masked patches and, with the noise in the head, reads the decoder
     features through the head's first layer once; the reference decodes every token per sample
     (``decoder.suffix``) and then picks the masked rows. Same noise: the same choices, the same loss."""
     k = 8
-    cfg = tiny_cfg("cimle", block=block, scope=scope, injection=injection, k=k)
+    cfg = tiny_cfg("cimle", block=block, scope=scope, injection=injection, k=k, chunk=chunk)
     cfg = dataclasses.replace(cfg, cimle=dataclasses.replace(cfg.cimle, select=select))
     model = make_model(cfg)
     imgs, mask = make_batch(batch=16)

@@ -327,7 +327,7 @@ def test_a_run_of_some_seeds_runs_only_theirs_and_keeps_the_others_rows(tmp_path
     assert second["ran"] == 2 and second["skipped_done"] == 2 and len(second["failed"]) == 1
     assert second["stale_rows_dropped"] == 0
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3  # seed 0's two rows kept, seed 1's one
-    with pytest.raises(UserError, match=r"seeds \[7\] are not in the sweep's seeds"):
+    with pytest.raises(UserError, match=r"seeds \[7\] are not in tiny's seeds"):
         run_sweep(sweep, progress=False, report=False, seeds=[1, 7])
 
 
@@ -337,3 +337,42 @@ def test_the_seeds_flag_rejects_a_bad_list_in_one_line(tmp_path, capsys):
     assert main(["sweep", str(_write_sweep(tmp_path)), "--seeds", "3,x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "3,x" in err and len(err.strip().splitlines()) == 1
+
+
+ORDER_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
+    # %%
+    from pathlib import Path
+    from study.results import append_rows
+    with open(Path(results).parent / "order.txt", "a") as log:
+        log.write(sweep + "/" + point + "\\n")
+    append_rows(results, [{"point": point, "train_seconds": 1.0, "metric": "ran", "value": 1.0}])
+''')
+
+
+def test_several_sweeps_share_one_pool_longest_recorded_point_first(tmp_path):
+    from study.sweep import run_sweeps
+
+    (tmp_path / "order_run.py").write_text(ORDER_NOTEBOOK)
+    sweeps = []
+    for name in ("first", "second"):
+        path = _write_sweep(tmp_path)
+        text = path.read_text().replace("name: tiny", f"name: {name}").replace("results.csv", f"{name}.csv")
+        (tmp_path / f"{name}.yaml").write_text(text.replace("run_notebook: run.py", "run_notebook: order_run.py")
+                                              + "parallel: 1\n")
+        sweeps.append(load_sweep(tmp_path / f"{name}.yaml"))
+    points = {s.name: [p.slug for p in expand(s)] for s in sweeps}
+    # the last run's times: the second sweep's last point took longest; one point of the first has no record
+    recorded = {"first": [5.0, 1.0, 30.0, None], "second": [2.0, 3.0, 4.0, 60.0]}
+    for name, times in recorded.items():
+        rows = [{"point": slug, "train_seconds": sec, "metric": "knn_seconds", "value": 0.5, "sweep": "old"}
+                for slug, sec in zip(points[name], times) if sec is not None]
+        pd.DataFrame(rows).to_csv(tmp_path / f"{name}.csv", index=False)
+    summaries = run_sweeps(sweeps, progress=False, report=False)
+    assert [s["ran"] for s in summaries] == [4, 4] and not any(s["failed"] for s in summaries)
+    order = (tmp_path / "order.txt").read_text().split()
+    expected = [("first", 3), ("second", 3), ("first", 2), ("first", 0), ("second", 2), ("second", 1),
+                ("second", 0), ("first", 1)]
+    assert order == [f"{name}/{points[name][i]}" for name, i in expected]
+    for name in ("first", "second"):  # each sweep's rows in its own table
+        table = pd.read_csv(tmp_path / f"{name}.csv")
+        assert set(points[name]) <= set(table.point)

@@ -17,6 +17,7 @@ do not depend on this class.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from study.compat import check_timm_attention, timm_attention
@@ -61,3 +62,25 @@ class Attention(TimmAttention):
         x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)  # [B, N, H*hd]
         x = self.norm(x)
         return self.proj_drop(self.proj(x))  # [B, N, D]
+
+    def forward_queries(self, x: Tensor, rows: Tensor) -> Tensor:
+        """The output at some tokens only: ``x [B, N, D]``, ``rows [B, M]`` token indices -> ``[B, M, D]``,
+        with queries at ``rows`` and keys and values at every token; ``forward(x)`` at ``rows``, up to
+        rounding. The query projection, the attention rows and ``proj`` then cost M of N tokens."""
+        if self.gate is not None:
+            raise NotImplementedError("forward_queries does not implement timm's gated attention")
+        B, N, C = x.shape
+        M, H, hd = rows.shape[1], self.num_heads, self.head_dim
+        w_q, w_kv = self.qkv.weight.split([self.attn_dim, 2 * self.attn_dim])  # qkv rows: q, k, v (timm's order)
+        b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([self.attn_dim, 2 * self.attn_dim])
+        q = F.linear(x.gather(1, rows[..., None].expand(-1, -1, C)), w_q, b_q)  # [B, M, H*hd]
+        q = self.q_norm(q.reshape(B, M, H, hd).transpose(1, 2))  # [B, H, M, hd]
+        k, v = F.linear(x, w_kv, b_kv).reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd]
+        k = self.k_norm(k)
+        if explicit_attention_wanted(x):
+            attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))  # [B, H, M, N]
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = self.norm(out.transpose(1, 2).reshape(B, M, self.attn_dim))  # [B, M, H*hd]
+        return self.proj_drop(self.proj(out))  # [B, M, D]

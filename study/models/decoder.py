@@ -60,6 +60,24 @@ class DecoderBlock(Block):
         h = self.norm2(x) * (1 + scale2) + shift2
         return x + self.drop_path2(self.ls2(self.mlp(h)))  # [B, 1+N, Dd]
 
+    def forward_at(self, x: Tensor, rows: Tensor, mod: Modulation | None = None) -> Tensor:
+        """The output at tokens ``rows [B, M]`` only, ``[B, M, Dd]``: ``forward(x, mod)`` there, up to rounding
+        (keys and values from every token; queries, the MLP and the rest at ``rows``)."""
+        h = self.norm1(x)
+        if mod is not None:
+            h = h * (1 + mod[1]) + mod[0]  # [B, 1+N, Dd]
+        x = at_rows(x, rows) + self.drop_path1(self.ls1(self.attn.forward_queries(h, rows)))  # [B, M, Dd]
+        h = self.norm2(x)
+        if mod is not None:
+            h = h * (1 + at_rows(mod[3], rows)) + at_rows(mod[2], rows)
+        return x + self.drop_path2(self.ls2(self.mlp(h)))  # [B, M, Dd]
+
+
+def at_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x [B, T, W]`` at tokens ``rows [B, M]``: ``[B, M, W]``; ``x [B, 1, W]`` (one value for every token)
+    is returned as it is."""
+    return x if x.shape[1] == 1 else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
 
 def masked_rank(mask: Tensor) -> Tensor:
     """``[B, N]`` bool -> ``[B, N]`` long: rank of each masked patch among the masked ones of its row
@@ -115,14 +133,11 @@ class AdaLNNoise(nn.ModuleList):
 
 
 class LinearPredictor(nn.Linear):
-    """MAE's ``decoder_pred``: ``[B, 1+N, Dd] -> [B, N, p*p*C]``, the class token dropped; given ``masked
-    [B, N_mask]`` (the masked patches' indices), ``[B, N_mask, p*p*C]`` at those patches only."""
+    """MAE's ``decoder_pred``: ``[B, 1+N, Dd] -> [B, N, p*p*C]``, the class token dropped (``cls_first=False``:
+    ``x [B, M, Dd]`` holds patch tokens only)."""
 
-    def forward(self, x: Tensor, z: Tensor | None, mask: Tensor, masked: Tensor | None = None) -> Tensor:
-        if masked is None:
-            return super().forward(x)[:, 1:]
-        x = x[:, 1:].gather(1, masked[..., None].expand(-1, -1, x.shape[-1]))  # [B, N_mask, Dd]
-        return super().forward(x)
+    def forward(self, x: Tensor, z: Tensor | None, mask: Tensor, cls_first: bool = True) -> Tensor:
+        return super().forward(x)[:, 1:] if cls_first else super().forward(x)
 
 
 class TokenHead(nn.Sequential):
@@ -253,17 +268,18 @@ class MAEDecoder(nn.Module):
         """``decode(z) -> pred [B, N_mask, p*p*C]`` at the masked patches only (``masked [B, N_mask]``, their
         indices), for objectives that decode many ``z`` from one ``hidden``: what does not depend on ``z``
         is done here, once. Equal to ``suffix(hidden, z, mask)`` at the masked rows, up to float rounding.
-        With the noise in the head that is the norm and the first layer's feature part; with the noise at
-        a block, each ``z`` still runs the blocks from there on over every token, but only the masked
-        tokens are predicted."""
+        With the noise in the head, that is the norm and the part of the head's first layer that reads
+        the decoder features. With the noise at a block, each ``z`` runs the blocks from there on, the
+        last of them with queries (and its MLP, the norm and the prediction) at the masked patches only."""
         self._checked_has_noise()
         if self.decoder_head is not None:  # the noise enters in the head: no block after the split
-            x = self._blocks_after_noise(hidden, None, mask)[:, 1:]  # [B, N, Dd]
-            return self.decoder_head.sampler(x.gather(1, masked[..., None].expand(-1, -1, x.shape[-1])))
-        return lambda z: self.decoder_pred(self._blocks_after_noise(hidden, z, mask), z, mask, masked)
+            return self.decoder_head.sampler(self._blocks_after_noise(hidden, None, mask, masked))
+        return lambda z: self.decoder_pred(self._blocks_after_noise(hidden, z, mask, masked), z, mask, cls_first=False)
 
-    def _blocks_after_noise(self, hidden: Tensor, z: Tensor | None, mask: Tensor) -> Tensor:
-        """Inject ``z`` (unless it enters in the head), run blocks ``split ..``, norm: ``[B, 1+N, Dd]``."""
+    def _blocks_after_noise(self, hidden: Tensor, z: Tensor | None, mask: Tensor,
+                            masked: Tensor | None = None) -> Tensor:
+        """Inject ``z`` (unless it enters in the head), run blocks ``split ..``, norm: ``[B, 1+N, Dd]``; given
+        ``masked [B, N_mask]``, ``[B, N_mask, Dd]`` at those patches only (from the last block on)."""
         x, mods = hidden, None
         if z is not None:
             z = self._checked(z, mask).to(x.dtype)
@@ -272,12 +288,15 @@ class MAEDecoder(nn.Module):
                 x, mods = inject(x, z, mask)
         blocks = self.decoder_blocks[self.split:]
         mods = mods or [None] * (len(blocks) + 1)
-        for blk, mod in zip(blocks, mods):
-            x = blk(x, mod)  # [B, 1+N, Dd]
+        rows = None if masked is None else masked + 1  # token indices: the class token is token 0
+        for i, (blk, mod) in enumerate(zip(blocks, mods)):
+            x = blk.forward_at(x, rows, mod) if rows is not None and i == len(blocks) - 1 else blk(x, mod)
+        if rows is not None and not blocks:
+            x = at_rows(x, rows)  # [B, N_mask, Dd]
         x = self.decoder_norm(x)
         if mods[-1] is not None:
             shift, scale = mods[-1]
-            x = x * (1 + scale) + shift  # [B, 1+N, Dd]
+            x = x * (1 + scale) + shift if rows is None else x * (1 + at_rows(scale, rows)) + at_rows(shift, rows)
         return x
 
     def _checked_has_noise(self) -> None:
