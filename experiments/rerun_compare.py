@@ -1,0 +1,124 @@
+"""Did a rerun move the science? Each study's paired cIMLE - LS differences before and after, per seed.
+
+    python experiments/rerun_compare.py --before <git revision> [--out results/rerun_compare.md]
+
+A change that alters float rounding (not the maths) reruns every affected row. Each cIMLE
+run then decorrelates from its old self as a run with another seed would (a near-tied
+selection flips; docs/reproducibility.md), so a single row may move by seed noise. What must
+not move is the comparison: for each study setting and objective, the per-seed difference
+``(objective - LS)`` is formed before and after, and their change, ``after - before``, gets a
+two-sided 95% t-interval over seeds. An interval that excludes 0 says the comparison moved
+beyond seed noise. Studies without LS rows (the noise-block study) compare the objective's
+own value per seed. The tables before are read from git (``git show REV:results/NAME.csv``),
+the tables after from ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from study.errors import UserError, run_command  # noqa: E402
+from study.figures.common import paired_cell  # noqa: E402
+from study.io import atomic_write_text  # noqa: E402
+from study.statistics import PAIR_KEYS, objective_variants, t_interval  # noqa: E402
+
+STUDIES = ("mask_strength_cpu", "efficiency_cpu", "noise_block_cpu", "synthetic_cpu")
+SETTING_KEYS = PAIR_KEYS + ("synthetic_mean_shift", "synthetic_distractor", "decoder_depth")
+METRICS = {"knn_top1": "k-NN", "linear_top1": "linear"}
+
+
+def _table_at(revision: str, path: str) -> pd.DataFrame:
+    try:
+        text = subprocess.run(["git", "show", f"{revision}:{path}"], check=True, capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as exc:
+        raise UserError(f"cannot read {path} at {revision!r}: {exc.stderr.strip()}") from None
+    return pd.read_csv(io.StringIO(text))
+
+
+def _wide(table: pd.DataFrame) -> pd.DataFrame:
+    """Pretrained-encoder rows of the two metrics, one column per objective variant, indexed by setting and seed."""
+    rows = table[(table.encoder == "pretrained") & table.metric.isin(list(METRICS))]
+    variant = objective_variants(rows)
+    if rows.objective.eq("cimle").all() and rows.noise_block.nunique() > 1:  # the noise-block study
+        variant = variant + "@" + rows.noise_block.astype(str)
+    keys = [k for k in SETTING_KEYS if k in rows.columns]
+    rows = rows.assign(variant=variant, **{k: rows[k].astype(object).fillna("-") for k in keys})
+    return rows.pivot_table(index=keys + ["seed"], columns="variant", values="value", aggfunc="first")
+
+
+def compare(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and objective: before, after and change of (objective - LS) per seed, mean and 95% interval."""
+    old, new = _wide(before), _wide(after)
+    keys = [k for k in old.index.names if k != "seed"]
+    baseline = "ls" if "ls" in old.columns and "ls" in new.columns else None
+    out = []
+    for variant in sorted(set(old.columns) & set(new.columns) - {"ls"}):
+        d_old = old[variant] - (old[baseline] if baseline else 0.0)
+        d_new = new[variant] - (new[baseline] if baseline else 0.0)
+        both = pd.concat({"before": d_old, "after": d_new}, axis=1).dropna()
+        for setting, group in both.groupby(level=keys, sort=True):
+            row = dict(zip(keys, setting if isinstance(setting, tuple) else (setting,)))
+            row.update(objective=variant, versus="ls" if baseline else "itself", n=len(group))
+            for name, values in (("before", group.before), ("after", group.after),
+                                 ("change", group.after - group.before)):
+                mean, low, high = t_interval(100 * values.to_numpy())
+                row.update({f"{name}": mean, f"{name}_low": low, f"{name}_high": high})
+            row["moved"] = bool(row["change_low"] > 0 or row["change_high"] < 0)
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def markdown(study: str, frame: pd.DataFrame) -> str:
+    varying = [k for k in SETTING_KEYS if k in frame.columns and frame[k].nunique() > 1 and k != "metric"]
+    lines = [f"### {study}", "", "| " + " | ".join(varying + ["metric", "objective", "n", "before", "after",
+                                                             "change (after - before)"]) + " |",
+             "|" + "---|" * (len(varying) + 6)]
+    for r in frame.itertuples():
+        cells = [str(getattr(r, k)) for k in varying] + [METRICS[r.metric], f"{r.objective} - {r.versus}"
+                                                         if r.versus == "ls" else r.objective, str(r.n)]
+        cells += [paired_cell(r.before, r.before_low, r.before_high, 1),
+                  paired_cell(r.after, r.after_low, r.after_high, 1),
+                  paired_cell(r.change, r.change_low, r.change_high, 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    moved = int(frame.moved.sum())
+    lines += ["", f"{moved} of {len(frame)} comparisons moved beyond seed noise (change interval excludes 0; "
+              f"at 95%, about {0.05 * len(frame):.0f} would by chance alone).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--before", required=True, help="git revision whose committed tables are the rows before")
+    p.add_argument("--results", type=Path, default=Path("results"), help="folder of the tables after")
+    p.add_argument("--out", type=Path, default=None, help="markdown file to write (default: print only)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        parts = [f"Paired cIMLE - LS (points x 100, mean [95% interval] over seeds) in the tables at "
+                 f"{args.before} and in {args.results}/; bold: the interval excludes 0.", ""]
+        for study in STUDIES:
+            after_path = args.results / f"{study}.csv"
+            if not after_path.is_file():
+                raise UserError(f"no table at {after_path}: run the study first, or pass --results")
+            parts.append(markdown(study, compare(_table_at(args.before, f"results/{study}.csv"),
+                                                 pd.read_csv(after_path))))
+        text = "\n".join(parts)
+        print(text)
+        if args.out:
+            atomic_write_text(args.out, text)
+        return 0
+
+    return run_command(run, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
