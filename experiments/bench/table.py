@@ -19,7 +19,11 @@ def _fmt_bytes(n: int | None) -> str:
 
 def _row_lines(res: dict) -> list[str]:
     env, st = res["environment"], res["settings"]
-    lines = [f"device {env['device']} ({env['device_name']}), torch {env['torch']}, threads {env['threads']}, "
+    cpu = env.get("cpu") or {}
+    where = env["device_name"] if env["device"] != "cpu" or not cpu else \
+        f"{cpu['model_name']}, {cpu.get('family_model', '?')}, {'+'.join(cpu['features']) or 'no AVX2'}, " \
+        f"torch ISA {cpu['torch_cpu_capability']}"
+    lines = [f"device {env['device']} ({where}), torch {env['torch']}, threads {env['threads']}, "
              f"batch {st['batch']}, precision {st['precision']}, {st['steps']} rounds after {st['warmup']} warm-up"]
     head = (f"{'variant':<30} {'step ms':>9} {'img/s':>9} {'peak MiB':>9} {'vs LS':>7} {'model ms':>9} "
             f"{'meas/model':>10} {'GFLOP':>8} {'TFLOP/s':>8} {'of peak':>7}")
