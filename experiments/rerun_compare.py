@@ -1,6 +1,6 @@
 """Did a rerun move the science? Each study's paired cIMLE - LS differences before and after, per seed.
 
-    python experiments/rerun_compare.py --before <git revision> [--out results/rerun_compare.md]
+    python experiments/rerun_compare.py --before <git revision> [--studies efficiency_cpu] [--out FILE.md]
 
 A change that alters float rounding (not the maths) reruns every affected row. Each cIMLE
 run then decorrelates from its old self as a run with another seed would (a near-tied
@@ -43,21 +43,20 @@ def _table_at(revision: str, path: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text))
 
 
-def _wide(table: pd.DataFrame) -> pd.DataFrame:
+def _wide(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Pretrained-encoder rows of the two metrics, one column per objective variant, indexed by setting and seed."""
     rows = table[(table.encoder == "pretrained") & table.metric.isin(list(METRICS))]
     variant = objective_variants(rows)
     if rows.objective.eq("cimle").all() and rows.noise_block.nunique() > 1:  # the noise-block study
         variant = variant + "@" + rows.noise_block.astype(str)
-    keys = [k for k in SETTING_KEYS if k in rows.columns]
     rows = rows.assign(variant=variant, **{k: rows[k].astype(object).fillna("-") for k in keys})
     return rows.pivot_table(index=keys + ["seed"], columns="variant", values="value", aggfunc="first")
 
 
 def compare(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     """Per setting and objective: before, after and change of (objective - LS) per seed, mean and 95% interval."""
-    old, new = _wide(before), _wide(after)
-    keys = [k for k in old.index.names if k != "seed"]
+    keys = [k for k in SETTING_KEYS if k in before.columns and k in after.columns]
+    old, new = _wide(before, keys), _wide(after, keys)
     baseline = "ls" if "ls" in old.columns and "ls" in new.columns else None
     out = []
     for variant in sorted(set(old.columns) & set(new.columns) - {"ls"}):
@@ -98,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--before", required=True, help="git revision whose committed tables are the rows before")
     p.add_argument("--results", type=Path, default=Path("results"), help="folder of the tables after")
+    p.add_argument("--studies", default=",".join(STUDIES), help="the studies (results tables) to compare")
     p.add_argument("--out", type=Path, default=None, help="markdown file to write (default: print only)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         parts = [f"Paired cIMLE - LS (points x 100, mean [95% interval] over seeds) in the tables at "
                  f"{args.before} and in {args.results}/; bold: the interval excludes 0.", ""]
-        for study in STUDIES:
+        for study in args.studies.split(","):
             after_path = args.results / f"{study}.csv"
             if not after_path.is_file():
                 raise UserError(f"no table at {after_path}: run the study first, or pass --results")
