@@ -25,7 +25,8 @@ on the config's device (``auto``: CUDA when available) and precision:
   its first layer that reads the decoder features) at batch B plus its
   distance to the target. The blocks before ``j``, and what the sampler shares
   across samples, run once per step, with gradient, and are part of ``D_fb``;
-  only the per-sample part is repeated, so ``D_f`` is that part alone. The model leaves out the optimizer step, the mask and the target;
+  only the per-sample part is repeated, so ``D_f`` is that part alone. The
+  model leaves out the optimizer step, the mask and the target;
   ``cimle_vs_cost_model_with_optimizer`` adds the separately timed AdamW step.
 * **Peak memory** of one step per variant, taken before the timing on a
   steady step (every optimizer is primed with one step on zero gradients
