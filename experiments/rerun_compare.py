@@ -83,8 +83,9 @@ def markdown(study: str, frame: pd.DataFrame) -> str:
     for r in frame.itertuples():
         cells = [str(getattr(r, k)) for k in varying] + [METRICS[r.metric], f"{r.objective} - {r.versus}"
                                                          if r.versus == "ls" else r.objective, str(r.n)]
-        cells += [paired_cell(r.before, r.before_low, r.before_high, 1),
-                  paired_cell(r.after, r.after_low, r.after_high, 1),
+        differences = r.versus == "ls"  # else the objective's own accuracy: no interval to hold against 0
+        cells += [paired_cell(r.before, r.before_low, r.before_high, 1, bold=differences),
+                  paired_cell(r.after, r.after_low, r.after_high, 1, bold=differences),
                   paired_cell(r.change, r.change_low, r.change_high, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     moved = int(frame.moved.sum())
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
-        parts = [f"Paired cIMLE - LS (points x 100, mean [95% interval] over seeds) in the tables at "
-                 f"{args.before} and in {args.results}/; bold: the interval excludes 0.", ""]
+        parts = [f"Per seed, objective - LS (a study without LS: the objective's own accuracy), in points, "
+                 f"mean [95% t-interval] over seeds, in the tables at {args.before} (before) and in "
+                 f"{args.results}/ (after); bold: a difference whose interval excludes 0.", ""]
         for study in args.studies.split(","):
             after_path = args.results / f"{study}.csv"
             if not after_path.is_file():
