@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from study.errors import UserError
 from study.image_folders import RobustImageFolder, train_transform
 from study.io import atomic_write_text
 from study.packed import DeviceCrops, PackedImages, pack_folder
+from study.runtime import host_cpu
 
 __all__ = ["add_arguments", "run_from_args", "bench_data"]
 
@@ -50,16 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the packed crops run (default auto)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rate(fn, n: int, min_seconds: float = 1.0) -> float:
@@ -112,6 +102,7 @@ def bench_data(folder: RobustImageFolder, img_size: int, *, images: int, batch: 
     finally:
         torch.set_num_threads(threads)
     packed_cpu = gather_rate if device.type == "cuda" else 1 / (1 / gather_rate + 1 / crop_rate)
+    cpu = host_cpu()["model_name"]
     return {
         "images": n, "batch": batch, "img_size": img_size, "pack_size": size, "rate_needed": rate,
         "folder_images_per_s_per_core": folder_rate,
@@ -123,8 +114,8 @@ def bench_data(folder: RobustImageFolder, img_size: int, *, images: int, batch: 
         "packed_cores_needed": rate / packed_cpu,
         "gpu_share_for_crops": rate / crop_rate if device.type == "cuda" else None,
         "pack_images_per_s_per_core": pack_rate,
-        "host": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()},
+        "host": {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu},
         "source": str(folder.root),
     }
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from study.errors import UserError
 
-__all__ = ["Dist", "init_distributed", "resolve_device", "describe_device", "check_precision", "autocast",
+__all__ = ["Dist", "init_distributed", "resolve_device", "describe_device", "host_cpu", "check_precision", "autocast",
            "grad_scaler", "seed_everything", "cpu_threads", "linear_scaled_lr", "warmup_cosine", "adamw", "NoDevice"]
 
 
@@ -73,6 +75,25 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return "cpu (no GPU visible)" if not torch.cuda.is_available() else "cpu"
+
+
+def host_cpu() -> dict:
+    """The host CPU as /proc/cpuinfo names it (``model_name``, ``family_model``), the matrix and vector
+    ``features`` that decide bf16 speed, and the vector ISA PyTorch dispatches to: hosts of the same kind
+    differ (Intel with AMX, AMD without), so a timing says which one it ran on."""
+    info: dict = {"model_name": platform.processor() or platform.machine(), "features": [],
+                  "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last core's values
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["model_name"] = fields.get("model name", info["model_name"])
+    info["family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    flags = set(fields.get("flags", "").split())
+    info["features"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
+    return info
 
 
 # --------------------------------------------------------------------------- precision

@@ -12,7 +12,6 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -21,6 +20,7 @@ from experiments.bench.settings import Plan
 from experiments.bench.transformers_side import parameter_counts, transformers_info
 from experiments.bench.variants import HF_VARIANT, Variant
 from study.config import config_to_dict
+from study.runtime import host_cpu
 
 __all__ = ["StepMemo", "Measured", "build_report"]
 
@@ -167,29 +167,11 @@ def _targets(primary: dict, paired_wall: dict, cpu_ratios: dict, late_rows: list
     return out
 
 
-def cpu_model() -> dict:
-    """The host CPU as /proc/cpuinfo names it, the matrix and vector features that decide bf16 speed, and the
-    vector ISA PyTorch dispatches to: hosts of the same kind differ (Intel with AMX, AMD without)."""
-    info: dict = {"model_name": platform.processor() or platform.machine(), "features": [],
-                  "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last core's values
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    info["model_name"] = fields.get("model name", info["model_name"])
-    info["family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
-    flags = set(fields.get("flags", "").split())
-    info["features"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
-    return info
-
-
 def _environment(device: torch.device, load_before: list[float] | None) -> dict:
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu": cpu_model(),
+        "cpu": host_cpu(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
