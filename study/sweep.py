@@ -358,7 +358,7 @@ def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[i
     files_parallel = max((s.parallel for s in sweeps if s.parallel is not None), default=None)
     workers = _worker_count(parallel or files_parallel, gpu_ids)
     plans = [_plan(sweep, seeds, progress) for sweep in sweeps]
-    jobs = _longest_first([(plan.sweep, p) for plan in plans for p in plan.todo])
+    jobs = _longest_first(plans)
     failures: dict[str, dict[str, str]] = {s.name: {} for s in sweeps}
     seconds: dict[str, dict[str, float]] = {s.name: {} for s in sweeps}
     bar = tqdm(total=len(jobs), desc=f"sweep {'+'.join(s.name for s in sweeps)}",
@@ -402,6 +402,7 @@ class _Plan:
     points: list[Point]
     todo: list[Point]
     skipped: int
+    seconds: dict[str, float]  # each point's time in its last run, as its rows in the table record it
 
 
 def _plan(sweep: Sweep, seeds: list[int] | None, progress: bool) -> _Plan:
@@ -426,13 +427,15 @@ def _plan(sweep: Sweep, seeds: list[int] | None, progress: bool) -> _Plan:
     if untabled and progress:
         print(f"{sweep.name}: {untabled} point(s) done before but without rows in {sweep.results} (a run of a "
               "smaller grid dropped them): evaluating them again from their checkpoints")
-    return _Plan(sweep, points, todo, sum(is_done.values()))
+    return _Plan(sweep, points, todo, sum(is_done.values()), point_seconds(sweep.path(sweep.results)))
 
 
-def _longest_first(jobs: list[tuple[Sweep, Point]]) -> list[tuple[Sweep, Point]]:
-    """Jobs by their recorded time, longest first; unrecorded ones first, in the order given (stable sort)."""
-    recorded = {s.name: point_seconds(s.path(s.results)) for s, _ in jobs}
-    return sorted(jobs, key=lambda job: -recorded[job[0].name].get(job[1].slug, float("inf")))
+def _longest_first(plans: list[_Plan]) -> list[tuple[Sweep, Point]]:
+    """Every plan's points to run, by their recorded time, longest first; unrecorded ones first, in grid
+    order (stable sort)."""
+    jobs = [(plan, p) for plan in plans for p in plan.todo]
+    jobs.sort(key=lambda job: -job[0].seconds.get(job[1].slug, float("inf")))
+    return [(plan.sweep, p) for plan, p in jobs]
 
 
 def _finish(plan: _Plan, failures: dict[str, str], seconds: dict[str, float], report: bool) -> dict:
