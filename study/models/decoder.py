@@ -73,10 +73,10 @@ class DecoderBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(h)))  # [B, M, Dd]
 
 
-def at_rows(x: Tensor, rows: Tensor) -> Tensor:
+def at_rows(x: Tensor, rows: Tensor | None) -> Tensor:
     """``x [B, T, W]`` at tokens ``rows [B, M]``: ``[B, M, W]``; ``x [B, 1, W]`` (one value for every token)
-    is returned as it is."""
-    return x if x.shape[1] == 1 else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    and ``rows=None`` (every token) return ``x`` as it is."""
+    return x if rows is None or x.shape[1] == 1 else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def masked_rank(mask: Tensor) -> Tensor:
@@ -291,12 +291,12 @@ class MAEDecoder(nn.Module):
         rows = None if masked is None else masked + 1  # token indices: the class token is token 0
         for i, (blk, mod) in enumerate(zip(blocks, mods)):
             x = blk.forward_at(x, rows, mod) if rows is not None and i == len(blocks) - 1 else blk(x, mod)
-        if rows is not None and not blocks:
+        if not blocks:
             x = at_rows(x, rows)  # [B, N_mask, Dd]
         x = self.decoder_norm(x)
         if mods[-1] is not None:
             shift, scale = mods[-1]
-            x = x * (1 + scale) + shift if rows is None else x * (1 + at_rows(scale, rows)) + at_rows(shift, rows)
+            x = x * (1 + at_rows(scale, rows)) + at_rows(shift, rows)
         return x
 
     def _checked_has_noise(self) -> None:
