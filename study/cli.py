@@ -24,7 +24,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from study.cli_args import OneLineParser, int_at_least, nonnegative_int, positive_int, seed_list
+from study.cli_args import OneLineParser, config_value, int_at_least, nonnegative_int, positive_int, seed_list
 from study.config import load_config
 from study.errors import UserError, run_command
 
@@ -86,7 +86,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                 return 1
         return 0
     summaries = run_sweeps(sweeps, parallel=args.parallel, gpus=args.gpus, report=not args.no_report,
-                           seeds=args.seeds)
+                           seeds=args.seeds, only=args.only)
     return 1 if any(s["failed"] or s.get("report_error") for s in summaries) else 0
 
 
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the report notebook")
     p.add_argument("--seeds", type=seed_list, default=None,
                    help="run only these of the file's seeds, e.g. 3,4 (the other seeds' rows are kept)")
+    p.add_argument("--only", type=config_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="run only the points whose config has this value, e.g. objective=cimle (repeat to "
+                        "narrow; the other points' rows are kept)")
     p.add_argument("--report-only", action="store_true",
                    help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
     p.set_defaults(func=_cmd_sweep)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
-__all__ = ["OneLineParser", "int_at_least", "positive_float", "positive_int", "nonnegative_int", "seed_list"]
+import yaml
+
+__all__ = ["OneLineParser", "int_at_least", "positive_float", "positive_int", "nonnegative_int", "seed_list", "config_value"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -62,3 +64,14 @@ def seed_list(text: str) -> list[int]:
     if any(seed < 0 for seed in seeds):
         raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text}")
     return seeds
+
+
+def config_value(text: str) -> tuple[str, Any]:
+    """An argparse type: ``key.sub=value`` (the value parsed as YAML, as in ``--set``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as objective=cimle, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"the value of {text!r} is not valid YAML") from None

@@ -31,6 +31,11 @@ the first in grid order evaluates it (the run notebook gets
 ``random_baseline=True``, the others ``False``); the choice is made on the whole
 grid, so points already done do not move it. Without the key the run notebook
 decides per objective (its ``random_baseline_objectives``).
+
+``--seeds 3,4`` and ``--only objective=cimle`` run a part of the missing points
+(some seeds; the points whose resolved config has that value); the other points'
+rows stay in the table. After a change to one objective's code, a fresh checkout
+reruns that objective's points alone against the committed rows of the others.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class Point:
     # (or a changed default in the code) leaves the slug alone but changes this
     config: str = ""
     random_baseline: bool | None = None  # None: the run notebook's own rule
+    settings: dict = field(default_factory=dict, repr=False, compare=False)  # the resolved config, as a mapping
 
     @property
     def slug(self) -> str:
@@ -170,7 +176,8 @@ def expand(sweep: Sweep) -> list[Point]:
             for seed in sweep.seeds:
                 overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
                 cfg = load_config(sweep.path(sweep.config), overrides)  # fail before any work
-                points.append(Point(overrides=overrides, seed=seed, config=_fingerprint(cfg)))
+                points.append(Point(overrides=overrides, seed=seed, config=_fingerprint(cfg),
+                                    settings=config_to_dict(cfg)))
                 encoders.append(_random_encoder_key(cfg))
     if sweep.random_baseline == "once_per_seed":
         _assign_random_baseline(points, encoders)
@@ -333,18 +340,23 @@ def _worker_count(parallel: int | None, gpus: list[str] | None) -> int:
 
 
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | str | None = None,
-              report: bool = True, progress: bool = True, seeds: list[int] | None = None) -> dict:
+              report: bool = True, progress: bool = True, seeds: list[int] | None = None,
+              only: list[tuple[str, Any]] = ()) -> dict:
     """Run the missing points, then the report notebook; returns a summary dict (also printed).
 
     ``parallel`` and ``gpus`` (a list of indices, ``"auto"`` or ``"0,1"``) replace the sweep file's.
-    ``seeds`` (a subset of the file's) runs only those seeds' missing points; the rows of the other
-    seeds stay in the table, as the grid is still the whole file's (seeds split across machines).
+    ``seeds`` (a subset of the file's) runs only those seeds' missing points; ``only`` (pairs of a dotted
+    config key and a value) only the missing points whose resolved config has every one of those values.
+    The rows of the other points stay in the table, as the grid is still the whole file's (seeds split
+    across machines; one objective rerun after a change to its code).
     """
-    return run_sweeps([sweep], parallel=parallel, gpus=gpus, report=report, progress=progress, seeds=seeds)[0]
+    return run_sweeps([sweep], parallel=parallel, gpus=gpus, report=report, progress=progress, seeds=seeds,
+                      only=only)[0]
 
 
 def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[int] | str | None = None,
-               report: bool = True, progress: bool = True, seeds: list[int] | None = None) -> list[dict]:
+               report: bool = True, progress: bool = True, seeds: list[int] | None = None,
+               only: list[tuple[str, Any]] = ()) -> list[dict]:
     """:func:`run_sweep` for several sweeps whose missing points share one pool of workers, the longest
     first: each point's time recorded in its sweep's results table (its last run) orders them, points
     without one go first in grid order. A pool that ends on one long point leaves the other workers
@@ -357,7 +369,12 @@ def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[i
     gpu_ids = resolve_gpus(gpus if gpus is not None else sweeps[0].gpus)
     files_parallel = max((s.parallel for s in sweeps if s.parallel is not None), default=None)
     workers = _worker_count(parallel or files_parallel, gpu_ids)
-    plans = [_plan(sweep, seeds, progress) for sweep in sweeps]
+    plans = [_plan(sweep, seeds, only, progress) for sweep in sweeps]
+    if only and not any(plan.selected for plan in plans):
+        key, value = only[0]
+        seen = sorted({repr(_setting(p.settings, key)) for plan in plans for p in plan.points})
+        raise UserError(f"no point has {' and '.join(f'{k}={v!r}' for k, v in only)}; "
+                        f"its points have {key} in {', '.join(seen)}")
     jobs = _longest_first(plans)
     failures: dict[str, dict[str, str]] = {s.name: {} for s in sweeps}
     seconds: dict[str, dict[str, float]] = {s.name: {} for s in sweeps}
@@ -403,14 +420,32 @@ class _Plan:
     todo: list[Point]
     skipped: int
     seconds: dict[str, float]  # each point's time in its last run, as its rows in the table record it
+    selected: int  # points that the seeds and the ``only`` values pick, done or not
 
 
-def _plan(sweep: Sweep, seeds: list[int] | None, progress: bool) -> _Plan:
-    """The sweep's points and those to run now (``seeds``: only theirs)."""
+_MISSING = object()
+
+
+def _setting(settings: dict, key: str) -> Any:
+    node: Any = settings
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _plan(sweep: Sweep, seeds: list[int] | None, only: list[tuple[str, Any]], progress: bool) -> _Plan:
+    """The sweep's points and those to run now (``seeds``, ``only``: only those picked)."""
     if seeds is not None and not set(seeds) <= set(sweep.seeds):
         raise UserError(f"seeds {sorted(set(seeds) - set(sweep.seeds))} are not in {sweep.name}'s seeds "
                         f"{sweep.seeds}: add them to the sweep file, or pick from those")
     points = expand(sweep)
+    for key, _ in only:
+        if points and _setting(points[0].settings, key) is _MISSING:
+            raise UserError(f"--only {key}: not a config key (e.g. objective, mask.ratio, noise.block, cimle.k)")
+    picked = [p for p in points if (seeds is None or p.seed in seeds)
+              and all(_setting(p.settings, key) == value for key, value in only)]
     check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
     # done: ran to the end with the config it would run with now, and its rows are in the table (a run of
@@ -418,7 +453,7 @@ def _plan(sweep: Sweep, seeds: list[int] | None, progress: bool) -> _Plan:
     tabled = points_with_rows(sweep.path(sweep.results))
     recorded = {p.slug: _done_config(base / p.slug) for p in points}
     is_done = {p.slug: recorded[p.slug] == p.config and p.slug in tabled for p in points}
-    todo = [p for p in points if not is_done[p.slug] and (seeds is None or p.seed in seeds)]
+    todo = [p for p in picked if not is_done[p.slug]]
     untabled = sum(recorded[p.slug] == p.config for p in todo)
     changed = sum((base / p.slug / "done.json").exists() and recorded[p.slug] != p.config for p in todo)
     if changed and progress:
@@ -427,7 +462,7 @@ def _plan(sweep: Sweep, seeds: list[int] | None, progress: bool) -> _Plan:
     if untabled and progress:
         print(f"{sweep.name}: {untabled} point(s) done before but without rows in {sweep.results} (a run of a "
               "smaller grid dropped them): evaluating them again from their checkpoints")
-    return _Plan(sweep, points, todo, sum(is_done.values()), point_seconds(sweep.path(sweep.results)))
+    return _Plan(sweep, points, todo, sum(is_done.values()), point_seconds(sweep.path(sweep.results)), len(picked))
 
 
 def _longest_first(plans: list[_Plan]) -> list[tuple[Sweep, Point]]:

@@ -1,5 +1,6 @@
 """Sweeps: resume runs only missing points; a failing point is reported and the others finish."""
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -329,6 +330,33 @@ def test_a_run_of_some_seeds_runs_only_theirs_and_keeps_the_others_rows(tmp_path
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3  # seed 0's two rows kept, seed 1's one
     with pytest.raises(UserError, match=r"seeds \[7\] are not in tiny's seeds"):
         run_sweep(sweep, progress=False, report=False, seeds=[1, 7])
+
+
+def test_a_run_of_only_some_values_runs_only_their_points_and_keeps_the_others_rows(tmp_path, capsys):
+    """After a change to one objective's code, a fresh checkout reruns that objective's points alone."""
+    from study.cli import main
+
+    sweep = load_sweep(_write_sweep(tmp_path))
+    first = run_sweep(sweep, progress=False, report=False, only=[("mask.ratio", 0.5)])
+    assert first["ran"] == 2 and not first["failed"]
+    assert set(pd.read_csv(tmp_path / "results.csv").mask_ratio) == {0.5}
+    # a fresh checkout: the committed rows, no done markers; rerun the 0.9 points of seed 0 only
+    shutil.rmtree(tmp_path / "runs")
+    again = run_sweep(sweep, progress=False, report=False, seeds=[0], only=[("mask.ratio", 0.9)])
+    assert again["ran"] == 1 and again["stale_rows_dropped"] == 0
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(table.mask_ratio) == [0.5, 0.5, 0.9]  # the 0.5 rows kept, the 0.9 one added
+    assert [p.name.split("_")[0] for p in (tmp_path / "runs" / "tiny").iterdir()] == ["0.9"]
+    with pytest.raises(UserError, match=r"no point has mask.ratio=0.7; its points have mask.ratio in 0.5, 0.9"):
+        run_sweep(sweep, progress=False, report=False, only=[("mask.ratio", 0.7)])
+    with pytest.raises(UserError, match="--only mask.ratios: not a config key"):
+        run_sweep(sweep, progress=False, report=False, only=[("mask.ratios", 0.5)])
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--only", "objective"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "KEY=VALUE" in err and len(err.strip().splitlines()) == 1
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--only", "objective=mvae"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: no point has objective='mvae'; its points have objective in 'ls'\n"
 
 
 def test_the_seeds_flag_rejects_a_bad_list_in_one_line(tmp_path, capsys):
