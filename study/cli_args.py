@@ -13,7 +13,8 @@ from typing import Any, Callable, NoReturn
 
 import yaml
 
-__all__ = ["OneLineParser", "int_at_least", "positive_float", "positive_int", "nonnegative_int", "seed_list", "config_value"]
+__all__ = ["OneLineParser", "config_value", "int_at_least", "positive_float", "positive_int", "nonnegative_int",
+           "seed_list"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -371,7 +371,7 @@ def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[i
     workers = _worker_count(parallel or files_parallel, gpu_ids)
     plans = [_plan(sweep, seeds, only, progress) for sweep in sweeps]
     if only and not any(plan.selected for plan in plans):
-        key, value = only[0]
+        key = only[0][0]
         seen = sorted({repr(_setting(p.settings, key)) for plan in plans for p in plan.points})
         raise UserError(f"no point has {' and '.join(f'{k}={v!r}' for k, v in only)}; "
                         f"its points have {key} in {', '.join(seen)}")
