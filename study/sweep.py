@@ -15,15 +15,7 @@ Each finished point prints one line (a failed one with the last line of its
 cause, e.g. ``FileNotFoundError: ...`` raised inside the notebook); a progress
 bar is drawn only on a terminal.
 
-GPUs: a point runs on one GPU. ``gpus: [0, 1, 2, 3]`` (indices among the GPUs
-this process sees) or ``gpus: auto`` (all of them) gives each worker one GPU
-of its own, through ``CUDA_VISIBLE_DEVICES`` set in the worker before anything
-in it, or in the kernel it starts, touches CUDA; ``parallel`` is then the number
-of GPUs unless set lower, and more workers than listed GPUs is an error (a GPU
-listed twice, ``[0, 0, 1, 1]``, is shared by two workers). ``done.json`` records
-the GPU. A point that needs several GPUs (one data-parallel run) does not belong
-in a sweep: pretrain it with torchrun or ``python -m study submit``, then run
-``python -m study evaluate`` on its checkpoint.
+GPUs and threads: :mod:`study.sweep_workers`.
 
 ``random_baseline: once_per_seed``: the random-init encoder depends only on the
 seed and the encoder's (and data's) config, so of the points sharing those only
@@ -63,8 +55,9 @@ from study.io import atomic_write_text
 from study.notebook import execute_notebook
 from study.reports import build_report
 from study.results import check_table, drop_stale_points, point_seconds, points_with_rows
+from study.sweep_workers import check_gpus, gpu_queue, gpu_record, init_worker, resolve_gpus, worker_count
 
-__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "run_sweeps", "resolve_gpus", "error_cause"]
+__all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "run_sweeps", "error_cause"]
 
 RANDOM_BASELINE_RULES = ("once_per_seed",)
 
@@ -136,18 +129,10 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
         for key, values in sub.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: {where}.{key} must be a non-empty list")
-    _check_gpus(data.get("gpus"), path)
+    check_gpus(data.get("gpus"), path)
     _check_parallel(data.get("parallel"), path)
     _check_random_baseline(data, path)
     return Sweep(**data)
-
-
-def _check_gpus(gpus: Any, path: Path) -> None:
-    ids = isinstance(gpus, list) and gpus and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0
-                                                  for g in gpus)
-    if gpus is not None and gpus != "auto" and not ids:
-        raise ConfigError(f"{path}: gpus must be 'auto' or a non-empty list of GPU indices, e.g. [0, 1], "
-                          f"not {gpus!r}")
 
 
 def _check_parallel(parallel: Any, path: Path) -> None:
@@ -246,17 +231,13 @@ def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
     except Exception as exc:  # noqa: BLE001 - a failed point is recorded, the sweep goes on
         error = error_cause(exc)
         atomic_write_text(folder / "failed.json", json.dumps(
-            {"point": point.slug, "overrides": point.overrides, "error": error, **_gpu_record(),
+            {"point": point.slug, "overrides": point.overrides, "error": error, **gpu_record(),
              "traceback": traceback.format_exc()[-4000:]}, indent=1))
         return point.slug, error, time.time() - start
     atomic_write_text(folder / "done.json", json.dumps(
         {"point": point.slug, "overrides": point.overrides, "config": point.config,
-         "seconds": time.time() - start, **_gpu_record()}, indent=1))
+         "seconds": time.time() - start, **gpu_record()}, indent=1))
     return point.slug, None, time.time() - start
-
-
-def _gpu_record() -> dict:
-    return {} if _WORKER_GPU is None else {"gpu": _WORKER_GPU}
 
 
 def error_cause(exc: BaseException) -> str:
@@ -272,71 +253,6 @@ def error_cause(exc: BaseException) -> str:
         return f"{name}: {last}" if last else name
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1].strip()}" if lines else type(exc).__name__
-
-
-# this worker's CUDA_VISIBLE_DEVICES, when the sweep has gpus
-_WORKER_GPU: str | None = None
-
-
-def _limit_threads(threads: int) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-
-
-def _init_worker(threads: int, gpus) -> None:
-    """Pool initializer: the worker's share of the cores and, given a queue of GPUs, one GPU of its own.
-
-    It runs before the worker's first point, so before the worker or the kernels it starts (which
-    inherit its environment) can initialize CUDA on another device.
-    """
-    global _WORKER_GPU
-    _limit_threads(threads)
-    if gpus is not None:
-        _WORKER_GPU = gpus.get(timeout=60)  # the queue holds one GPU per worker: never empty here
-        os.environ["CUDA_VISIBLE_DEVICES"] = _WORKER_GPU
-
-
-def _visible_gpus() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip()]
-    import torch  # only here: a CPU sweep never needs it in the parent
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def resolve_gpus(spec: list[int] | str | None) -> list[str] | None:
-    """``gpus`` of a sweep file (or ``--gpus``: ``auto`` or ``0,1``) as one CUDA_VISIBLE_DEVICES value per worker.
-
-    Indices count among the GPUs this process sees, so ``[0, 1]`` under a scheduler that set
-    CUDA_VISIBLE_DEVICES=4,5 means GPUs 4 and 5.
-    """
-    if spec is None:
-        return None
-    if isinstance(spec, str) and spec != "auto":
-        try:
-            spec = [int(g) for g in spec.split(",")]
-        except ValueError:
-            raise UserError(f"gpus must be 'auto' or GPU indices such as 0,1,2,3, not {spec!r}") from None
-    visible = _visible_gpus()
-    if not visible:
-        raise UserError("gpus are set but no GPU is visible (CUDA_VISIBLE_DEVICES is "
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): drop gpus to run on the CPU")
-    if spec == "auto":
-        return visible
-    if any(not 0 <= g < len(visible) for g in spec):
-        raise UserError(f"gpus {list(spec)}: {len(visible)} GPU(s) are visible, indices 0 to {len(visible) - 1}")
-    return [visible[g] for g in spec]
-
-
-def _worker_count(parallel: int | None, gpus: list[str] | None) -> int:
-    if gpus is None:
-        return max(1, parallel or 1)
-    workers = parallel or len(gpus)
-    if workers > len(gpus):
-        raise UserError(f"parallel {workers} is more than the {len(gpus)} GPU(s) in gpus: a point runs on a GPU "
-                        "of its own; lower parallel, or list a GPU twice to share it (gpus: [0, 0, 1, 1])")
-    return max(1, workers)
 
 
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | str | None = None,
@@ -368,7 +284,7 @@ def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[i
         raise UserError("the sweep files list different gpus: pass --gpus for the run")
     gpu_ids = resolve_gpus(gpus if gpus is not None else sweeps[0].gpus)
     files_parallel = max((s.parallel for s in sweeps if s.parallel is not None), default=None)
-    workers = _worker_count(parallel or files_parallel, gpu_ids)
+    workers = worker_count(parallel or files_parallel, gpu_ids)
     plans = [_plan(sweep, seeds, only, progress) for sweep in sweeps]
     if only and not any(plan.selected for plan in plans):
         key = only[0][0]
@@ -403,9 +319,9 @@ def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[i
         # with gpus even one worker gets a pool, so CUDA_VISIBLE_DEVICES never touches this process
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
-        queue = _gpu_queue(context, gpu_ids)
+        queue = gpu_queue(context, gpu_ids)
         with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=_init_worker, initargs=(threads, queue)) as pool:
+                                 initializer=init_worker, initargs=(threads, queue)) as pool:
             futures = {pool.submit(_run_point, sweep, p): sweep for sweep, p in jobs}
             for fut in as_completed(futures):
                 finished(futures[fut], *fut.result())
@@ -488,15 +404,6 @@ def _finish(plan: _Plan, failures: dict[str, str], seconds: dict[str, float], re
             summary["report_error"] = error_cause(exc)
     _print_summary(summary)
     return summary
-
-
-def _gpu_queue(context, gpus: list[str] | None):
-    if gpus is None:
-        return None
-    queue = context.Queue()
-    for gpu in gpus:
-        queue.put(gpu)
-    return queue
 
 
 def _print_summary(summary: dict) -> None:

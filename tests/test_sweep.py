@@ -211,7 +211,7 @@ def test_more_workers_than_gpus_is_an_error_before_any_work(tmp_path, monkeypatc
 
 def test_gpu_lists_resolve_against_the_visible_gpus(tmp_path, monkeypatch):
     from study.errors import UserError
-    from study.sweep import resolve_gpus
+    from study.sweep_workers import resolve_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,6")
     assert resolve_gpus(None) is None
