@@ -1,8 +1,10 @@
 """The latent-swap diagnostic (study.evaluation.latent_swap) of every run of the k-axis sweeps:
 how much each trained sampler's own loss grows when its latent is another image's.
 
-Reads ``runs/<sweep>/*/run/checkpoint.pt`` of the sweeps named, writes the tidy table
-(objective, cimle_select, noise_block, k, seed, dataset, metric, value) to ``--out``.
+Reads ``runs/<sweep>/*/run/checkpoint.pt`` of the sweeps named and writes the tidy table
+(objective, cimle_select, noise_block, k, seed, dataset, metric, value) to ``--out``, a run at a
+time: each run's rows replace that run's rows there (dataset and point), the other runs' rows stay,
+so a rerun of one sweep's points leaves the other sweep's rows in the committed table.
 
     python experiments/latent_swap.py [--runs runs/k_axis_cpu runs/k_axis_synthetic_cpu] \\
         [--out results/k_axis_latent_swap.csv]
@@ -15,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from study.data import build_eval_datasets  # noqa: E402
 from study.evaluation.latent_swap import latent_swap  # noqa: E402
 from study.evaluation.setup import load_models  # noqa: E402
-from study.results import write_results  # noqa: E402
+from study.results import append_rows  # noqa: E402
 
 SAMPLERS = ("ls", "cimle")  # the Masked VAE's loss reads the masked content through its variational encoder
 
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
         print(f"error: no checkpoint under {', '.join(args.runs)}; run `make k-axis` (its sweeps) first",
               file=sys.stderr)
         return 2
-    rows, datasets = [], {}
+    datasets = {}
     for i, ckpt in enumerate(checkpoints):
         cfg, _, models = load_models(ckpt)
         if cfg.objective not in SAMPLERS:
@@ -52,10 +53,10 @@ def main(argv=None) -> int:
         base = {"objective": cfg.objective, "cimle_select": cfg.cimle.select, "noise_block": str(cfg.noise.block),
                 "k": cfg.cimle.k, "seed": cfg.seed, "dataset": cfg.data.name, "mask_ratio": cfg.mask.ratio,
                 "epochs": cfg.epochs, "point": ckpt.parents[1].name}
-        rows += [{**base, "metric": name, "value": value} for name, value in values.items()]
+        append_rows(args.out, [{**base, "metric": name, "value": value} for name, value in values.items()],
+                    replace={"dataset": base["dataset"], "point": base["point"]})
         print(f"{i + 1}/{len(checkpoints)} {ckpt.parents[1].name}: swap gain {values['swap_gain']:+.4f} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
-    write_results(args.out, pd.DataFrame(rows))
     print("wrote", args.out)
     return 0
 
