@@ -30,7 +30,8 @@ from study.figures.common import paired_cell  # noqa: E402
 from study.io import atomic_write_text  # noqa: E402
 from study.statistics import PAIR_KEYS, objective_variants, t_interval  # noqa: E402
 
-STUDIES = ("mask_strength_cpu", "efficiency_cpu", "noise_block_cpu", "synthetic_cpu")
+STUDIES = ("mask_strength_cpu", "efficiency_cpu", "noise_block_cpu", "synthetic_cpu", "k_axis_cpu",
+           "k_axis_synthetic_cpu", "training_length_cpu")
 SETTING_KEYS = PAIR_KEYS + ("synthetic_mean_shift", "synthetic_distractor", "decoder_depth")
 METRICS = {"knn_top1": "k-NN", "linear_top1": "linear"}
 
@@ -49,23 +50,35 @@ def _wide(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     variant = objective_variants(rows)
     if rows.objective.eq("cimle").all() and rows.noise_block.nunique() > 1:  # the noise-block study
         variant = variant + "@" + rows.noise_block.astype(str)
+    if rows.k.nunique() > 1:  # the k axis: a variant per k, and LS on the head's decoder apart from the plain one
+        variant = variant.where(rows.objective != "cimle", variant + " k=" + rows.k.astype(str))
+        variant = variant.where((rows.objective != "ls") | (rows.noise_block.astype(str) != "head"), "ls-head")
     rows = rows.assign(variant=variant, **{k: rows[k].astype(object).fillna("-") for k in keys})
     return rows.pivot_table(index=keys + ["seed"], columns="variant", values="value", aggfunc="first")
+
+
+def _natural(variant: str) -> tuple:
+    """``cimle k=4`` before ``cimle k=32``."""
+    name, _, k = variant.partition(" k=")
+    return (name, int(k) if k.isdigit() else -1, variant)
 
 
 def compare(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     """Per setting and objective: before, after and change of (objective - LS) per seed, mean and 95% interval."""
     keys = [k for k in SETTING_KEYS if k in before.columns and k in after.columns]
     old, new = _wide(before, keys), _wide(after, keys)
-    baseline = "ls" if "ls" in old.columns and "ls" in new.columns else None
+    shared = set(old.columns) & set(new.columns)
     out = []
-    for variant in sorted(set(old.columns) & set(new.columns) - {"ls"}):
+    for variant in sorted(shared - {"ls", "ls-head"}, key=_natural):
+        # LS on the variant's own decoder: the head's (at z = 0) for per-token cIMLE, where the study has it
+        baseline = next((b for b in (("ls-head", "ls") if variant.startswith("cimle-token") else ("ls",))
+                         if b in shared), None)
         d_old = old[variant] - (old[baseline] if baseline else 0.0)
         d_new = new[variant] - (new[baseline] if baseline else 0.0)
         both = pd.concat({"before": d_old, "after": d_new}, axis=1).dropna()
         for setting, group in both.groupby(level=keys, sort=True):
             row = dict(zip(keys, setting if isinstance(setting, tuple) else (setting,)))
-            row.update(objective=variant, versus="ls" if baseline else "itself", n=len(group))
+            row.update(objective=variant, versus=baseline or "itself", n=len(group))
             for name, values in (("before", group.before), ("after", group.after),
                                  ("change", group.after - group.before)):
                 mean, low, high = t_interval(100 * values.to_numpy())
@@ -82,8 +95,8 @@ def markdown(study: str, frame: pd.DataFrame) -> str:
              "|" + "---|" * (len(varying) + 6)]
     for r in frame.itertuples():
         cells = [str(getattr(r, k)) for k in varying] + [METRICS[r.metric], f"{r.objective} - {r.versus}"
-                                                         if r.versus == "ls" else r.objective, str(r.n)]
-        differences = r.versus == "ls"  # else the objective's own accuracy: no interval to hold against 0
+                                                         if r.versus != "itself" else r.objective, str(r.n)]
+        differences = r.versus != "itself"  # else the objective's own accuracy: no interval to hold against 0
         cells += [paired_cell(r.before, r.before_low, r.before_high, 1, bold=differences),
                   paired_cell(r.after, r.after_low, r.after_high, 1, bold=differences),
                   paired_cell(r.change, r.change_low, r.change_high, 1)]
