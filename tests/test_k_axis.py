@@ -82,24 +82,18 @@ def test_k_axis_pairs_each_variant_with_ls_on_its_own_decoder(tmp_path):
 
 def test_the_diagnostic_script_replaces_the_rows_of_the_runs_it_reads_and_keeps_the_others(tmp_path):
     """A rerun of one sweep's diagnostic must not drop the other sweep's committed rows."""
-    import importlib.util
-    from pathlib import Path
-
+    from experiments.latent_swap import main as latent_swap_main
     from study.train import pretrain
 
     for sweep, objective in (("sweep_a", "ls"), ("sweep_b", "cimle")):
         cfg = load_config(None, tiny_overrides(f"objective={objective}", "epochs=1", per_class=10))
         pretrain(cfg, tmp_path / "runs" / sweep / f"{objective}_s0" / "run", progress=False)
-    script = Path(__file__).resolve().parents[1] / "experiments" / "latent_swap.py"
-    spec = importlib.util.spec_from_file_location("latent_swap_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "swap.csv"
     runs = [str(tmp_path / "runs" / s) for s in ("sweep_a", "sweep_b")]
-    assert module.main(["--runs", *runs, "--out", str(out)]) == 0
+    assert latent_swap_main(["--runs", *runs, "--out", str(out)]) == 0
     both = pd.read_csv(out)
     assert sorted(both.point.unique()) == ["cimle_s0", "ls_s0"] and len(both) == 2 * both.metric.nunique()
-    assert module.main(["--runs", runs[1], "--out", str(out)]) == 0
+    assert latent_swap_main(["--runs", runs[1], "--out", str(out)]) == 0
     again = pd.read_csv(out)
     assert len(again) == len(both)  # the LS run's rows kept, the cIMLE run's replaced, not added
     key = ["point", "metric"]
