@@ -44,16 +44,25 @@ def _table_at(revision: str, path: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text))
 
 
-def _wide(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Pretrained-encoder rows of the two metrics, one column per objective variant, indexed by setting and seed."""
-    rows = table[(table.encoder == "pretrained") & table.metric.isin(list(METRICS))]
+def _rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[(table.encoder == "pretrained") & table.metric.isin(list(METRICS))]
+
+
+def _variants(rows: pd.DataFrame) -> pd.Series:
+    """Each row's objective variant: the column it gets in the wide table."""
     variant = objective_variants(rows)
     if rows.objective.eq("cimle").all() and rows.noise_block.nunique() > 1:  # the noise-block study
         variant = variant + "@" + rows.noise_block.astype(str)
     if rows.k.nunique() > 1:  # the k axis: a variant per k, and LS on the head's decoder apart from the plain one
         variant = variant.where(rows.objective != "cimle", variant + " k=" + rows.k.astype(str))
         variant = variant.where((rows.objective != "ls") | (rows.noise_block.astype(str) != "head"), "ls-head")
-    rows = rows.assign(variant=variant, **{k: rows[k].astype(object).fillna("-") for k in keys})
+    return variant
+
+
+def _wide(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Pretrained-encoder rows of the two metrics, one column per objective variant, indexed by setting and seed."""
+    rows = _rows(table)
+    rows = rows.assign(variant=_variants(rows), **{k: rows[k].astype(object).fillna("-") for k in keys})
     return rows.pivot_table(index=keys + ["seed"], columns="variant", values="value", aggfunc="first")
 
 
@@ -68,11 +77,14 @@ def compare(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     keys = [k for k in SETTING_KEYS if k in before.columns and k in after.columns]
     old, new = _wide(before, keys), _wide(after, keys)
     shared = set(old.columns) & set(new.columns)
+    rows = _rows(after)
+    in_head = set(_variants(rows)[rows.noise_block.astype(str) == "head"])
     out = []
     for variant in sorted(shared - {"ls", "ls-head"}, key=_natural):
-        # LS on the variant's own decoder: the head's (at z = 0) for per-token cIMLE, where the study has it
-        baseline = next((b for b in (("ls-head", "ls") if variant.startswith("cimle-token") else ("ls",))
-                         if b in shared), None)
+        # LS on the variant's own decoder: the head's (at z = 0) where the noise enters in the head and the
+        # study has that LS apart from the plain one (the k axis), as study.figures.k_axis pairs them
+        preferred = ("ls-head", "ls") if variant in in_head else ("ls", "ls-head")
+        baseline = next((b for b in preferred if b in shared), None)
         d_old = old[variant] - (old[baseline] if baseline else 0.0)
         d_new = new[variant] - (new[baseline] if baseline else 0.0)
         both = pd.concat({"before": d_old, "after": d_new}, axis=1).dropna()

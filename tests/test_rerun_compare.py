@@ -43,3 +43,13 @@ def test_a_shift_shared_by_every_seed_is_flagged():
     frame = compare(before, after).set_index("objective")
     assert frame.loc["cimle k=1", "moved"] and frame.loc["cimle k=1", "change"] == pytest.approx(2.0)
     assert frame.moved.sum() == 1
+
+
+def test_where_the_study_has_one_ls_each_variant_pairs_with_it():
+    """The synthetic k axis: both cIMLE variants put their noise in the head, and LS runs on the head only."""
+    table = _k_axis_table()
+    table = table[(table.objective != "ls") | (table.noise_block == "head")].assign(noise_block="head")
+    frame = compare(table, table).set_index("objective")
+    assert set(frame.versus) == {"ls-head"}
+    # per image, k = 8 (its values built without the head's +0.1), against LS with the head: 0.008 - 0.1
+    assert frame.loc["cimle k=8", "before"] == pytest.approx(-9.2) and not frame.moved.any()
