@@ -44,26 +44,19 @@ def _table_at(revision: str, path: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text))
 
 
-def _rows(table: pd.DataFrame) -> pd.DataFrame:
-    return table[(table.encoder == "pretrained") & table.metric.isin(list(METRICS))]
-
-
-def _variants(rows: pd.DataFrame) -> pd.Series:
-    """Each row's objective variant: the column it gets in the wide table."""
+def _wide(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, set[str]]:
+    """Pretrained-encoder rows of the two metrics, one column per objective variant, indexed by setting and seed;
+    and the variants whose noise enters in the head."""
+    rows = table[(table.encoder == "pretrained") & table.metric.isin(list(METRICS))]
     variant = objective_variants(rows)
     if rows.objective.eq("cimle").all() and rows.noise_block.nunique() > 1:  # the noise-block study
         variant = variant + "@" + rows.noise_block.astype(str)
     if rows.k.nunique() > 1:  # the k axis: a variant per k, and LS on the head's decoder apart from the plain one
         variant = variant.where(rows.objective != "cimle", variant + " k=" + rows.k.astype(str))
         variant = variant.where((rows.objective != "ls") | (rows.noise_block.astype(str) != "head"), "ls-head")
-    return variant
-
-
-def _wide(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Pretrained-encoder rows of the two metrics, one column per objective variant, indexed by setting and seed."""
-    rows = _rows(table)
-    rows = rows.assign(variant=_variants(rows), **{k: rows[k].astype(object).fillna("-") for k in keys})
-    return rows.pivot_table(index=keys + ["seed"], columns="variant", values="value", aggfunc="first")
+    in_head = set(variant[rows.noise_block.astype(str) == "head"])
+    rows = rows.assign(variant=variant, **{k: rows[k].astype(object).fillna("-") for k in keys})
+    return rows.pivot_table(index=keys + ["seed"], columns="variant", values="value", aggfunc="first"), in_head
 
 
 def _natural(variant: str) -> tuple:
@@ -75,10 +68,8 @@ def _natural(variant: str) -> tuple:
 def compare(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     """Per setting and objective: before, after and change of (objective - LS) per seed, mean and 95% interval."""
     keys = [k for k in SETTING_KEYS if k in before.columns and k in after.columns]
-    old, new = _wide(before, keys), _wide(after, keys)
+    (old, _), (new, in_head) = _wide(before, keys), _wide(after, keys)
     shared = set(old.columns) & set(new.columns)
-    rows = _rows(after)
-    in_head = set(_variants(rows)[rows.noise_block.astype(str) == "head"])
     out = []
     for variant in sorted(shared - {"ls", "ls-head"}, key=_natural):
         # LS on the variant's own decoder: the head's (at z = 0) where the noise enters in the head and the
