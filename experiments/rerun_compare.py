@@ -110,6 +110,21 @@ def markdown(study: str, frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def summary(frames: dict[str, pd.DataFrame]) -> str:
+    """One row per study: its comparisons, those that moved beyond seed noise (their changes), the largest change."""
+    lines = ["| study | comparisons | moved beyond seed noise | by chance alone (95%) | largest change of a mean |",
+             "|---|---|---|---|---|"]
+    for study, frame in frames.items():
+        moved = frame[frame.moved]
+        changes = ", ".join(f"{c:+.1f}" for c in moved.change)
+        lines.append(f"| {study} | {len(frame)} | {len(moved)}{f' ({changes})' if changes else ''} | "
+                     f"{0.05 * len(frame):.0f} | {frame.change.abs().max():.1f} |")
+    total = sum(len(f) for f in frames.values())
+    moved_total = sum(int(f.moved.sum()) for f in frames.values())
+    lines.append(f"| all | {total} | {moved_total} | {0.05 * total:.0f} | |")
+    return "\n".join(lines + [""])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--before", required=True, help="git revision whose committed tables are the rows before")
@@ -123,16 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         parts = [f"Per seed, objective - LS (a study without LS: the objective's own accuracy), in points, "
                  f"mean [95% t-interval] over seeds, in the tables at {args.before} (before) and in "
                  f"{args.results}/ (after); bold: a difference whose interval excludes 0.", ""]
+        frames = {}
         for study in args.studies.split(","):
             after_path = args.results / f"{study}.csv"
             if not after_path.is_file():
                 raise UserError(f"no table at {after_path}: run the study first, or pass --results")
-            parts.append(markdown(study, compare(_table_at(args.before, f"results/{study}.csv"),
-                                                 pd.read_csv(after_path))))
+            frames[study] = compare(_table_at(args.before, f"results/{study}.csv"), pd.read_csv(after_path))
+        parts += [summary(frames)] + [markdown(study, frame) for study, frame in frames.items()]
         text = "\n".join(parts)
-        print(text)
         if args.out:
             atomic_write_text(args.out, text)
+        print(text)
         return 0
 
     return run_command(run, debug=args.debug)

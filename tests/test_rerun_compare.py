@@ -5,7 +5,7 @@ import itertools
 import pandas as pd
 import pytest
 
-from experiments.rerun_compare import compare
+from experiments.rerun_compare import compare, summary
 
 
 def _k_axis_table(token_shift: float = 0.0) -> pd.DataFrame:
@@ -53,3 +53,14 @@ def test_where_the_study_has_one_ls_each_variant_pairs_with_it():
     assert set(frame.versus) == {"ls-head"}
     # per image, k = 8 (its values built without the head's +0.1), against LS with the head: 0.008 - 0.1
     assert frame.loc["cimle k=8", "before"] == pytest.approx(-9.2) and not frame.moved.any()
+
+
+def test_the_summary_counts_each_study_and_names_the_moved_changes():
+    before = _k_axis_table()
+    after = before.copy()
+    after.loc[(after.objective == "cimle") & (after.cimle_select == "image") & (after.k == 1), "value"] += 0.02
+    text = summary({"shifted": compare(before, after), "same": compare(before, before)})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()[2:] if line}
+    assert rows["shifted"][:3] == ["4", "1 (+2.0)", "0"] and rows["shifted"][3].startswith("2.0")
+    assert rows["same"][:2] == ["4", "0"] and rows["same"][3].startswith("0.0")
+    assert rows["all"][:2] == ["8", "1"]
