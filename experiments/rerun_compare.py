@@ -34,6 +34,8 @@ STUDIES = ("mask_strength_cpu", "efficiency_cpu", "noise_block_cpu", "synthetic_
            "k_axis_synthetic_cpu", "training_length_cpu")
 SETTING_KEYS = PAIR_KEYS + ("synthetic_mean_shift", "synthetic_distractor", "decoder_depth")
 METRICS = {"knn_top1": "k-NN", "linear_top1": "linear"}
+# a 95% interval excludes 0 by chance alone in 5% of comparisons that did not move
+CHANCE = 0.05
 
 
 def _table_at(revision: str, path: str) -> pd.DataFrame:
@@ -106,7 +108,7 @@ def markdown(study: str, frame: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     moved = int(frame.moved.sum())
     lines += ["", f"{moved} of {len(frame)} comparisons moved beyond seed noise (change interval excludes 0; "
-              f"at 95%, about {0.05 * len(frame):.0f} would by chance alone).", ""]
+              f"at 95%, about {CHANCE * len(frame):.0f} would by chance alone).", ""]
     return "\n".join(lines)
 
 
@@ -118,10 +120,9 @@ def summary(frames: dict[str, pd.DataFrame]) -> str:
         moved = frame[frame.moved]
         changes = ", ".join(f"{c:+.1f}" for c in moved.change)
         lines.append(f"| {study} | {len(frame)} | {len(moved)}{f' ({changes})' if changes else ''} | "
-                     f"{0.05 * len(frame):.0f} | {frame.change.abs().max():.1f} |")
-    total = sum(len(f) for f in frames.values())
-    moved_total = sum(int(f.moved.sum()) for f in frames.values())
-    lines.append(f"| all | {total} | {moved_total} | {0.05 * total:.0f} | |")
+                     f"{CHANCE * len(frame):.0f} | {frame.change.abs().max():.1f} |")
+    every = pd.concat(frames.values())
+    lines.append(f"| all | {len(every)} | {int(every.moved.sum())} | {CHANCE * len(every):.0f} | |")
     return "\n".join(lines + [""])
 
 
