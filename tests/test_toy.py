@@ -86,7 +86,7 @@ def test_script_end_to_end_and_plot_only(tmp_path, monkeypatch):
     table = pd.read_csv(out / CSV_NAME)
     assert {"objective", "k", "mask_strength", "seed", "metric", "value"} <= set(table.columns)
     assert {"test_loss", "bayes_floor", "probe_accuracy", "probe_accuracy_untrained",
-            "energy_distance", "mode_accuracy"} <= set(table.metric)
+            "energy_distance", "mode_accuracy", "axis_accuracy", "amplitude"} <= set(table.metric)
     assert set(table.objective) == {"ls", "cimle"} and set(table.mask_strength) == {0.0, 1.0}
     assert len(table) == len(frame) and table.value.notna().all()
     assert "acceptance:" in (out / SUMMARY_NAME).read_text()
@@ -132,6 +132,21 @@ def test_graded_criterion_fails_on_a_knife_edge_and_passes_on_a_graded_fall():
     assert graded(_frame({0.0: 1.0, 0.5: 0.93, 0.75: 0.8, 0.9: 0.5, 1.0: 0.27}))
 
 
+def test_the_samples_check_judges_the_axis_and_not_the_nearest_true_mode():
+    def check(axis):
+        values = {"ls": (0.25, 0.25, 0.0), "cimle": (0.7, axis, 0.46)}  # mode accuracy, axis accuracy, amplitude
+        samples = pd.DataFrame([{"objective": obj, "mask_strength": 1.0, "seed": 0, "metric": m, "value": v}
+                                for obj, row in values.items()
+                                for m, v in zip(("mode_accuracy", "axis_accuracy", "amplitude"), row)])
+        frame = pd.concat([_frame({1.0: 0.27}), samples])
+        frame = frame.assign(k=frame.objective.map({"ls": 1, "cimle": 2}), n_classes=4)
+        (text, ok), = [(text, ok) for text, ok in rtm.acceptance(frame) if "samples" in text]
+        assert "mode axis" in text and "nearest-of-2: 0.50" in text
+        return ok
+
+    assert check(axis=0.93) and not check(axis=0.85)
+
+
 def test_mode_accuracy_tells_the_right_class_s_samples_from_a_class_mixture():
     """True samples name their class; samples of p(y | v) (any class's modes) and the mean at s = 1 do not."""
     task = ToyTask()
@@ -155,6 +170,16 @@ def test_axis_and_amplitude_judge_true_samples_right_and_a_mixture_by_chance():
         assert task.mode_amplitude(y, v, c, s).mean().item() == pytest.approx(1.0, abs=0.05)
         mixture = task.sample_y(task.sample_classes(2000, g), v, s, g)
         assert abs((task.axis_class(mixture, v, s) == c).float().mean() - 0.25) < 0.05
+    # the axis ignores how far out a sample lies: drawn in to a tenth of the radius, still its class's
+    centre = task.class_means(0.0)[c] + task.aux_means[v]
+    shrunk = centre + 0.1 * (task.sample_y(c, v, 0.0, g) - centre)
+    assert (task.axis_class(shrunk, v, 0.0) == c).float().mean() > 0.99
+    # at s = 1 every axis passes through n_v: the nearest axis is the largest |cos| with u_c
+    y = task.aux_means[v] + torch.randn(2000, task.config.dy, generator=g)
+    offsets = y - task.aux_means[v]
+    cosine = (offsets @ task.mode_dirs.t()).abs() / offsets.norm(dim=1, keepdim=True)
+    assert torch.equal(task.axis_class(y, v, 1.0), cosine.argmax(1))
+    assert abs((task.axis_class(y, v, 1.0) == c).float().mean() - 0.25) < 0.05  # the mean plus blur: chance
 
 
 def test_half_amplitude_samples_under_blur_lose_the_larger_radii_to_the_nearest_true_mode():
@@ -175,7 +200,7 @@ def test_half_amplitude_samples_under_blur_lose_the_larger_radii_to_the_nearest_
 
 
 def test_nearest_of_k_amplitude_is_where_the_nearest_of_k_loss_of_a_two_mode_sampler_is_least():
-    from toy.sample_diagnostic import nearest_of_k_amplitude
+    from study.objectives import nearest_of_k_amplitude
 
     g = gen(6)
     y = torch.randint(2, (20_000,), generator=g).float() * 2 - 1  # modes +-1

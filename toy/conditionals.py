@@ -137,13 +137,15 @@ class ToyTask:
         return dist.argmin(1) // 2
 
     def axis_class(self, y: Tensor, v: Tensor, s: float) -> Tensor:
-        """``[N]``: the class along whose mode axis ``u_c`` each row of ``y [N, dy]`` lies from that
-        class's centre ``(1 - s) m_c + n_v`` (largest |cos|): which class a sample names, however far
-        out along the axis it lies. Under isotropic blur it favours the larger radii, whose offsets are
-        longer against the same noise, as the nearest mode favours the smaller ones."""
+        """``[N]``: the class whose mode axis, the line ``(1 - s) m_c + n_v + t u_c`` through both its modes,
+        lies nearest to each row of ``y [N, dy]`` (given each row's ``v``): which class a sample names,
+        however far out along the line it lies. At s = 1 every axis passes through ``n_v`` and this is the
+        largest |cos| between the offset from ``n_v`` and ``u_c``. A sample without the class (the mean, a
+        class mixture) lands on each axis by chance; against the same blur, a class whose samples lie
+        further out along its axis is named more reliably."""
         offsets = y[:, None] - self.class_means(s)[None] - self.aux_means[v][:, None]  # [N, C, dy]
-        along = (offsets * self.mode_dirs[None]).sum(-1).abs()  # [N, C]
-        return (along / offsets.norm(dim=-1).clamp_min(1e-12)).argmax(1)
+        along = (offsets * self.mode_dirs[None]).sum(-1)  # [N, C]
+        return (offsets.pow(2).sum(-1) - along.pow(2)).argmin(1)  # squared distance to each axis
 
     def mode_amplitude(self, y: Tensor, v: Tensor, c: Tensor, s: float) -> Tensor:
         """``[N]``: |<y - (1 - s) m_c - n_v, u_c>| / r_c, how far out along its class's axis each row lies

@@ -1,4 +1,4 @@
-"""The toy figure: probe accuracy, samples on the class's modes and energy distance against mask strength.
+"""The toy figure: probe accuracy, the samples' class axis and amplitude, and energy distance against mask strength.
 
 Drawn only from the tidy table that ``toy/regression_to_mean.py`` writes.
 Files are byte-identical across reruns: PNG/PDF metadata carry no date.
@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import seaborn as sns
 
+from study.objectives import nearest_of_k_amplitude
 from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure, subplots
 
 __all__ = ["plot_toy", "FIGURE_NAME"]
@@ -20,12 +21,13 @@ PALETTE = {label: OBJECTIVE_PALETTE[label] for label in ("least squares", "cIMLE
 
 
 def plot_toy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Panels vs mask strength (probe accuracy, samples on their class's modes where the table has them,
-    energy distance); returns the files written."""
+    """Panels vs mask strength (probe accuracy; where the table has them, samples on their class's mode axis
+    and how far out along it they lie; energy distance); returns the files written."""
     out_dir = Path(out_dir)
     frame = frame.assign(objective=frame.objective.map(OBJECTIVE_LABELS).fillna(frame.objective))
     panels = {"probe_accuracy": "linear probe accuracy of h(x)",
-              "mode_accuracy": "samples on their class's modes",
+              "axis_accuracy": "samples on their class's mode axis",
+              "amplitude": "how far out along the axis",
               "energy_distance": "energy distance to p(y | c)"}
     panels = {m: t for m, t in panels.items() if m in set(frame.metric)}
     trained = frame[frame.metric.isin(list(panels))]
@@ -47,9 +49,16 @@ def plot_toy(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     probe_ax.set(ylim=(0, 1.02), ylabel="accuracy")
     probe_ax.legend(title=None, fontsize=8, loc="center left")
     for ax, metric in zip(axes, panels):
-        if metric == "mode_accuracy":
+        if metric == "axis_accuracy":
             ax.axhline(chance, color="black", linestyle=":", linewidth=1)
             ax.set(ylim=(0, 1.02), ylabel="fraction of samples")
+        elif metric == "amplitude":
+            k = int(frame.loc[frame.objective == "cIMLE", "k"].iloc[0])
+            ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="the task's modes")
+            ax.axhline(nearest_of_k_amplitude(k), color="grey", linestyle="--", linewidth=1,
+                       label=f"nearest-of-{k}'s optimum")
+            ax.set(ylim=(0, 1.45), ylabel="fraction of the mode radius")
+            ax.legend(title=None, fontsize=8, loc="upper center", ncol=2)
         elif metric == "energy_distance":
             ax.set(ylim=(0, None), ylabel="energy distance (lower is better)")
     fig.tight_layout()
