@@ -101,6 +101,12 @@ def test_script_end_to_end_and_plot_only(tmp_path, monkeypatch):
         assert (figs / f"{FIGURE_NAME}.{fmt}").read_bytes() == data
 
 
+def test_plot_only_without_a_table_is_one_line_naming_the_fix(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "toy" / "regression_to_mean.py"), "--plot-only",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: no toy results at") and "without --plot-only" in done.stderr
+
 
 def test_channel_adds_noise_of_the_given_std_and_zero_is_clean():
     from toy.models import Encoder, channel

@@ -420,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     with cpu_threads(args.threads):  # restored afterwards: callers in the same process keep their setting
         csv = args.out / CSV_NAME
         if args.plot_only:
+            if not csv.exists():
+                raise UserError(f"no toy results at {csv}: run the toy without --plot-only first, or point "
+                                f"--out at the folder that holds {CSV_NAME}")
             frame = read_results(csv)
         else:
             for flag, folder in (("--out", args.out), ("--figures", args.figures)):
