@@ -153,6 +153,15 @@ class ToyTask:
         offsets = y - self.class_means(s)[c] - self.aux_means[v]  # [N, dy]
         return (offsets * self.mode_dirs[c]).sum(-1).abs() / self.radii[c]
 
+    def judge(self, y: Tensor, v: Tensor, c: int, s: float) -> dict[str, Tensor]:
+        """How class ``c``'s samples ``y [N, dy]`` (given each row's ``v``) name their class, as 0-dim
+        tensors: the fraction nearest a true mode of ``c`` (``mode_accuracy``), the fraction nearest its mode
+        axis (``axis_accuracy``) and how far out along that axis they lie (``amplitude``)."""
+        labels = torch.full((len(y),), c, dtype=torch.long)
+        return {"mode_accuracy": (self.nearest_mode_class(y, v, s) == c).float().mean(),
+                "axis_accuracy": (self.axis_class(y, v, s) == c).float().mean(),
+                "amplitude": self.mode_amplitude(y, v, labels, s).mean()}
+
     def bayes_floor(self, s: float = 1.0) -> float:
         """min_f E||f(x) - y||^2 / dy, attained by f(x) = E[y|x]; same for every s."""
         _check_strength(s)

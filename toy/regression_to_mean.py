@@ -258,16 +258,14 @@ def evaluate(model: Trained, task: ToyTask, s: float, objective: str, seed: int,
     with torch.no_grad():
         test_loss = _objective_loss(objective, model.encoder, model.decoder, test.x, test.y, settings, gen, gen)
         mean_loss = least_squares(_predictive_mean(model, objective, test.x, gen, settings.channel_noise), test.y)
-    energies, on_mode, on_axis, amplitudes = [], [], [], []
+    energies, judged = [], []
     for c in range(task.config.n_classes):
         labels = torch.full((ENERGY_SAMPLES,), c, dtype=torch.long)
         aux = task.sample_aux(ENERGY_SAMPLES, gen)  # the same v for model and truth: p(y | c) over v
         model_y = _sample_model(model, objective, task.sample_x(labels, aux, gen), gen, settings.channel_noise)
         true_y = task.sample_y(labels, aux, s, gen)  # [n, dy]
         energies.append(energy_distance(model_y, true_y))
-        on_mode.append((task.nearest_mode_class(model_y, aux, s) == c).float().mean())
-        on_axis.append((task.axis_class(model_y, aux, s) == c).float().mean())
-        amplitudes.append(task.mode_amplitude(model_y, aux, labels, s).mean())
+        judged.append(task.judge(model_y, aux, c, s))
     return {
         "test_loss": float(test_loss),
         "mean_pred_loss": float(mean_loss),
@@ -275,9 +273,7 @@ def evaluate(model: Trained, task: ToyTask, s: float, objective: str, seed: int,
         "probe_accuracy": _probe(model.encoder, task, s, seed, settings),
         "probe_accuracy_untrained": _probe(model.untrained_encoder, task, s, seed, settings),
         "energy_distance": float(torch.stack(energies).mean()),
-        "mode_accuracy": float(torch.stack(on_mode).mean()),
-        "axis_accuracy": float(torch.stack(on_axis).mean()),
-        "amplitude": float(torch.stack(amplitudes).mean()),
+        **{name: float(torch.stack([j[name] for j in judged]).mean()) for name in judged[0]},
     }
 
 

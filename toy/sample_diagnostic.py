@@ -61,16 +61,12 @@ METRICS = ("mode_accuracy", "mode_accuracy_clean", "optimum_mode_accuracy", "axi
 
 
 def _judge(samples: torch.Tensor, aux: torch.Tensor, c: int, task: ToyTask, k: int) -> dict[str, float]:
-    """Mode accuracy (true modes, and modes at the nearest-of-k amplitude), axis accuracy and amplitude of
-    class ``c``'s samples ``[n, dy]`` given their ``v``."""
-    labels = torch.full((len(samples),), c, dtype=torch.long)
+    """The task's judgement of class ``c``'s samples ``[n, dy]`` given their ``v``, and their mode accuracy
+    against the modes drawn in to the nearest-of-k amplitude."""
+    judged = {name: float(value) for name, value in task.judge(samples, aux, c, STRENGTH).items()}
     optimum = task.nearest_mode_class(samples, aux, STRENGTH, amplitude=nearest_of_k_amplitude(k))
-    return {
-        "mode_accuracy": float((task.nearest_mode_class(samples, aux, STRENGTH) == c).float().mean()),
-        "optimum_mode_accuracy": float((optimum == c).float().mean()),
-        "axis_accuracy": float((task.axis_class(samples, aux, STRENGTH) == c).float().mean()),
-        "amplitude": float(task.mode_amplitude(samples, aux, labels, STRENGTH).mean()),
-    }
+    return {"mode_accuracy": judged["mode_accuracy"], "optimum_mode_accuracy": float((optimum == c).float().mean()),
+            "axis_accuracy": judged["axis_accuracy"], "amplitude": judged["amplitude"]}
 
 
 @torch.no_grad()
