@@ -47,8 +47,8 @@ summary
 
 # %%
 paths = paired_difference_figure(table, figures, name=f"{sweep}_paired")
-print("\n".join(str(p) for p in paths))
-Image(filename=str(paths[0]))
+print("\n".join(str(p) for p in paths) or "no objective shares a seed and a setting with LS: nothing to pair")
+Image(filename=str(paths[0])) if paths else None
 
 # %%
 paired = paired_difference_table(table)

@@ -13,12 +13,12 @@
 #
 # Executed by `python -m study sweep ...` once per grid point (papermill fills the
 # `parameters` cell). Pretraining resumes if the run folder already holds a
-# checkpoint. The point's rows from an earlier run are dropped from the results
-# table first; then the rows of each evaluation (k-NN, linear probe, ... on the
-# pretrained and the random-init encoder) are appended as soon as it ends, so a
-# failure later in the point keeps the rows before it. A failure (a protocol
-# included: the rows of the others are kept) still fails the notebook, and so
-# the point.
+# checkpoint. The rows of each evaluation (k-NN, linear probe, ... on the
+# pretrained and the random-init encoder) are appended to `results` as soon as
+# it ends, so a failure later in the point keeps the rows before it. A sweep
+# passes the point's own rows file; the sweep merges it into its table when the
+# point ends. A failure (a protocol included: the rows of the others are kept)
+# still fails the notebook, and so the point.
 
 # %% tags=["parameters"]
 config = "experiments/configs/cpu-small.yaml"
@@ -52,8 +52,6 @@ from study.results import append_rows
 from study.train import pretrain
 
 cfg = load_config(config, overrides)
-if point:  # a rerun of this point replaces its rows rather than adding a second copy
-    append_rows(results, [], replace={"sweep": sweep, "point": point})
 pretrain(cfg, out, resume=True, progress=False)
 metrics = pd.read_json(Path(out) / "metrics.jsonl", lines=True)
 metrics[["epoch", "loss", "images_per_sec", "train_seconds"]].tail()

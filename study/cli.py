@@ -68,9 +68,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from study.signals import sigterm_raises
     from study.sweep import load_sweep, run_sweeps
 
-    sweeps = [load_sweep(path) for path in args.sweep]
+    sweeps = [load_sweep(path, write_committed=args.write_committed) for path in args.sweep]
     if args.report_only:
         from study.reports import build_report
 
@@ -85,8 +86,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 1
         return 0
-    summaries = run_sweeps(sweeps, parallel=args.parallel, gpus=args.gpus, report=not args.no_report,
-                           seeds=args.seeds, only=args.only)
+    with sigterm_raises():
+        summaries = run_sweeps(sweeps, parallel=args.parallel, gpus=args.gpus, report=not args.no_report,
+                               seeds=args.seeds, only=args.only, prune=args.prune)
     return 1 if any(s["failed"] or s.get("report_error") for s in summaries) else 0
 
 
@@ -179,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "narrow; the other points' rows are kept)")
     p.add_argument("--report-only", action="store_true",
                    help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
+    p.add_argument("--prune", action="store_true",
+                   help="drop the table's rows of points that the grid no longer has (default: keep them)")
+    p.add_argument("--write-committed", action="store_true",
+                   help="let a sweep file that git does not track write the committed table, report and figures "
+                        "it names (default: it writes under runs/<name>/)")
     p.set_defaults(func=_cmd_sweep)
 
     from study.export import add_arguments as add_export_arguments, run_from_args as export_from_args

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -135,3 +136,17 @@ def writable_folder(folder: str | Path) -> Path:
     os.close(fd)
     os.unlink(probe)
     return folder
+
+
+def tracked_by_git(path: str | Path) -> bool:
+    """Whether git tracks the file at ``path`` (False where there is no git, or no repository)."""
+    path = Path(path).resolve()
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        done = subprocess.run(["git", "-C", str(folder), "ls-files", "--error-unmatch", "--", str(path)],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0

@@ -21,9 +21,8 @@ from typing import Any
 from study.io import atomic_write_text
 from study.notebook import execute_notebook
 
-__all__ = ["REPORTS_DIR", "build_report", "scrub_notebook"]
+__all__ = ["build_report", "scrub_notebook"]
 
-REPORTS_DIR = "reports"
 _KEEP_NOTEBOOK_METADATA = ("kernelspec",)
 _KEEP_CELL_METADATA = ("tags",)
 
@@ -75,6 +74,6 @@ def build_report(sweep) -> Path:
     params = {"results": sweep.results, "sweep": sweep.name, **sweep.report_parameters}
     execute_notebook(sweep.path(sweep.report_notebook), executed, params, cwd=root)
     nb = scrub_notebook(json.loads(executed.read_text()), root)
-    out = sweep.path(REPORTS_DIR) / f"{sweep.name}.ipynb"
+    out = sweep.path(sweep.reports_dir) / f"{sweep.name}.ipynb"
     atomic_write_text(out, json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return out

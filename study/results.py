@@ -31,8 +31,8 @@ import pandas as pd
 from study.errors import WRITE_ERRNOS, UserError, WriteError, write_error
 from study.io import atomic_write
 
-__all__ = ["append_rows", "check_table", "drop_stale_points", "point_seconds", "read_results", "save_rows_aside",
-           "write_results", "ResultsTableError"]
+__all__ = ["append_rows", "check_table", "count_stale_rows", "drop_stale_points", "point_seconds", "read_point_rows",
+           "read_results", "save_rows_aside", "write_results", "ResultsTableError"]
 
 REQUIRED = ("metric", "value")
 
@@ -228,6 +228,21 @@ def drop_stale_points(path: str | Path, sweep: str, points: Iterable[str]) -> in
             frame = old[~stale]
             atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
         return int(stale.sum())
+
+
+def count_stale_rows(path: str | Path, sweep: str, points: Iterable[str]) -> int:
+    """How many rows of ``sweep`` have a ``point`` not in ``points`` (kept unless the sweep is pruned)."""
+    old = _read_existing(Path(path))
+    if old is None or not {"sweep", "point"} <= set(old.columns):
+        return 0
+    keep = {str(p) for p in points}
+    return int(((old["sweep"].astype(str) == sweep) & old["point"].notna()
+                & ~old["point"].astype(str).isin(keep)).sum())
+
+
+def read_point_rows(path: str | Path) -> pd.DataFrame | None:
+    """The rows a sweep point wrote to its own file (None: it wrote none)."""
+    return _read_existing(Path(path))
 
 
 def points_with_rows(path: str | Path) -> set[str]:

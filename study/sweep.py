@@ -2,32 +2,14 @@
 
     python -m study sweep experiments/sweeps/mask_strength_cpu.yaml [--parallel 2] [--report-only]
 
-A sweep file names a base config, a grid of ``--set`` overrides and seeds.
-Each point gets a folder ``runs/<sweep>/<point>/`` with the pretraining run,
-the executed notebook ``run.ipynb`` and a marker: ``done.json`` or
-``failed.json`` (with the error). Points already done are skipped, so an
-interrupted sweep resumes where it stopped; a failed point is retried on the
-next invocation, reported in the summary, and never stops the others.
-Notebooks are jupytext percent files in git; executed copies are outputs, except
-the report, which also lands, scrubbed, in the committed ``reports/<sweep>.ipynb``
-(:mod:`study.reports`; ``--report-only`` rebuilds it from the results table alone).
-Each finished point prints one line (a failed one with the last line of its
-cause, e.g. ``FileNotFoundError: ...`` raised inside the notebook); a progress
-bar is drawn only on a terminal.
-
-GPUs and threads: :mod:`study.sweep_workers`.
-
-``random_baseline: once_per_seed``: the random-init encoder depends only on the
-seed and the encoder's (and data's) config, so of the points sharing those only
-the first in grid order evaluates it (the run notebook gets
-``random_baseline=True``, the others ``False``); the choice is made on the whole
-grid, so points already done do not move it. Without the key the run notebook
-decides per objective (its ``random_baseline_objectives``).
-
-``--seeds 3,4`` and ``--only objective=cimle`` run a part of the missing points
-(some seeds; the points whose resolved config has that value); the other points'
-rows stay in the table. After a change to one objective's code, a fresh checkout
-reruns that objective's points alone against the committed rows of the others.
+A sweep file names a base config, a grid of ``--set`` overrides and seeds; each point runs in
+``runs/<sweep>/<point>/`` and writes its rows there (:mod:`study.sweep_points`). The table is rewritten
+only by this process, a point's rows replaced only when its new ones exist, so Ctrl-C, SIGTERM or a
+failed point lose no row; rows of points the grid lacks stay unless ``--prune``. A sweep file git does
+not track never writes a tracked table (it writes under ``runs/<name>/``). Points done are skipped, so a
+rerun resumes; ``--seeds`` and ``--only KEY=VALUE`` run a part of the grid. ``random_baseline:
+once_per_seed`` evaluates the random-init encoder at the first point (in grid order) of each seed and
+encoder. GPUs and threads: :mod:`study.sweep_workers`; reports: :mod:`study.reports`.
 """
 
 from __future__ import annotations
@@ -37,9 +19,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
-import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +30,15 @@ from tqdm.auto import tqdm
 from study.config import ConfigError, config_to_dict, load_config, read_yaml
 from study.console import duration, interactive
 from study.errors import UserError
-from study.io import atomic_write_text
-from study.notebook import execute_notebook
+from study.io import tracked_by_git
 from study.reports import build_report
-from study.results import check_table, drop_stale_points, point_seconds, points_with_rows
-from study.sweep_workers import check_gpus, gpu_queue, gpu_record, init_worker, resolve_gpus, worker_count
+from study.results import check_table, count_stale_rows, drop_stale_points, point_seconds, points_with_rows
+from study.signals import Interrupted, stop_descendants
+from study.sweep_points import ROWS_FILE, done_config, error_cause, marker_config, merge_point, merged_into, run_point
+from study.sweep_workers import check_gpus, gpu_queue, init_worker, resolve_gpus, worker_count
 
 __all__ = ["Sweep", "Point", "load_sweep", "run_sweep", "run_sweeps", "error_cause"]
+
 
 RANDOM_BASELINE_RULES = ("once_per_seed",)
 
@@ -82,6 +63,7 @@ class Sweep:
     parameters: dict[str, Any] = field(default_factory=dict)  # extra papermill parameters for the run notebook
     report_parameters: dict[str, Any] = field(default_factory=dict)
     root: str = "."  # paths above are relative to this (the repository root)
+    reports_dir: str = "reports"  # where the scrubbed report lands (committed for the shipped sweeps)
 
     def path(self, rel: str) -> Path:
         return (Path(self.root) / rel).resolve()
@@ -105,7 +87,10 @@ class Point:
         return f"{readable}_s{self.seed}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
+def load_sweep(path: str | Path, root: str | Path = ".", write_committed: bool = False) -> Sweep:
+    """The sweep in ``path``. A sweep file that git does not track writes no file that git does (its table,
+    report and figures go under ``runs/<name>/`` instead) unless ``write_committed``: a copy of a shipped
+    sweep, edited, never rewrites the committed results."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file not found: {path}")
@@ -132,7 +117,29 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     check_gpus(data.get("gpus"), path)
     _check_parallel(data.get("parallel"), path)
     _check_random_baseline(data, path)
-    return Sweep(**data)
+    sweep = Sweep(**data)
+    if not write_committed:
+        _keep_committed_files(sweep, path)
+    return sweep
+
+
+def _keep_committed_files(sweep: Sweep, path: Path) -> None:
+    """Send an untracked sweep file's outputs that would land on tracked files to ``runs/<name>/``."""
+    if tracked_by_git(path):
+        return
+    own = f"{sweep.runs_dir}/{sweep.name}"
+    figures = sweep.report_parameters.get("figures")
+    committed = tracked_by_git(sweep.path(sweep.results)) or tracked_by_git(
+        sweep.path(sweep.reports_dir) / f"{sweep.name}.ipynb") or (
+        figures is not None and any(tracked_by_git(f) for f in sweep.path(figures).glob(f"{sweep.name}*")))
+    if not committed:
+        return
+    print(f"{path} is not a committed sweep file, so it writes {own}/results.csv, not the committed "
+          f"{sweep.results} (pass --write-committed to write there on purpose)")
+    sweep.results = f"{own}/results.csv"
+    sweep.reports_dir = own
+    if figures is not None:
+        sweep.report_parameters = {**sweep.report_parameters, "figures": f"{own}/figures"}
 
 
 def _check_parallel(parallel: Any, path: Path) -> None:
@@ -161,8 +168,11 @@ def expand(sweep: Sweep) -> list[Point]:
             for seed in sweep.seeds:
                 overrides = fixed + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, values)] + [f"seed={seed}"]
                 cfg = load_config(sweep.path(sweep.config), overrides)  # fail before any work
-                points.append(Point(overrides=overrides, seed=seed, config=_fingerprint(cfg),
-                                    settings=config_to_dict(cfg)))
+                point = Point(overrides=overrides, seed=seed, config=_fingerprint(cfg), settings=config_to_dict(cfg))
+                if any(p.slug == point.slug for p in points):
+                    raise ConfigError(f"{sweep.name}: the grid has the point {' '.join(overrides)} twice (a "
+                                      "repeated value, or sub-grids that overlap); list each value once")
+                points.append(point)
                 encoders.append(_random_encoder_key(cfg))
     if sweep.random_baseline == "once_per_seed":
         _assign_random_baseline(points, encoders)
@@ -192,72 +202,13 @@ def _assign_random_baseline(points: list[Point], encoders: list[str]) -> None:
         seen.add(key)
 
 
-def _done_config(folder: Path) -> str | None:
-    """The config fingerprint a point's ``done.json`` records (None: not done, or unreadable)."""
-    try:
-        return json.loads((folder / "done.json").read_text()).get("config")
-    except (OSError, ValueError):
-        return None
-
-
 def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _run_point(sweep: Sweep, point: Point) -> tuple[str, str | None, float]:
-    folder = sweep.path(sweep.runs_dir) / sweep.name / point.slug
-    # done with another config: start over, not resume; done with this one but without rows: resume
-    stale = (folder / "done.json").exists() and _done_config(folder) != point.config
-    (folder / "done.json").unlink(missing_ok=True)
-    if stale and (folder / "run").exists():
-        shutil.rmtree(folder / "run")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "failed.json").unlink(missing_ok=True)
-    params = {
-        "config": str(sweep.path(sweep.config)),
-        "overrides": point.overrides,
-        "out": str(folder / "run"),
-        "results": str(sweep.path(sweep.results)),
-        "protocols": ",".join(sweep.protocols),
-        "sweep": sweep.name,
-        "point": point.slug,
-        **sweep.parameters,
-    }
-    if point.random_baseline is not None:
-        params["random_baseline"] = point.random_baseline
-    start = time.time()
-    try:
-        execute_notebook(sweep.path(sweep.run_notebook), folder / "run.ipynb", params, cwd=Path(sweep.root).resolve())
-    except Exception as exc:  # noqa: BLE001 - a failed point is recorded, the sweep goes on
-        error = error_cause(exc)
-        atomic_write_text(folder / "failed.json", json.dumps(
-            {"point": point.slug, "overrides": point.overrides, "error": error, **gpu_record(),
-             "traceback": traceback.format_exc()[-4000:]}, indent=1))
-        return point.slug, error, time.time() - start
-    atomic_write_text(folder / "done.json", json.dumps(
-        {"point": point.slug, "overrides": point.overrides, "config": point.config,
-         "seconds": time.time() - start, **gpu_record()}, indent=1))
-    return point.slug, None, time.time() - start
-
-
-def error_cause(exc: BaseException) -> str:
-    """``"Type: message"`` of what went wrong; for an error raised inside a notebook, the notebook's error.
-
-    papermill's own message starts with a blank line and a cell banner; the
-    kernel's exception name and value are on the exception.
-    """
-    name = getattr(exc, "ename", None)
-    if name:
-        value = str(getattr(exc, "evalue", "") or "").strip()
-        last = value.splitlines()[-1] if value else ""
-        return f"{name}: {last}" if last else name
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1].strip()}" if lines else type(exc).__name__
-
-
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | str | None = None,
               report: bool = True, progress: bool = True, seeds: list[int] | None = None,
-              only: list[tuple[str, Any]] = ()) -> dict:
+              only: list[tuple[str, Any]] = (), prune: bool = False) -> dict:
     """Run the missing points, then the report notebook; returns a summary dict (also printed).
 
     ``parallel`` and ``gpus`` (a list of indices, ``"auto"`` or ``"0,1"``) replace the sweep file's.
@@ -267,17 +218,21 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, gpus: list[int] | st
     across machines; one objective rerun after a change to its code).
     """
     return run_sweeps([sweep], parallel=parallel, gpus=gpus, report=report, progress=progress, seeds=seeds,
-                      only=only)[0]
+                      only=only, prune=prune)[0]
 
 
 def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[int] | str | None = None,
                report: bool = True, progress: bool = True, seeds: list[int] | None = None,
-               only: list[tuple[str, Any]] = ()) -> list[dict]:
+               only: list[tuple[str, Any]] = (), prune: bool = False) -> list[dict]:
     """:func:`run_sweep` for several sweeps whose missing points share one pool of workers, the longest
     first: each point's time recorded in its sweep's results table (its last run) orders them, points
     without one go first in grid order. A pool that ends on one long point leaves the other workers
     idle; longest first keeps them busy to the end. ``parallel`` (default: the largest of the files')
-    and ``gpus`` (default: the files', which must then agree) apply to the pool."""
+    and ``gpus`` (default: the files', which must then agree) apply to the pool. ``prune`` drops the rows
+    of points that the grid no longer has (kept by default).
+
+    Ctrl-C or SIGTERM stops the running points' kernels and raises :class:`Interrupted`; the table is
+    only ever rewritten whole, by this process, when a point ends, so it keeps every row it had."""
     if parallel is not None and parallel < 1:
         raise UserError(f"parallel must be >= 1 (points run at once), got {parallel}")
     if gpus is None and len({json.dumps(s.gpus) for s in sweeps}) > 1:
@@ -298,35 +253,53 @@ def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[i
                disable=not (progress and interactive()))
     done = 0
 
-    def finished(sweep: Sweep, slug: str, error: str | None, sec: float) -> None:
+    def finished(sweep: Sweep, point: Point, result: tuple[str, str | None, float]) -> None:
         nonlocal done
+        slug, error, sec = result
         done += 1
         seconds[sweep.name][slug] = sec
+        note = merge_point(sweep, point, failed=bool(error))
         if error:
-            failures[sweep.name][slug] = error
+            failures[sweep.name][slug] = error + (f" ({note})" if note else "")
         if progress:
-            status = f"FAILED: {error}" if error else "done"
+            status = f"FAILED: {failures[sweep.name][slug]}" if error else "done"
             where = f"{sweep.name}/" if len(sweeps) > 1 else ""
             bar.write(f"point {done}/{len(jobs)} {where}{slug} ({duration(sec)}): {status}")
         bar.update(1)
 
-    if workers == 1 and gpu_ids is None:
-        for sweep, point in jobs:
-            finished(sweep, *_run_point(sweep, point))
-    else:
-        # each point runs its own kernel; spawn keeps the workers free of the parent's threads, and the
-        # cores are split between workers (kernels inherit OMP_NUM_THREADS) instead of oversubscribed;
-        # with gpus even one worker gets a pool, so CUDA_VISIBLE_DEVICES never touches this process
-        context = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        queue = gpu_queue(context, gpu_ids)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=init_worker, initargs=(threads, queue)) as pool:
-            futures = {pool.submit(_run_point, sweep, p): sweep for sweep, p in jobs}
-            for fut in as_completed(futures):
-                finished(futures[fut], *fut.result())
+    try:
+        if workers == 1 and gpu_ids is None:
+            for sweep, point in jobs:
+                finished(sweep, point, run_point(sweep, point))
+        else:
+            _run_pool(jobs, workers, gpu_ids, finished)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        bar.close()
+        stop_descendants()  # the points' kernels (and a pool's workers): nothing runs on after the sweep
+        name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        raise Interrupted(f"sweep stopped by {name} after {done} of {len(jobs)} points; every table keeps the rows "
+                          "it had; run the same command again to resume (a point's training resumes from its "
+                          "last checkpoint)", name) from None
     bar.close()
-    return [_finish(plan, failures[plan.sweep.name], seconds[plan.sweep.name], report) for plan in plans]
+    return [_finish(plan, failures[plan.sweep.name], seconds[plan.sweep.name], report, prune) for plan in plans]
+
+
+def _run_pool(jobs: list[tuple[Sweep, Point]], workers: int, gpu_ids: list[str] | None, finished) -> None:
+    """Each point runs its own kernel; spawn keeps the workers free of the parent's threads, and the
+    cores are split between workers (kernels inherit OMP_NUM_THREADS) instead of oversubscribed; with
+    gpus even one worker gets a pool, so CUDA_VISIBLE_DEVICES never touches this process."""
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    queue = gpu_queue(context, gpu_ids)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=init_worker,
+                               initargs=(threads, queue))
+    try:
+        futures = {pool.submit(run_point, sweep, p): (sweep, p) for sweep, p in jobs}
+        for fut in as_completed(futures):
+            finished(*futures[fut], fut.result())
+    finally:
+        # on an interrupt, waiting for the running points would let them finish after the sweep stopped
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -364,10 +337,20 @@ def _plan(sweep: Sweep, seeds: list[int] | None, only: list[tuple[str, Any]], pr
               and all(_setting(p.settings, key) == value for key, value in only)]
     check_table(sweep.path(sweep.results))  # a table the points could not append to fails now, not at the end
     base = sweep.path(sweep.runs_dir) / sweep.name
-    # done: ran to the end with the config it would run with now, and its rows are in the table (a run of
-    # a smaller grid drops the rows of the points it lacks, and leaves their done markers)
-    tabled = points_with_rows(sweep.path(sweep.results))
-    recorded = {p.slug: _done_config(base / p.slug) for p in points}
+    table = sweep.path(sweep.results)
+    # ended with this config, but its rows are not (or not from this run) in this table: the sweep stopped
+    # between a point's end and its merge, or the point was merged into another table; merge them now
+    tabled = points_with_rows(table)
+    merged = [p for p in points if marker_config(base / p.slug) == p.config and (base / p.slug / ROWS_FILE).exists()
+              and not (merged_into(base / p.slug) == str(table) and p.slug in tabled)]
+    for p in merged:
+        merge_point(sweep, p, failed=False)
+    if merged and progress:
+        print(f"{sweep.name}: {len(merged)} point(s) had ended without their rows in {sweep.results}: merged them")
+    # done: ran to the end with the config it would run with now, and its rows are in the table (a run
+    # with --prune drops the rows of the points its grid lacks, and leaves their done markers)
+    tabled = points_with_rows(table)
+    recorded = {p.slug: done_config(base / p.slug) for p in points}
     is_done = {p.slug: recorded[p.slug] == p.config and p.slug in tabled for p in points}
     todo = [p for p in picked if not is_done[p.slug]]
     untabled = sum(recorded[p.slug] == p.config for p in todo)
@@ -376,8 +359,8 @@ def _plan(sweep: Sweep, seeds: list[int] | None, only: list[tuple[str, Any]], pr
         print(f"{sweep.name}: {changed} point(s) done before with another config (base config or defaults "
               "changed, or run before configs were fingerprinted): rerunning them")
     if untabled and progress:
-        print(f"{sweep.name}: {untabled} point(s) done before but without rows in {sweep.results} (a run of a "
-              "smaller grid dropped them): evaluating them again from their checkpoints")
+        print(f"{sweep.name}: {untabled} point(s) done before but without rows in {sweep.results}: "
+              "evaluating them again from their checkpoints")
     return _Plan(sweep, points, todo, sum(is_done.values()), point_seconds(sweep.path(sweep.results)), len(picked))
 
 
@@ -389,14 +372,15 @@ def _longest_first(plans: list[_Plan]) -> list[tuple[Sweep, Point]]:
     return [(plan.sweep, p) for plan, p in jobs]
 
 
-def _finish(plan: _Plan, failures: dict[str, str], seconds: dict[str, float], report: bool) -> dict:
-    """Drop the rows of points no longer in the grid, build the report, print and return the summary."""
+def _finish(plan: _Plan, failures: dict[str, str], seconds: dict[str, float], report: bool, prune: bool) -> dict:
+    """Count (or, with ``prune``, drop) the rows of points no longer in the grid, build the report, print and
+    return the summary."""
     sweep = plan.sweep
+    table, slugs = sweep.path(sweep.results), [p.slug for p in plan.points]
     summary = {"sweep": sweep.name, "points": len(plan.points), "ran": len(plan.todo), "skipped_done": plan.skipped,
                "failed": failures, "seconds": round(sum(seconds.values()), 1), "report": None,
-               # rows of points that the current grid and base config no longer produce
-               "stale_rows_dropped": drop_stale_points(sweep.path(sweep.results), sweep.name,
-                                                       [p.slug for p in plan.points])}
+               "stale_rows_dropped": drop_stale_points(table, sweep.name, slugs) if prune else 0,
+               "stale_rows_kept": 0 if prune else count_stale_rows(table, sweep.name, slugs)}
     if report and sweep.report_notebook:
         try:
             summary["report"] = str(build_report(sweep))  # reports/<sweep>.ipynb, committed
@@ -414,6 +398,8 @@ def _print_summary(summary: dict) -> None:
         print(f"  FAILED {slug}: {error[:300]}")
     if summary.get("stale_rows_dropped"):
         print(f"  dropped {summary['stale_rows_dropped']} rows of points no longer in the grid")
+    if summary.get("stale_rows_kept"):
+        print(f"  kept {summary['stale_rows_kept']} rows of points not in this grid (--prune drops them)")
     if summary.get("report"):
         print(f"  report: {summary['report']}")
     if summary.get("report_error"):

@@ -127,12 +127,17 @@ def test_unusable_results_table_fails_before_any_point(tmp_path):
 
 
 
-def test_rows_of_points_no_longer_in_the_grid_are_dropped(tmp_path, capsys):
+def test_rows_of_points_no_longer_in_the_grid_are_kept_unless_pruned(tmp_path, capsys):
+    """A smaller grid (a shipped sweep edited in place) keeps the rows of the points it lacks."""
     sweep = load_sweep(_write_sweep(tmp_path))
     stale = {"metric": "knn_top1", "value": 0.1, "sweep": "tiny", "point": "an-old-point_s0_deadbeef"}
     other = {"metric": "knn_top1", "value": 0.2, "sweep": "another", "point": "x"}
     pd.DataFrame([stale, other]).to_csv(tmp_path / "results.csv", index=False)
     summary = run_sweep(sweep, progress=False, report=False)
+    assert summary["stale_rows_dropped"] == 0 and summary["stale_rows_kept"] == 1
+    assert "kept 1 rows of points not in this grid (--prune drops them)" in capsys.readouterr().out
+    assert {"an-old-point_s0_deadbeef", "x"} <= set(pd.read_csv(tmp_path / "results.csv").point)
+    summary = run_sweep(sweep, progress=False, report=False, prune=True)
     table = pd.read_csv(tmp_path / "results.csv")
     assert summary["stale_rows_dropped"] == 1 and "dropped 1 rows" in capsys.readouterr().out
     assert "an-old-point_s0_deadbeef" not in set(table.point) and "x" in set(table.point)
@@ -160,7 +165,7 @@ GPU_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
     from pathlib import Path
     from study.results import append_rows
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-    markers = Path(results).parent / "gpu-markers"
+    markers = Path(config).parent / "gpu-markers"
     markers.mkdir(exist_ok=True)
     (markers / gpu).touch()
     deadline = time.time() + 60
@@ -241,7 +246,7 @@ def _objective_sweep(tmp_path: Path, extra: str = "") -> Path:
 
 def _record_parameters(monkeypatch) -> dict:
     """Run points in this process without a kernel; returns {point: the run notebook's parameters}."""
-    import study.sweep
+    import study.sweep_points
 
     from study.results import append_rows
 
@@ -251,7 +256,7 @@ def _record_parameters(monkeypatch) -> dict:
         seen[params["point"]] = params
         append_rows(params["results"], [{"point": params["point"], "metric": "ran", "value": 1.0}])
 
-    monkeypatch.setattr(study.sweep, "execute_notebook", execute)
+    monkeypatch.setattr(study.sweep_points, "execute_notebook", execute)
     return seen
 
 
@@ -306,11 +311,18 @@ def test_points_with_another_encoder_get_their_own_random_baseline(tmp_path):
 
 
 def test_a_done_point_without_rows_in_the_table_runs_again_and_its_rows_return(tmp_path, capsys):
-    """A run of a smaller grid drops the rows of the points it lacks (see above); their done markers stay."""
+    """A run with --prune of a smaller grid drops the rows of the points it lacks; their done markers stay."""
     sweep = load_sweep(_write_sweep(tmp_path))
     run_sweep(sweep, progress=False, report=False)
     table = pd.read_csv(tmp_path / "results.csv")
     dropped = sorted(table.point)[-1]
+    table[table.point != dropped].to_csv(tmp_path / "results.csv", index=False)
+    again = run_sweep(sweep, report=False)
+    assert dropped in set(pd.read_csv(tmp_path / "results.csv").point)
+    assert again["skipped_done"] == 3 and again["ran"] == 1  # merged from the point's rows; the failing one runs
+    assert "1 point(s) had ended without their rows in results.csv: merged them" in capsys.readouterr().out
+    (tmp_path / "runs" / "tiny" / dropped / "rows.csv").unlink()  # a point folder without its rows file
+    table = pd.read_csv(tmp_path / "results.csv")
     table[table.point != dropped].to_csv(tmp_path / "results.csv", index=False)
     again = run_sweep(sweep, report=False)
     assert dropped in set(pd.read_csv(tmp_path / "results.csv").point)
@@ -371,7 +383,7 @@ ORDER_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
     # %%
     from pathlib import Path
     from study.results import append_rows
-    with open(Path(results).parent / "order.txt", "a") as log:
+    with open(Path(config).parent / "order.txt", "a") as log:
         log.write(sweep + "/" + point + "\\n")
     append_rows(results, [{"point": point, "train_seconds": 1.0, "metric": "ran", "value": 1.0}])
 ''')

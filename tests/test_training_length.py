@@ -8,12 +8,13 @@ import pytest
 from study.sweep import expand, load_sweep
 
 
-def test_sweep_runs_three_objectives_at_two_ratios_with_five_seeds_longest_first():
+def test_sweep_runs_five_arms_at_two_ratios_with_five_seeds():
+    """LS on both models (plain decoder, head at z = 0), cIMLE per image (decoder input, head), per token."""
     points = expand(load_sweep("experiments/sweeps/training_length_cpu.yaml"))
-    assert len(points) == 3 * 2 * 5
-    assert "objective=cimle" in points[0].overrides and "epochs=150" in points[0].overrides
-    assert "objective=ls" in points[-1].overrides
-    assert len({p.config for p in points}) == 30
+    assert len(points) == 5 * 2 * 5
+    assert {"objective=ls", "noise.block=head", "epochs=150"} <= set(points[0].overrides)
+    assert "objective=ls" in points[-1].overrides and "noise.block=head" not in points[-1].overrides
+    assert len({p.config for p in points}) == 50
 
 
 def _table(tmp_path):

@@ -192,9 +192,22 @@ def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "no
     return paths
 
 
-def paired_difference_table(table: pd.DataFrame, baseline: str = "ls") -> pd.DataFrame:
-    """Objective - LS per seed, mean and 95% t-interval in accuracy points; ``*`` where it excludes 0."""
+def _paired_or_none(table: pd.DataFrame, baseline: str) -> pd.DataFrame | None:
+    """The paired differences to ``baseline``, or None where the table has no pair."""
+    objectives = set(objective_variants(table[table.encoder == "pretrained"])) if "encoder" in table else set()
+    if baseline not in objectives or len(objectives) < 2:
+        return None
     diffs = paired_differences(table, baseline)
+    return diffs if len(diffs) else None
+
+
+def paired_difference_table(table: pd.DataFrame, baseline: str = "ls") -> pd.DataFrame:
+    """Objective - LS per seed, mean and 95% t-interval in accuracy points; ``*`` where it excludes 0.
+
+    Empty when no objective shares a seed and setting with LS (a sweep of a few points)."""
+    diffs = _paired_or_none(table, baseline)
+    if diffs is None:
+        return pd.DataFrame()
     diffs["cell"] = [f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{' *' if ex else ''} (n={n})"
                      for m, lo, hi, ex, n in zip(diffs.mean_diff, diffs.ci_low, diffs.ci_high, diffs.excludes_zero,
                                                  diffs.n)]
@@ -208,9 +221,12 @@ def paired_difference_figure(table: pd.DataFrame, out_dir: str | Path, name: str
                              baseline: str = "ls") -> list[Path]:
     """Per mask setting: objective - LS (same seed), mean and 95% t-interval over seeds, in accuracy points.
 
-    Filled markers: the interval excludes 0; open markers: no difference detected.
+    Filled markers: the interval excludes 0; open markers: no difference detected. No figure (an empty
+    list) when no objective shares a seed and setting with LS.
     """
-    diffs = paired_differences(table, baseline)
+    diffs = _paired_or_none(table, baseline)
+    if diffs is None:
+        return []
     diffs["label"] = diffs.objective.map(OBJECTIVE_LABELS).fillna(diffs.objective)
     diffs["setting"] = [f"{kind} {ratio:g}" for kind, ratio in zip(diffs.mask_kind, diffs.mask_ratio)]
     if "dataset" in diffs.columns and diffs.dataset.nunique() > 1:
