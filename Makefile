@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 PIP_QUIET := -q
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test rehearsal figures toy experiments experiments-mnist experiments-synthetic completions k-axis training-length reports bench clean-venv
+.PHONY: setup test rehearsal figures toy experiments experiments-mnist experiments-synthetic completions k-axis training-length mean-erased reports bench clean-venv
 
 setup: $(STAMP)
 
@@ -82,6 +82,11 @@ training-length: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/training_length_cpu.yaml --no-report
 	$(BIN)/python -m study.figures --results results --out figures
 
+# Real digits with the masked content's conditional mean erased (not part of `make experiments`): LS, per-token
+# cIMLE, one z per image and the Masked VAE on the same model, sign-flip p in {0, 0.25, 0.5}, both scopes, 3 seeds.
+mean-erased: $(STAMP)
+	$(BIN)/python -m study sweep experiments/sweeps/mean_erased_cpu.yaml --no-report
+
 # The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.
 # `make experiments` rebuilds them too, after its runs.
 reports: $(STAMP)
@@ -113,6 +118,8 @@ bench: $(STAMP)
 toy: $(STAMP)
 	$(BIN)/python toy/regression_to_mean.py --out results/toy --figures figures
 	$(BIN)/python toy/sample_diagnostic.py --out results/toy
+	$(BIN)/python toy/regression_to_mean.py --strengths 1.0 --seeds 5 --first-seed 5 --task-seed 1 \
+	    --out results/toy/confirmation --figures runs/toy_confirmation --no-progress
 
 clean-venv:
 	rm -rf $(VENV)

@@ -88,7 +88,7 @@ def _data(tiny: bool, work: Path, log: Path, device: str) -> dict:
     fake, in100, pack = work / "fake", work / "in100", work / "in100-packed"
     per_class = ["--train-per-class", "2", "--val-per-class", "1", "--min-side", "40", "--max-side", "64"] if tiny \
         else ["--train-per-class", "48", "--val-per-class", "2"]
-    t = {"fake_tree_s": _run(["-m", "study.fake_imagenet", "--out", str(fake), *per_class], log, timeout=240)}
+    t = {"fake_tree_s": _run(["-m", "study.data.fake_imagenet", "--out", str(fake), *per_class], log, timeout=240)}
     t["build_in100_s"] = _run(["-m", "study", "build-in100", "--src", str(fake), "--dst", str(in100)], log, 60)
     sets = _sets([f"data.root={in100}", f"data.packed={pack}"] + (TINY_MODEL if tiny else []))
     workers = str(min(16, os.cpu_count() or 1))
@@ -125,13 +125,13 @@ def _train(tiny: bool, work: Path, log: Path, sets: list[str]) -> dict:
 
 
 def _ddp_step(tiny: bool) -> dict:
-    """Two training steps (study.step.train_step) per objective under DDP in a one-process group (NCCL on a
+    """Two training steps (study.train.step.train_step) per objective under DDP in a one-process group (NCCL on a
     GPU, gloo on CPU)."""
     import torch.distributed as dist
 
     from study.config import load_config
-    from study.models import build_model
-    from study.step import train_step, training_state
+    from study.methods.model import build_model
+    from study.train.step import train_step, training_state
 
     cuda = torch.cuda.is_available() and not tiny
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

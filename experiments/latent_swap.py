@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.data import build_eval_datasets  # noqa: E402
+from study.data.datasets import build_eval_datasets  # noqa: E402
 from study.evaluation.latent_swap import latent_swap  # noqa: E402
 from study.evaluation.setup import load_models  # noqa: E402
-from study.results import append_rows  # noqa: E402
+from study.evaluation.results import append_rows  # noqa: E402
 
 SAMPLERS = ("ls", "cimle")  # the Masked VAE's loss reads the masked content through its variational encoder
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.checkpoint import save_weights_only  # noqa: E402
+from study.train.checkpoint import save_weights_only  # noqa: E402
 from study.evaluation.setup import load_models  # noqa: E402
-from study.results import read_results  # noqa: E402
+from study.evaluation.results import read_results  # noqa: E402
 
 VARIANTS = ("ls", "cimle_token", "cimle_image", "mvae")
 

@@ -2,7 +2,7 @@
 
     python experiments/packed_vs_folder.py [--out results/packed_vs_folder.csv] [--seeds 0,1,2]
 
-On a fake ImageNet-100 (study.fake_imagenet: 100 classes x 24 train + 4 val JPEGs of 64-96 px), the
+On a fake ImageNet-100 (study.data.fake_imagenet: 100 classes x 24 train + 4 val JPEGs of 64-96 px), the
 same model, recipe and seeds are pretrained twice (LS, 40 epochs at 32 px): once decoding the JPEGs
 with PIL (RobustImageFolder + MAE's RandomResizedCrop/flip, the folder pipeline) and once from a pack
 of the same images (stored at 40 px, cropped in batches by DeviceCrops). Both are evaluated by the same
@@ -28,11 +28,11 @@ import pandas as pd  # noqa: E402
 
 from study.config import load_config  # noqa: E402
 from study.evaluation.run import evaluate  # noqa: E402
-from study.image_folders import RobustImageFolder  # noqa: E402
-from study.io import atomic_write_text  # noqa: E402
-from study.packed import pack_folder  # noqa: E402
-from study.statistics import t_interval  # noqa: E402
-from study.train import pretrain  # noqa: E402
+from study.data.image_folders import RobustImageFolder  # noqa: E402
+from study.utils.io import atomic_write_text  # noqa: E402
+from study.data.packed import pack_folder  # noqa: E402
+from study.evaluation.statistics import t_interval  # noqa: E402
+from study.train.loop import pretrain  # noqa: E402
 
 RECIPE = ["data.name=imagenet100", "model.img_size=32", "model.patch_size=8", "model.in_chans=3",
           "model.embed_dim=64", "model.depth=3", "model.num_heads=4", "model.decoder_dim=48",
@@ -43,7 +43,7 @@ RECIPE = ["data.name=imagenet100", "model.img_size=32", "model.patch_size=8", "m
 def _data(work: Path) -> Path:
     fake, in100 = work / "imagenet1k", work / "imagenet100"
     py = [sys.executable, "-m"]
-    subprocess.run(py + ["study.fake_imagenet", "--out", str(fake), "--train-per-class", "24", "--val-per-class",
+    subprocess.run(py + ["study.data.fake_imagenet", "--out", str(fake), "--train-per-class", "24", "--val-per-class",
                          "4", "--min-side", "64", "--max-side", "96"], check=True, cwd=ROOT)
     subprocess.run(py + ["study", "build-in100", "--src", str(fake), "--dst", str(in100)], check=True, cwd=ROOT)
     pack_folder(RobustImageFolder(in100 / "train"), work / "packed", size=40, progress=False)

@@ -3,7 +3,7 @@
     python experiments/profile_step.py --config experiments/configs/in100-vit-t.yaml --set device=cpu \\
         --batch 32 --precision fp32,bf16 --out results/bench/in100-vit-t-cpu-profile.txt
 
-The step is the training loop's (``study.step.train_step``: mask, forward,
+The step is the training loop's (``study.train.step.train_step``: mask, forward,
 backward, AdamW) on the benchmark's fixed batch (``experiments.bench.variants.Trainer``),
 warmed up, then profiled over ``--steps`` steps. The table groups by operator and sorts by self CPU time; the summary line splits the
 step into matmul-like operators (whose FLOPs the benchmark counts) and the
@@ -25,9 +25,9 @@ from experiments.bench.memory import quiet_stderr_fd  # noqa: E402
 from experiments.bench.settings import with_changes  # noqa: E402
 from experiments.bench.variants import Trainer  # noqa: E402
 from study.config import load_config  # noqa: E402
-from study.errors import run_command  # noqa: E402
-from study.io import atomic_write_text  # noqa: E402
-from study.runtime import resolve_device  # noqa: E402
+from study.utils.errors import run_command  # noqa: E402
+from study.utils.io import atomic_write_text  # noqa: E402
+from study.utils.device import resolve_device  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
               "aten::_scaled_dot_product_flash_attention_for_cpu",

@@ -1,26 +1,13 @@
 """The ImageNet-100 study, rehearsed on CPU on an ImageNet-shaped fake: every command of the scale path, once.
 
-    make rehearsal                       # = python experiments/rehearsal.py --work runs/rehearsal
-    python experiments/rehearsal.py --work DIR [--keep]
-
-What a first day of GPU time would run, at the poster's model size (ViT-T/16,
-224 px) on a few images:
-
-  1. a fake ImageNet-1k tree (104 synsets of 12 train + 1 val 300-500 px JPEGs, flat val + LOC_val_solution.csv),
-     build-in100, pack (python -m study pack)
-  2. pretrain experiments/configs/in100-vit-t.yaml with ls, cimle and mvae on the pack (a few steps each,
-     gradient accumulation on)
-  3. a 2-process torchrun run, killed (SIGKILL) after its first checkpoint and resumed to the end
-  4. evaluate with every protocol that reads an image folder (knn, linear, finetune at 224 px with the GPU
-     preset's RandAugment, samples; completion needs the synthetic images' known modes)
-  5. both in100 sweeps shrunk to 2 points (ls, cimle), with their report notebooks
-  6. python -m study submit, its job run by a fake sbatch/srun (tests/fake_slurm) to a checkpoint
-
-(The GPU check script's CPU-sized run is a test of its own: tests/test_device_check.py.)
-
-Every command runs as a user would type it, from the shell, in a fresh process;
-the output of all of them is in DIR/rehearsal.log. A step that fails stops the
-rehearsal with its log tail and exit status 1.
+``make rehearsal`` runs what a first day of GPU time would, at the poster's model
+size (ViT-T/16, 224 px) on a few images: a fake ImageNet-1k tree, build-in100 and
+pack; pretraining of every objective on the pack; a 2-process torchrun run killed
+after its first checkpoint and resumed; every protocol that reads an image folder;
+both ImageNet-100 sweeps shrunk to 2 points with their notebooks; and ``submit``
+through a fake SLURM. Every command runs as a user would type it, in a fresh
+process, so what breaks is what would break on the cluster; the log of all of them
+is ``DIR/rehearsal.log``, and a failing step stops with its log tail and status 1.
 """
 
 from __future__ import annotations
@@ -104,7 +91,7 @@ class Rehearsal:
 
     def data(self) -> None:
         w = self.work
-        self.sh([sys.executable, "-m", "study.fake_imagenet", "--out", w / "imagenet1k", "--val-per-class", "1"])
+        self.sh([sys.executable, "-m", "study.data.fake_imagenet", "--out", w / "imagenet1k", "--val-per-class", "1"])
         self.study("build-in100", "--src", w / "imagenet1k", "--dst", w / "imagenet100")
         assert len(list((w / "imagenet100" / "val").iterdir())) == 100, "build-in100 did not sort the flat val"
         self.study("pack", "--config", IN100, *self.sets(), "--workers", "2")

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from study.errors import UserError, run_command  # noqa: E402
+from study.utils.errors import UserError, run_command  # noqa: E402
 from study.figures.common import paired_cell  # noqa: E402
-from study.io import atomic_write_text  # noqa: E402
-from study.statistics import PAIR_KEYS, objective_variants, t_interval  # noqa: E402
+from study.utils.io import atomic_write_text  # noqa: E402
+from study.evaluation.statistics import PAIR_KEYS, objective_variants, t_interval  # noqa: E402
 
 STUDIES = ("mask_strength_cpu", "efficiency_cpu", "noise_block_cpu", "synthetic_cpu", "k_axis_cpu",
            "k_axis_synthetic_cpu", "training_length_cpu")

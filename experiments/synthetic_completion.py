@@ -23,14 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.checkpoint import save_weights_only  # noqa: E402
+from study.train.checkpoint import save_weights_only  # noqa: E402
 from study.config import load_config  # noqa: E402
-from study.data import build_eval_datasets  # noqa: E402
+from study.data.datasets import build_eval_datasets  # noqa: E402
 from study.evaluation import samples as sampling  # noqa: E402
 from study.evaluation.context_completion import (completion_protocol, synthetic_generator,  # noqa: E402
                                                  true_completions)
 from study.evaluation.setup import load_models  # noqa: E402
-from study.results import write_results  # noqa: E402
+from study.evaluation.results import write_results  # noqa: E402
 
 import pandas as pd  # noqa: E402
 

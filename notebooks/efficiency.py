@@ -24,7 +24,7 @@ figures = "runs/figures"  # make experiments passes figures (the sweep file's re
 from IPython.display import Image
 
 from study.figures.studies import efficiency_figure, efficiency_table
-from study.results import read_results
+from study.evaluation.results import read_results
 
 table = read_results(results)
 paths = efficiency_figure(table, figures, name=sweep)

@@ -28,7 +28,7 @@ from IPython.display import Image
 
 from study.figures.studies import (mask_strength_figure, mask_strength_table, paired_difference_figure,
                                    paired_difference_table)
-from study.results import read_results
+from study.evaluation.results import read_results
 
 table = read_results(results)
 paths = mask_strength_figure(table, figures, name=sweep)

@@ -25,7 +25,7 @@ figures = "figures"
 from IPython.display import Image
 
 from study.figures.studies import noise_block_figure, noise_block_table
-from study.results import read_results
+from study.evaluation.results import read_results
 
 table = read_results(results)
 paths = noise_block_figure(table, figures, name=sweep)

@@ -47,11 +47,12 @@ import pandas as pd
 from study.config import load_config
 from study.evaluation.finetune import finetune_settings
 from study.evaluation.run import DECODER_PROTOCOLS, ProtocolFailed, evaluate, parse_protocols
-from study.evaluation.setup import eval_device
-from study.results import append_rows
-from study.train import pretrain
+from study.evaluation.setup import eval_device, require_labels
+from study.evaluation.results import append_rows
+from study.train.loop import pretrain
 
 cfg = load_config(config, overrides)
+require_labels(cfg, parse_protocols(protocols))  # before training: the evaluation would refuse it after
 pretrain(cfg, out, resume=True, progress=False)
 metrics = pd.read_json(Path(out) / "metrics.jsonl", lines=True)
 metrics[["epoch", "loss", "images_per_sec", "train_seconds"]].tail()

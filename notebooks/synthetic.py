@@ -26,7 +26,7 @@ figures = "figures"
 # %%
 from study.figures.synthetic import (DEFAULT_POINT, axis_slice, probe_rows, synthetic_figure, synthetic_table,
                                      tradeoff_figure, variant_labels)
-from study.results import read_results
+from study.evaluation.results import read_results
 
 table = read_results(results)
 paths = synthetic_figure(table, figures, name=sweep, axis="synthetic_mean_shift")
@@ -108,7 +108,7 @@ for pool in ("cls", "mean"):
     ls1 = shift_one[(shift_one["pool"] == pool) & (shift_one.variant == "least squares")].value
     checks.append((f"{pool}: mean shift 1, LS probe {ls1.mean():.3f} >= 0.85 (n={len(ls1)})", ls1.mean() >= 0.85))
 if Path(completion).is_file():
-    div = pd.read_csv(completion)
+    div = read_results(completion)  # checked: a hand edit is named by its line
     div = div[div.metric.isin(["sample_diversity", "true_diversity"])]
     tok_div = div[(div.objective == "cimle") & (div.metric == "sample_diversity")].value.mean()
     true_div = div[div.metric == "true_diversity"].value.mean()

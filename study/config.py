@@ -18,9 +18,10 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from study import methods
-from study.errors import UserError
-from study.io import atomic_write_text
+from study.utils import registry
+from study.utils.errors import UserError
+from study.utils.io import atomic_write_text
+from study.utils.yaml_keys import load_yaml
 
 __all__ = [
     "num_masked",
@@ -90,7 +91,7 @@ class CIMLEConfig:
 
 @dataclass
 class MVAEConfig:
-    """The Masked VAE as published (papers/masked_vae.txt, section 4): the KL is
+    """The Masked VAE as published (section 4 of its paper): the KL is
     averaged per latent feature and weighted by beta = 30, and the variational
     encoder learns at 1/100 of the main learning rate."""
 
@@ -110,8 +111,17 @@ class MaskConfig:
 
 
 @dataclass
+class SignFlipConfig:
+    # each masked target patch (scope "patch") or all of an image's (scope "image") multiplied by -1 with
+    # probability p: the encoder still sees the real image, E[y | x] = (1 - 2p) y, and at p = 0.5 the
+    # conditional mean of the masked content is 0 while its two modes, +y and -y, still trace the image
+    p: float = 0.0
+    scope: Literal["patch", "image"] = "patch"
+
+
+@dataclass
 class SyntheticConfig:
-    """The same-mean synthetic images (``data.name: synthetic``; :mod:`study.synthetic_images`): every patch shows
+    """The same-mean synthetic images (``data.name: synthetic``; :mod:`study.data.synthetic_images`): every patch shows
     its class axis with a random sign under a distractor shared by the image."""
 
     classes: int = 10
@@ -126,6 +136,9 @@ class SyntheticConfig:
 class DataConfig:
     name: Literal["mnist", "digits", "synthetic", "imagefolder", "imagenet100"] = "mnist"
     root: str | None = None  # folder for imagefolder / imagenet100
+    # imagefolder only: "folders" labels images by their class folder; "none" reads every image under data.root
+    # at any depth, for pretraining on unlabelled images (label-based evaluation refuses it)
+    labels: Literal["folders", "none"] = "folders"
     augment: bool = True  # random resized crop + flip (MAE)
     on_bad_image: Literal["error", "skip"] = "error"
     num_workers: int = 0
@@ -135,6 +148,7 @@ class DataConfig:
     subset: int | None = None  # train on a fixed random N of the training images (smoke runs, rehearsals)
     val_fraction: float = 0.2  # held-out split for bundled / synthetic data
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sign_flip: SignFlipConfig = field(default_factory=SignFlipConfig)  # the pretraining targets only
 
 
 @dataclass
@@ -209,8 +223,9 @@ def _check(cond: bool, name: str, msg: str) -> None:
 def validate(cfg: Config) -> Config:
     """Cross-field and range checks; raises ConfigError naming the field."""
     m = cfg.model
-    _check(cfg.objective in methods.names(), "objective", f"must be one of {methods.names()}, got {cfg.objective!r}")
+    _check(cfg.objective in registry.names(), "objective", f"must be one of {registry.names()}, got {cfg.objective!r}")
     _check(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
+    _check(0 <= cfg.seed <= 2**32 - 1, "seed", f"must be in [0, {2**32 - 1}] (numpy's seed range), got {cfg.seed}")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1 (epochs), got {cfg.checkpoint_every}")
     bad = [e for e in cfg.snapshot_epochs if not 1 <= e <= cfg.epochs]
     _check(not bad, "snapshot_epochs", f"must lie in [1, epochs={cfg.epochs}], got {bad}")
@@ -253,6 +268,13 @@ def validate(cfg: Config) -> Config:
            f"({cfg.mask.ratio}) masks {masked} of {n} patches; at least one must be masked and one visible")
     _check(cfg.mask.block_min_patches >= 1, "mask.block_min_patches",
            f"must be >= 1, got {cfg.mask.block_min_patches}")
+    # BEiT draws each block's area from [block_min_patches, patches still to mask]: above num_masked no block
+    # is ever within range and the masks degrade into the random top-up
+    gh, gw = cfg.patch_grid
+    _check(cfg.mask.kind != "block" or cfg.mask.block_min_patches <= masked, "mask.block_min_patches",
+           f"({cfg.mask.block_min_patches}) is more than the {masked} patches that mask.ratio={cfg.mask.ratio:g} masks "
+           f"on the {gh}x{gw} patch grid, so no block fits and the masks would be random; set "
+           f"mask.block_min_patches to at most {masked}")
 
     _validate_data(cfg.data)
     _validate_optim(cfg.optim)
@@ -267,6 +289,8 @@ def validate(cfg: Config) -> Config:
 def _validate_data(d: DataConfig) -> None:
     _check(d.name not in ("imagefolder", "imagenet100") or bool(d.root), "data.root",
            f"is required for data.name={d.name!r}: the folder that holds the images")
+    _check(d.labels == "folders" or d.name == "imagefolder", "data.labels=none",
+           f"(a folder of unlabelled images) needs data.name=imagefolder, got data.name={d.name!r}")
     _check(d.packed is None or d.name in ("imagefolder", "imagenet100"), "data.packed",
            f"is a pack of an image folder; data.name={d.name!r} has none (set data.packed=null)")
     _check(d.packed is None or d.augment, "data.packed",
@@ -276,6 +300,7 @@ def _validate_data(d: DataConfig) -> None:
            f"data.name={d.name!r}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(0.0 <= d.sign_flip.p <= 0.5, "data.sign_flip.p", f"must be in [0, 0.5], got {d.sign_flip.p}")
     s = d.synthetic
     _check(s.classes >= 2, "data.synthetic.classes", f"must be >= 2, got {s.classes}")
     _check(s.per_class >= 1, "data.synthetic.per_class", f"must be >= 1, got {s.per_class}")
@@ -353,6 +378,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 raise ConfigError(f"{name} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):  # inf or nan passes every range check below and poisons training
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -376,25 +403,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict) -> Config:
-    return validate(_build(Config, _nest_synthetic(data or {})))
-
-
-def _nest_synthetic(data: dict) -> dict:
-    """Read a config written with flat ``data.synthetic_<key>`` fields (run folders and checkpoints made before
-    they became the ``data.synthetic`` section) as the section; a nested value wins over a flat one."""
-    section = data.get("data")
-    if not isinstance(section, dict) or not any(str(k).startswith("synthetic_") for k in section):
-        return data
-    section = dict(section)
-    nested = dict(section.get("synthetic") or {})
-    kind = section.pop("synthetic_kind", "gratings")  # the flat fields' default
-    if kind != "hidden" and section.get("name") == "synthetic":
-        raise ConfigError(f"data.synthetic_kind={kind!r}: only the same-mean images ('hidden') remain; this run "
-                          "was made with synthetic images this version no longer generates")
-    for key in [k for k in section if str(k).startswith("synthetic_")]:
-        nested.setdefault(key.removeprefix("synthetic_"), section.pop(key))
-    section["synthetic"] = nested
-    return {**data, "data": section}
+    return validate(_build(Config, data or {}))
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -424,9 +433,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         loaded = read_yaml(path)
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:  # most likely the wrong file, or one not yet written: not a request for the defaults
+            raise ConfigError(f"{path} is empty (or holds only comments); write the settings in it, or leave out "
+                              "--config for the defaults")
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
-        data = loaded or {}
+        data = loaded
     return config_from_dict(apply_overrides(data, overrides))
 
 
@@ -437,10 +449,10 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """``yaml.safe_load`` of a file; a syntax error becomes a ConfigError naming the file and line."""
+    """The YAML of a file; a syntax error or a duplicated key becomes a ConfigError naming the file and line."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     except UnicodeDecodeError:
@@ -455,7 +467,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(exc)})") from None
         _set_dotted(data, key.strip(), value)

@@ -20,7 +20,7 @@ __all__ = ["SyncCounter"]
 
 _SYNC_METHODS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "nonzero", "cpu"}
 _TESTS_DIR = Path(__file__).resolve().parent
-# reported paths are relative to the checkout (``study/models/mae.py:...``)
+# reported paths are relative to the checkout (``study/methods/model.py:...``)
 _ROOT = str(_TESTS_DIR.parent)
 _TORCH_GLUE = (os.sep + os.path.join("torch", "overrides.py"), os.sep + os.path.join("torch", "_tensor.py"),
                os.sep + os.path.join("torch", "utils", "_device.py"))

@@ -163,3 +163,21 @@ def test_a_run_folder_stands_for_its_checkpoint_and_features_are_mean_pooled(run
     capsys.readouterr()
     code = cli_main(["evaluate", "--checkpoint", str(tmp_path), "--results", str(results)])
     one_error_line(capsys, code, str(tmp_path), "without checkpoint.pt")
+
+
+def test_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, capsys):
+    # TINY: 2 classes x 20 images, a fifth held out: 32 training images
+    code = cli_main(["pretrain", "--out", str(tmp_path / "x"), "--quiet", *sets("optim.batch_size=64")])
+    one_error_line(capsys, code, "optim.batch_size=64", "32 training images", "at most 32")
+    code = cli_main(["pretrain", "--out", str(tmp_path / "x"), "--quiet",
+                     *sets("optim.batch_size=16", "optim.accum_steps=4")])  # 2 batches an epoch: no optimiser step
+    one_error_line(capsys, code, "optim.accum_steps=4", "32 training images")
+    assert not (tmp_path / "x").exists()
+
+
+def test_in_chans_that_does_not_match_an_image_folder_is_refused(tmp_path, capsys):
+    _png_folder(tmp_path / "imgs")
+    code = cli_main(["pretrain", "--out", str(tmp_path / "x"), "--quiet",
+                     *_folder_sets(tmp_path / "imgs", "model.in_chans=1")])
+    one_error_line(capsys, code, "model.in_chans=1", "3-channel", "set model.in_chans=3")
+    assert not (tmp_path / "x").exists()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_sets, tiny_overrides
+from conftest import as_sets, make_image_folder, tiny_overrides
 from study.cli import main as cli_main
+from study.train.run_lock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_overrides("epochs=1")
@@ -17,7 +18,8 @@ TINY = tiny_overrides("epochs=1")
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A folder with what a user has at hand: a finished run, a sweep file, an export, a text file."""
+    """A folder with what a user has at hand: a finished run, a sweep file, an export, a text file, and a
+    folder that a live run holds (its lock taken by this process)."""
     work = tmp_path_factory.mktemp("fuzz")
     assert cli_main(["pretrain", "--out", str(work / "run"), "--quiet", *as_sets(TINY)]) == 0
     (work / "notes.txt").write_text("not a checkpoint\n")
@@ -34,7 +36,18 @@ def work(tmp_path_factory):
         """)
     (work / "sweep.yaml").write_text(sweep)
     (work / "sweep_parallel0.yaml").write_text(sweep + "parallel: 0\n")
-    return work
+    # a results table edited by hand: text in a numeric column on line 3
+    (work / "broken.csv").write_text("metric,value,seed\nknn_top1,0.5,0\nknn_top1,0.5,zero\n")
+    (work / "sweep_broken.yaml").write_text(sweep + f"results: {work / 'broken.csv'}\n"
+                                            f"report_notebook: {ROOT / 'notebooks/mask_strength.py'}\n")
+    (work / "sweep_no_run.yaml").write_text(sweep.replace(str(ROOT / "notebooks/run.py"), str(work / "no_run.py")))
+    (work / "sweep_no_report.yaml").write_text(sweep + f"report_notebook: {work / 'no_report.py'}\n")
+    (work / "empty.yaml").write_text("# to be written\n")
+    (work / "dup.yaml").write_text("mask:\n  ratio: 0.5\n  ratio: 0.6\n")
+    make_image_folder(work / "imgs", classes=2, per_class=2)
+    (work / "busy").mkdir()
+    with RunLock(work / "busy"):
+        yield work
 
 
 def _cases(w: Path) -> list[tuple[list[str], str]]:
@@ -65,10 +78,35 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["pretrain", "--out", str(w / "new6"), "--config", str(w / "broken.yaml")], "broken.yaml"),
         (["pretrain", "--out", str(w / "notes.txt"), *as_sets(TINY)], "notes.txt"),
         (["pretrain", "--out", run, "--resume", *as_sets(TINY), "--set", "cimle.k=3"], "cimle.k"),
+        (["pretrain", "--out", str(w / "new10"), "--config", str(w / "empty.yaml")], "empty"),
+        (["pretrain", "--out", str(w / "new11"), "--config", str(w / "dup.yaml")], "mask.ratio"),
+        (["pretrain", "--out", str(w / "new12"), *as_sets(TINY), "--set", "seed=-1"], "seed"),
+        (["pretrain", "--out", str(w / "new13"), *as_sets(TINY), "--set", f"seed={2**32}"], "seed"),
+        (["pretrain", "--out", str(w / "new14"), *as_sets(TINY), "--set", "optim.blr=inf"], "optim.blr"),
+        (["pretrain", "--out", str(w / "new15"), *as_sets(TINY), "--set", "optim.weight_decay=.nan"], "finite"),
+        (["pretrain", "--out", str(w / "new16"), *as_sets(TINY), "--set", "mask.kind=block",
+          "--set", "mask.block_min_patches=3"], "mask.block_min_patches"),
+        # refused once the data is built, before any training: the folder made for the run goes again
+        (["pretrain", "--out", str(w / "new17"), *as_sets(TINY), "--set", "optim.batch_size=64"], "optim.batch_size"),
+        (["pretrain", "--out", str(w / "new18"), *as_sets(TINY), "--set", "data.name=imagefolder",
+          "--set", f"data.root={w / 'imgs'}", "--set", "model.in_chans=1"], "model.in_chans"),
+        # a folder that a live run holds
+        (["pretrain", "--out", str(w / "busy"), *as_sets(TINY)], "pid"),
+        (["pretrain", "--out", str(w / "busy"), "--resume", *as_sets(TINY)], "still running"),
         # sweep, submit, pack, export, bench-data, build-in100
         (["sweep", str(w / "sweep.yaml"), "--parallel", "0"], "--parallel"),
         (["sweep", str(w / "sweep_parallel0.yaml")], "parallel"),
         (["sweep", str(w / "no_sweep.yaml")], "no_sweep.yaml"),
+        (["sweep", str(w / "sweep_no_run.yaml")], "no_run.py"),
+        (["sweep", str(w / "sweep_no_report.yaml"), "--report-only"], "no_report.py"),
+        (["sweep", str(w / "sweep_broken.yaml")], "broken.csv:3"),
+        (["sweep", str(w / "sweep_broken.yaml"), "--report-only"], "broken.csv:3"),
+        # a results table broken by hand, a feature cache that is a file
+        (ev + ["--results", str(w / "broken.csv")], "broken.csv:3"),
+        (ev + ["--feature-cache", str(w / "notes.txt")], "--feature-cache"),
+        # the toy's own script
+        (["toy", "--seeds", "0"], "--seeds"),
+        (["toy", "--plot-only", "--out", str(w / "no_toy")], "no_toy"),
         (["submit", "--out", str(w / "new7"), "--nodes", "0"], "--nodes"),
         (["submit", "--out", str(w / "new8"), "--gpus-per-node", "0"], "--gpus-per-node"),
         (["pack", "--dst", str(w / "pack"), "--size", "0"], "--size"),
@@ -90,6 +128,10 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def _call(argv: list[str]) -> int:
     try:
+        if argv[0] == "toy":  # toy/regression_to_mean.py, run as a script
+            from toy.regression_to_mean import _cli as toy_cli
+
+            return toy_cli(argv[1:])
         return cli_main(argv)
     except SystemExit as exc:  # argparse's own exit, as the shell would see it
         return exc.code

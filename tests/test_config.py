@@ -103,22 +103,69 @@ def test_token_selection_refuses_inexact_noise():
         load_config(None, ["noise.block=tail"])
 
 
-def test_flat_synthetic_fields_of_older_runs_read_as_the_section():
-    """Run folders and checkpoints written with ``data.synthetic_<key>`` load as ``data.synthetic``."""
-    from study.config import config_from_dict
-
-    flat = {"data": {"name": "synthetic", "synthetic_kind": "hidden", "synthetic_classes": 4,
-                     "synthetic_cue": 2.0, "synthetic_distractor": 0.75}}
-    cfg = config_from_dict(flat)
-    assert (cfg.data.synthetic.classes, cfg.data.synthetic.cue, cfg.data.synthetic.distractor) == (4, 2.0, 0.75)
-    mnist = config_from_dict({"data": {"name": "mnist", "synthetic_kind": "gratings", "synthetic_classes": 10}})
-    assert mnist.data.name == "mnist"  # the unused synthetic fields of an MNIST run do not matter
-    with pytest.raises(ConfigError, match="synthetic_kind='gratings'"):
-        config_from_dict({"data": {"name": "synthetic", "synthetic_kind": "gratings"}})
-
-
 def test_a_synthetic_setting_is_named_with_its_section():
     with pytest.raises(ConfigError, match="data.synthetic.cue"):
         load_config(None, ["data.synthetic.cue=0"])
     with pytest.raises(ConfigError, match="unknown key.*data.synthetic"):
         load_config(None, ["data.synthetic.kind=hidden"])
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# nothing here yet\n", "# a\n\n# b\n", "~\n"])
+def test_empty_or_comment_only_file_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty\.yaml.*empty.*--config"):
+        load_config(path)
+    path.write_text("{}\n")  # an explicit empty mapping asks for the defaults
+    assert load_config(path) == load_config()
+
+
+@pytest.mark.parametrize("text, field", [
+    ("epochs: 3\nseed: 1\nepochs: 4\n", r"epochs is given twice \(lines 1 and 3\)"),
+    ("mask:\n  ratio: 0.5\n  kind: block\n  ratio: 0.6\n", r"mask\.ratio is given twice \(lines 2 and 4\)"),
+    ("data:\n  synthetic:\n    cue: 1.0\n    cue: 2.0\n", r"data\.synthetic\.cue"),
+    ("mask: {ratio: 0.5, ratio: 0.6}\n", r"mask\.ratio"),
+])
+def test_duplicated_key_is_refused(tmp_path, text, field):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"dup\.yaml.*{field}.*keep one"):
+        load_config(path)
+
+
+def test_duplicated_key_in_an_override_is_refused():
+    with pytest.raises(ConfigError, match=r"--set mask=.*ratio.*twice"):
+        load_config(None, ["mask={ratio: 0.5, ratio: 0.6}"])
+
+
+def test_seed_must_fit_32_bits():
+    assert load_config(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    for seed in (-1, 2**32, 10**30):
+        with pytest.raises(ConfigError, match=r"^seed .*\[0, 4294967295\]"):
+            load_config(None, [f"seed={seed}"])
+
+
+@pytest.mark.parametrize("override", ["optim.blr=inf", "optim.blr=.inf", "optim.blr=nan", "optim.blr=.nan",
+                                      "optim.min_lr=inf", "optim.weight_decay=-.inf", "optim.warmup_epochs=nan",
+                                      "optim.clip_grad=inf", "optim.max_loss_growth=inf", "mvae.beta=inf"])
+def test_non_finite_numbers_are_refused(override):
+    field = override.split("=")[0].replace(".", r"\.")
+    with pytest.raises(ConfigError, match=rf"^{field} must be a finite number"):
+        load_config(None, [override])
+
+
+def test_non_finite_number_in_a_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  blr: .nan\n")
+    with pytest.raises(ConfigError, match=r"optim\.blr must be a finite number"):
+        load_config(path)
+
+
+def test_block_mask_needs_blocks_that_fit_what_is_masked():
+    # 4x4 grid at ratio 0.75: 12 patches masked, so a block of 13 or more is never within what is left to mask
+    assert load_config(None, ["mask.kind=block", "mask.block_min_patches=12"]).mask.block_min_patches == 12
+    with pytest.raises(ConfigError, match=r"mask\.block_min_patches \(13\).*12 patches.*4x4.*at most 12"):
+        load_config(None, ["mask.kind=block", "mask.block_min_patches=13"])
+    with pytest.raises(ConfigError, match=r"mask\.block_min_patches \(200\)"):
+        load_config(None, ["mask.kind=block", "mask.block_min_patches=200"])
+    assert load_config(None, ["mask.kind=random", "mask.block_min_patches=200"]).mask.kind == "random"  # unused

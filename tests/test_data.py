@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from study.config import load_config
-from study.data import (
+from study.data.datasets import (
     BadImageError,
     RobustImageFolder,
     build_datasets,
@@ -18,10 +18,10 @@ from study.data import (
     random_resized_crop,
     stratified_split,
 )
-from study.errors import UserError
-from study.imagenet100 import build_imagenet100, imagenet100_classes
-from study.imagenet100 import main as in100_main
-from study.synthetic_images import SyntheticImageGenerator, patchify, unpatchify
+from study.utils.errors import UserError
+from study.data.imagenet100 import build_imagenet100, imagenet100_classes
+from study.data.imagenet100 import main as in100_main
+from study.data.synthetic_images import SyntheticImageGenerator, patchify, unpatchify
 
 # --------------------------------------------------------------------------- helpers
 
@@ -325,7 +325,7 @@ def _single_folder_with_bad_val_image(root):
 
 
 def test_bad_image_in_the_val_split_stops_pretraining_up_front(tmp_path):
-    from study.train import pretrain
+    from study.train.loop import pretrain
 
     bad = _single_folder_with_bad_val_image(tmp_path / "imgs")
     cfg = _folder_cfg(tmp_path / "imgs", "data.val_fraction=0.2", "optim.batch_size=4", "epochs=1",
@@ -338,7 +338,7 @@ def test_bad_image_in_the_val_split_stops_pretraining_up_front(tmp_path):
 
 
 def test_bad_image_in_the_val_split_is_skipped_when_asked(tmp_path):
-    from study.data import check_images
+    from study.data.datasets import check_images
 
     bad = _single_folder_with_bad_val_image(tmp_path / "imgs")
     train, val = build_datasets(_folder_cfg(tmp_path / "imgs", "data.val_fraction=0.2", "data.on_bad_image=skip"))

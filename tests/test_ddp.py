@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from study.config import load_config
-from study.train import load_checkpoint, pretrain
+from study.train.loop import load_checkpoint, pretrain
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
 TINY = [

@@ -14,8 +14,8 @@ from study.evaluation.features import FeatureCache, extract_features
 from study.evaluation.finetune import ViTClassifier, finetune, finetune_settings
 from study.evaluation.knn import knn_accuracy, knn_predict
 from study.evaluation.linear_probe import LARS, linear_probe_settings, train_linear_probe
-from study.errors import UserError
-from study.evaluate_cli import add_arguments, run_from_args
+from study.utils.errors import UserError
+from study.cli.evaluate import add_arguments, run_from_args
 from study.evaluation.run import EvaluationError, evaluate, parse_protocols
 
 # --------------------------------------------------------------------------- helpers
@@ -236,7 +236,7 @@ TINY = [
 
 def _tiny_checkpoint(tmp_path):
     from study.config import config_to_dict, load_config
-    from study.models import build_model
+    from study.methods.model import build_model
 
     cfg = load_config(None, TINY)
     torch.manual_seed(123)  # not the config seed: differs from the random-init baseline
@@ -274,7 +274,7 @@ def test_evaluate_appends_rows_with_random_baseline(tmp_path):
 def test_random_baseline_is_the_seeded_init_and_differs_from_pretrained(tmp_path):
     from study.config import load_config
     from study.evaluation.setup import build_encoders, load_for_evaluation
-    from study.models import build_model
+    from study.methods.model import build_model
 
     _, model, ckpt = _tiny_checkpoint(tmp_path)
     cfg, state, fmt = load_for_evaluation(ckpt)
@@ -422,7 +422,7 @@ def test_a_protocol_that_fails_on_the_random_encoder_adds_no_rows(tmp_path, monk
 
 def test_a_failed_protocol_is_one_error_line_when_it_is_the_users_to_fix(tmp_path, monkeypatch, capsys):
     import study.evaluation.run as evaluation_run
-    from study.image_folders import BadImageError
+    from study.data.image_folders import BadImageError
 
     def bad_image(*args, **kwargs):
         raise BadImageError("cannot decode /data/train/n01/x.JPEG: truncated file")

@@ -9,8 +9,9 @@ import torch
 from conftest import as_sets
 from study.cli import main
 from study.config import config_to_dict, load_config
-from study.export import ExportError, export, timm_architecture, verify_export
-from study.models import ViTEncoder, build_model, load_pretrained_encoder, sincos_2d
+from study.evaluation.export import ExportError, export, timm_architecture, verify_export
+from study.methods.model import build_model
+from study.models import ViTEncoder, load_pretrained_encoder, sincos_2d
 
 ARCH = ["model.img_size=8", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2"]
 TINY = ["data.name=synthetic", "data.synthetic.classes=3", "data.synthetic.per_class=20", *ARCH,
@@ -182,7 +183,7 @@ def test_timm_preprocessing_of_an_export_is_the_package_eval_transform(tmp_path,
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from study.image_folders import eval_transform
+    from study.data.image_folders import eval_transform
 
     cfg, ckpt = _saved(tmp_path, ["data.name=imagefolder", "data.root=unused", f"model.img_size={size}",
                                   f"model.patch_size={patch}", "model.in_chans=3", *SMALL])
@@ -201,7 +202,7 @@ def test_timm_preprocessing_of_a_digits_export_is_the_package_eval_transform(tmp
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from study.data import build_eval_datasets
+    from study.data.datasets import build_eval_datasets
 
     cfg, ckpt = _saved(tmp_path, ["data.name=mnist", "model.img_size=28", "model.patch_size=7", "model.in_chans=1",
                                   *SMALL])
@@ -236,3 +237,33 @@ def test_non_finite_weights_are_not_exported(study_checkpoint, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "norm.weight" in err, err
     assert not out.exists()
+
+
+def test_export_pools_as_evaluate_does_by_default(study_checkpoint, tmp_path, capsys):
+    import argparse
+
+    from study.cli.evaluate import add_arguments as evaluate_arguments
+    from study.evaluation.export import add_arguments as export_arguments
+
+    parsers = {}
+    for name, add in (("export", export_arguments), ("evaluate", evaluate_arguments)):
+        parsers[name] = argparse.ArgumentParser()
+        add(parsers[name])
+    pool = parsers["evaluate"].parse_args(["--checkpoint", "x"]).pool
+    assert parsers["export"].parse_args(["--checkpoint", "x", "--format", "timm", "--out", "y"]).pool == pool == "mean"
+    assert "mean of the patch tokens (default" in " ".join(parsers["export"].format_help().split())
+    encoder, ckpt = study_checkpoint
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["model_args"]["global_pool"] == "avg"
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        _close(model(_images()), encoder.features(_images(), "mean"))
+
+
+def test_exports_folder_is_ignored_by_git():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["git", "check-ignore", "-q", "exports/x-timm/config.json"], cwd=root)
+    assert done.returncode == 0

@@ -122,4 +122,7 @@ def test_the_readme_table_is_the_headline_of_the_committed_tables(tmp_path):
     assert table == (root / "figures" / "headline.md").read_text()
     toy = rows[rows.rung.str.startswith("toy")].iloc[0]
     assert toy["diff"] == pytest.approx(toy["cimle"] - toy["ls"])  # paired over the same seeds: the means' difference
-    assert list(rows.variant) == ["one z per example", "per token", "per image", "per token", "per image"]
+    assert list(rows.variant) == ["one z per example", "per token", "per image, head", "per token", "per image, head",
+                                  "per image"]
+    # each cIMLE variant against least squares on its own model: the head at z = 0, or MAE's decoder
+    assert list(rows.ls_label)[1:] == ["LS (head at z = 0)"] * 4 + ["LS"]

@@ -13,10 +13,10 @@ import torch
 from conftest import tiny_overrides
 from host_sync import SyncCounter
 from study.config import load_config
-from study.masking import build_mask_generator
-from study.models import build_model
-from study.objectives import cimle
-from study.runtime import adamw
+from study.data.masking import build_mask_generator
+from study.methods.model import build_model
+from study.losses import cimle
+from study.train.optim import adamw
 
 OBJECTIVES = {
     "ls": ["objective=ls"],
@@ -43,7 +43,7 @@ def test_a_step_off_the_cpu_makes_the_expected_host_syncs(objective):
     model, make_mask, mask, imgs = _model_and_batch(OBJECTIVES[objective], "meta")
     counter = SyncCounter()
     with counter:
-        out = model(imgs, mask, num_masked=make_mask.num_masked)  # as study.train passes it
+        out = model(imgs, mask, num_masked=make_mask.num_masked)  # as study.train.loop passes it
         out.loss.backward()
     assert sum(counter.hits.values()) == EXPECTED_SYNCS_PER_STEP[objective], dict(counter.hits)
 
@@ -80,7 +80,7 @@ def test_adamw_is_fused_on_cuda_and_its_step_makes_no_host_sync():
 
 
 def test_cimle_noise_is_drawn_on_the_generators_device(monkeypatch):
-    """The noise comes from the generator's device (study.train makes it on the training device)."""
+    """The noise comes from the generator's device (study.train.loop makes it on the training device)."""
     seen = []
     randn = torch.randn
 
@@ -99,7 +99,7 @@ def test_cimle_noise_is_drawn_on_the_generators_device(monkeypatch):
 
 
 def test_training_draws_masks_and_noise_with_a_generator_on_the_training_device():
-    from study.train import _build
+    from study.train.loop import _build
 
     state, _ = _build(load_config(None, tiny_overrides("objective=cimle")), check_data=False)
     assert state.mask_noise_gen.device == state.device

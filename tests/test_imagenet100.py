@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from study.cli import main as cli_main
-from study.errors import UserError
-from study.fake_imagenet import EXTRA_WNIDS, main as fake_main, make_fake_imagenet
-from study.imagenet100 import imagenet100_classes
+from study.utils.errors import UserError
+from study.data.fake_imagenet import EXTRA_WNIDS, main as fake_main, make_fake_imagenet
+from study.data.imagenet100 import imagenet100_classes
 
 IN100 = imagenet100_classes()
 SIDES = (16, 28)  # small images keep every tree below a second

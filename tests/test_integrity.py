@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import as_sets, one_error_line, tiny_overrides
-from study.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from study.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from study.cli import main as cli_main
 from study.config import load_config
 from study.evaluation.features import extract_features
 from study.evaluation.setup import EvaluationError
-from study.train import pretrain
+from study.train.loop import pretrain
 
 # wide enough that an MLP weight spans 16 KiB: 4 KiB of damage lands inside one tensor record
 TINY = tiny_overrides("epochs=2", "snapshot_epochs=[1]", size=16, width=32)
@@ -97,7 +97,7 @@ def _old_format(path) -> None:
 
 
 def test_old_format_checkpoint_loads_and_resumes_exactly(tmp_path, monkeypatch):
-    import study.train as train
+    import study.train.loop as train
 
     cfg = load_config(None, tiny_overrides("epochs=3", size=16, width=32))
     pretrain(cfg, tmp_path / "full", progress=False)

@@ -8,9 +8,9 @@ import torch
 
 from conftest import tiny_overrides
 from study.config import load_config
-from study.data import build_eval_datasets
+from study.data.datasets import build_eval_datasets
 from study.evaluation.latent_swap import latent_swap
-from study.models import build_model
+from study.methods.model import build_model
 
 
 class _Repeated:
@@ -83,7 +83,7 @@ def test_k_axis_pairs_each_variant_with_ls_on_its_own_decoder(tmp_path):
 def test_the_diagnostic_script_replaces_the_rows_of_the_runs_it_reads_and_keeps_the_others(tmp_path):
     """A rerun of one sweep's diagnostic must not drop the other sweep's committed rows."""
     from experiments.latent_swap import main as latent_swap_main
-    from study.train import pretrain
+    from study.train.loop import pretrain
 
     for sweep, objective in (("sweep_a", "ls"), ("sweep_b", "cimle")):
         cfg = load_config(None, tiny_overrides(f"objective={objective}", "epochs=1", per_class=10))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from study.config import MaskConfig
-from study.masking import MaskGenerator, build_mask_generator, clustering_score, ids_from_mask
+from study.data.masking import MaskGenerator, build_mask_generator, clustering_score, ids_from_mask
 
 KINDS = [("random", "green"), ("block", "green"),
          ("noise", "red"), ("noise", "green"), ("noise", "blue"), ("noise", "white")]

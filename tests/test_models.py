@@ -10,15 +10,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from study.config import CIMLEConfig, Config, ModelConfig, MVAEConfig, NoiseConfig
-from study.models import (
-    MaskedAutoencoder,
-    ViTEncoder,
-    build_model,
-    load_pretrained_encoder,
-    mask_indices,
-    sincos_2d,
-)
-from study.objectives import cimle, least_squares
+from study.methods.model import MaskedAutoencoder, build_model, mask_indices
+from study.models import ViTEncoder, load_pretrained_encoder, sincos_2d
+from study.losses import cimle, least_squares
 
 IMG, PATCH, CHANS = 16, 4, 3
 N = (IMG // PATCH) ** 2  # 16 patches
@@ -424,7 +418,7 @@ def test_mvae_kl_is_a_per_feature_mean_weighted_by_beta():
 
 def test_mvae_published_defaults_reach_the_optimizer():
     from study.config import load_config
-    from study.step import param_groups
+    from study.train.optim import param_groups
 
     cfg = load_config("experiments/configs/cpu-small.yaml", ["objective=mvae"])
     assert (cfg.mvae.beta, cfg.mvae.lr_factor) == (30.0, 0.01)

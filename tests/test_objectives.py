@@ -1,10 +1,10 @@
-"""study.objectives: least squares, cIMLE selection and gradients, masks, argument errors, Gaussian KL."""
+"""study.losses: least squares, cIMLE selection and gradients, masks, argument errors, Gaussian KL."""
 
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from study.objectives import cimle, gaussian_kl, least_squares
+from study.losses import cimle, gaussian_kl, least_squares
 
 B, N, D, DZ = 5, 3, 4, 2
 

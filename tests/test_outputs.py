@@ -26,7 +26,7 @@ def small_toy(monkeypatch):
 
 
 def test_toy_out_holds_everything_it_writes(tmp_path, monkeypatch, small_toy):
-    monkeypatch.chdir(tmp_path)  # where the old defaults (results/toy, figures) would land
+    monkeypatch.chdir(tmp_path)  # so a write to results/toy or figures would show up here
     rtm.main([*SMALL_TOY, "--out", "mine"])
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == sorted(
         [rtm.CSV_NAME, rtm.SUMMARY_NAME, f"{FIGURE_NAME}.png", f"{FIGURE_NAME}.pdf"])
@@ -50,7 +50,7 @@ def test_make_toy_and_make_figures_name_the_committed_paths():
 
 
 def _weights_only(tmp_path):
-    from study.models import build_model
+    from study.methods.model import build_model
 
     cfg = load_config(None, TINY)
     path = tmp_path / "ckpt.pt"
@@ -82,3 +82,12 @@ def test_pretrain_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli_main(["pretrain", "--out", str(tmp_path / "empty"), "--quiet", *sets]) == 0
     assert cli_main(["pretrain", "--out", str(tmp_path / "empty"), "--resume", "--quiet", *sets]) == 0
+
+
+def test_pretrain_ends_saying_where_the_checkpoint_is_and_how_to_evaluate_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["pretrain", "--out", str(run), *as_sets(TINY)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert str(run / "checkpoint.pt") in last and f"python -m study evaluate --checkpoint {run}" in last
+    assert cli_main(["pretrain", "--out", str(tmp_path / "quiet"), "--quiet", *as_sets(TINY)]) == 0
+    assert "evaluate" not in capsys.readouterr().out  # --quiet: nothing at all

@@ -61,7 +61,7 @@ def test_makefile_installs_from_the_constraints():
 
 
 def test_timm_is_pinned_to_the_tested_range():
-    from study.compat import TIMM_TESTED
+    from study.utils.compat import TIMM_TESTED
 
     reqs = {r.split(">")[0].split("<")[0].split("=")[0]: r for r in _pyproject_requirements()}
     assert reqs["timm"] == "timm" + TIMM_TESTED
@@ -73,7 +73,7 @@ def test_timm_attention_without_the_internals_we_read_is_named():
     import timm
     from timm.layers import Attention
 
-    from study.compat import ATTENTION_ATTRIBUTES, UnsupportedDependency, check_timm_attention
+    from study.utils.compat import ATTENTION_ATTRIBUTES, UnsupportedDependency, check_timm_attention
 
     attention = Attention(8, num_heads=2)
     check_timm_attention(attention)  # the installed timm has them

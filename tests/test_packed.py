@@ -11,11 +11,11 @@ import torch
 from scipy.stats import ks_2samp
 
 from conftest import image_folder_config, make_image_folder, make_train_val_folders
-from study.batched_crops import center_boxes, crop_boxes, resample
-from study.errors import UserError
-from study.image_folders import RobustImageFolder
-from study.packed import DeviceCrops, PackedImages, PackError, pack_folder
-from study.train import load_checkpoint, pretrain
+from study.data.batched_crops import crop_boxes, resample
+from study.utils.errors import UserError
+from study.data.image_folders import RobustImageFolder
+from study.data.packed import DeviceCrops, PackedImages, PackError, pack_folder
+from study.train.loop import load_checkpoint, pretrain
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
@@ -105,11 +105,6 @@ def test_flip_is_a_fair_coin_and_mirrors():
     assert 0.45 < left_dark.float().mean() < 0.55
 
 
-def test_center_boxes_are_the_eval_crop():
-    b = center_boxes(torch.tensor([256.0]), torch.tensor([320.0]), 224 / 256)
-    assert (b.height.item(), b.width.item(), b.top.item(), b.left.item()) == (224, 224, 16, 48)
-
-
 # --------------------------------------------------------------------------- packs
 
 
@@ -157,7 +152,7 @@ def test_pack_command_then_pretraining_reads_the_pack(tree, tmp_path, capsys):
     assert main(["pack", "--set", "data.name=imagefolder", "--set", f"data.root={tree}", "--set", "model.in_chans=3", "--dst",
                  str(tmp_path / "pack"), "--size", "24"]) == 0
     cfg = image_folder_config(tree, f"data.packed={tmp_path / 'pack'}")
-    from study.data import build_datasets
+    from study.data.datasets import build_datasets
 
     train, _ = build_datasets(cfg)
     assert isinstance(train, PackedImages)
@@ -183,7 +178,7 @@ def test_packed_run_resumes_exactly(tree, tmp_path):
 
 
 def test_missing_or_unfinished_pack_is_one_clear_error(tree, tmp_path):
-    from study.data import build_datasets
+    from study.data.datasets import build_datasets
 
     with pytest.raises(UserError, match="not a pack"):
         build_datasets(image_folder_config(tree, f"data.packed={tmp_path / 'nowhere'}"))

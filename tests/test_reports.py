@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from study.cli import main
-from study.reports import scrub_notebook
+from study.studies.reports import scrub_notebook
 
 REPORT = textwrap.dedent('''\
     # %% tags=["parameters"]
@@ -169,3 +169,33 @@ def test_in100_reports_render_with_one_random_baseline_per_seed(tmp_path, monkey
     efficiency = _report_of(tmp_path, monkeypatch, "efficiency_in100", "efficiency.py",
                             _in100_rows(["ls", "cimle"], [0.9], [0, 1], [50, 100, 800]))
     assert "least squares" in efficiency and "cIMLE" in efficiency
+
+
+def test_report_failures_name_the_notebook_and_the_table(tmp_path, monkeypatch, capsys):
+    root = _study(tmp_path / "a")
+    monkeypatch.chdir(root)
+    table = root / "results.csv"
+    good = table.read_text()
+    table.write_text(good + "knn_top1,ls,oops\n")  # a hand edit: text in the value column
+    assert main(["sweep", "tiny.yaml", "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(root / "report.py") in err and f"{table}:4: results table column value holds 'oops'" in err
+    assert not (root / "reports").exists() and not (root / "runs").exists()  # no kernel started
+    table.write_text(good)
+    (root / "report.py").write_text(REPORT + "\nraise ValueError('no such column')\n")
+    assert main(["sweep", "tiny.yaml", "--report-only"]) == 1  # a failing cell: maybe the notebook's own bug
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"report {root / 'report.py'} failed on {table}: ValueError: no such column" in err
+    assert not (root / "reports").exists()
+
+
+def test_report_only_from_another_folder_uses_the_repository_of_the_sweep_file(tmp_path, monkeypatch):
+    repo = _study(tmp_path / "repo")
+    (repo / "experiments" / "sweeps").mkdir(parents=True)
+    (repo / "tiny.yaml").rename(repo / "experiments" / "sweeps" / "tiny.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "repo/experiments/sweeps/tiny.yaml", "--report-only"]) == 0
+    assert "read results.csv" in (repo / "reports" / "tiny.ipynb").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from study.notebook import execute_notebook
+from study.studies.notebook import execute_notebook
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,8 @@ def test_rows_of_each_evaluation_are_kept_when_a_later_one_fails(tmp_path):
 
 def test_a_failed_protocol_keeps_the_others_rows_and_fails_the_point(tmp_path):
     from study.config import config_to_dict, load_config
-    from study.models import build_model
-    from study.train import pretrain
+    from study.methods.model import build_model
+    from study.train.loop import pretrain
 
     (tmp_path / "base.yaml").write_text("objective: ls\nepochs: 1\noptim:\n  warmup_epochs: 1\n")
     cfg = load_config(tmp_path / "base.yaml", tiny_overrides())

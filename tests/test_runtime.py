@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from study.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from study.train.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from study.config import load_config
-from study.models import build_model
-from study.runtime import NoDevice, autocast, cpu_threads, resolve_device, seed_everything, warmup_cosine
+from study.methods.model import build_model
+from study.utils.device import NoDevice, autocast, cpu_threads, resolve_device, seed_everything
+from study.train.optim import warmup_cosine
 
 # bf16 keeps 8 bits of mantissa; measured here: relative gaps 5e-4 (ls), 6e-4 (cimle), 3e-5 (mvae). The
 # tolerance is 30x the largest: loose enough for other CPUs' kernels, tight enough to catch a wrong cast
@@ -83,3 +84,26 @@ def test_checkpoints_load_without_running_pickled_code(tmp_path):
     torch.save({"model": {}, "extra": Payload()}, tmp_path / "evil.pt")  # any other object: refused, not run
     with pytest.raises(CheckpointError, match="evil.pt"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_a_gpu_config_off_the_gpu_stops_with_the_reason(monkeypatch, capsys, tmp_path):
+    from conftest import one_error_line
+    from study.cli import main
+    from study.utils import device as device_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getDriverVersion", lambda: 0, raising=False)
+    code = main(["pretrain", "--config", "experiments/configs/in100-vit-t.yaml", "--out", str(tmp_path / "run")])
+    one_error_line(capsys, code, "device=cuda", "no GPU is visible", "--set device=cpu")
+    assert not (tmp_path / "run").exists()
+    # a torch built for CUDA 13 on a CUDA 12.4 driver: the driver it needs and the build to install instead
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch._C, "_cuda_getDriverVersion", lambda: 12040, raising=False)
+    reason = device_module.why_no_cuda()
+    assert "built for CUDA 13.0" in reason and ">= 580" in reason and "CUDA 12.4" in reason
+    monkeypatch.setattr(torch._C, "_cuda_getDriverVersion", lambda: 0, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert "CUDA_VISIBLE_DEVICES=''" in device_module.why_no_cuda()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in device_module.why_no_cuda()

@@ -11,7 +11,7 @@ from study.evaluation.samples import completed_patches, fixed_batch, model_sampl
 from study.evaluation.setup import build_models
 from study.figures.samples import draw_samples
 from study.figures.samples import main as figures_main
-from study.synthetic_images import SyntheticImageGenerator
+from study.data.synthetic_images import SyntheticImageGenerator
 
 TINY = [
     "data.name=synthetic", "data.synthetic.classes=2", "data.synthetic.per_class=40", "data.augment=false",
@@ -233,7 +233,7 @@ def test_completion_on_same_mean_images_reports_floors_and_masked_losses(tmp_pat
 
 
 def test_true_completions_are_found_by_the_oracle_and_keep_the_visible_patches():
-    from study.data import build_eval_datasets
+    from study.data.datasets import build_eval_datasets
     from study.evaluation.context_completion import (completion_metrics, synthetic_generator, to_generator_layout,
                                                      true_completions)
 
@@ -257,7 +257,7 @@ def test_true_completions_are_found_by_the_oracle_and_keep_the_visible_patches()
 
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_class_axis_projections_put_the_truth_on_its_modes_and_the_wrong_class_at_zero(in_chans):
-    from study.data import build_eval_datasets
+    from study.data.datasets import build_eval_datasets
     from study.evaluation.context_completion import synthetic_generator, true_completions
     from study.figures.synthetic_axes import axis_projections
 
@@ -331,7 +331,7 @@ def test_completions_figure_is_identical_on_rerun_and_names_every_diversity(tmp_
 def test_mnist_completions_keeps_weights_only_copies_of_every_variant(tmp_path, capsys):
     from experiments import mnist_completions as script
     from study.evaluation.setup import load_models
-    from study.train import pretrain
+    from study.train.loop import pretrain
 
     runs = tmp_path / "runs"
     assert script.main(["--runs", str(runs), "--out", str(tmp_path / "ck")]) == 2

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from study.statistics import paired_differences, t_interval
+from study.evaluation.statistics import paired_differences, t_interval
 
 
 def _rows(values: dict[str, list[float]], metric="knn_top1", ratio=0.9, encoder="pretrained"):
@@ -53,3 +53,42 @@ def test_token_selection_is_its_own_objective():
     out = paired_differences(table).set_index("objective")
     assert out.loc["cimle", "mean_diff"] == pytest.approx(0.0)
     assert out.loc["cimle-token", "mean_diff"] == pytest.approx(0.1)
+
+
+def test_holm_adjusts_a_textbook_family_and_keeps_nan():
+    from study.evaluation.statistics import holm
+
+    adjusted = holm([0.01, 0.04, 0.03, 0.005, np.nan])
+    assert np.allclose(adjusted[:4], [0.03, 0.06, 0.06, 0.02]) and np.isnan(adjusted[4])
+    assert np.allclose(holm([0.2, 0.9]), [0.4, 0.9]) and np.allclose(holm([0.6, 0.9]), [1.0, 1.0])  # capped at 1
+    assert holm([]).shape == (0,)
+
+
+def test_paired_p_value_and_equivalence_agree_with_scipy():
+    from scipy import stats
+
+    from study.evaluation.statistics import equivalence, paired_p_value
+
+    rng = np.random.default_rng(0)
+    diff = rng.normal(0.3, 1.0, size=5)
+    assert np.isclose(paired_p_value(diff), stats.ttest_1samp(diff, 0).pvalue)
+    result = equivalence(diff, bound=2.0)
+    lower = stats.ttest_1samp(diff, -2.0, alternative="greater").pvalue
+    upper = stats.ttest_1samp(diff, 2.0, alternative="less").pvalue
+    assert np.isclose(result["p_tost"], max(lower, upper))
+    assert result["equivalent"] == (result["p_tost"] < 0.05)  # the 90% interval inside the bound <=> TOST at 5%
+    assert not equivalence(diff + 3.0, bound=2.0)["equivalent"]
+    assert not equivalence(rng.normal(0, 5, size=3), bound=2.0)["equivalent"]  # too noisy to call level
+
+
+def test_the_trend_per_doubling_is_the_mean_of_the_seeds_slopes():
+    from study.evaluation.statistics import trend_per_doubling
+
+    k = [1, 2, 4, 8, 32]
+    rng = np.random.default_rng(1)
+    by_seed = np.array([-1.5 * np.log2(k) + rng.normal(0, 0.3, 5) for _ in range(5)])
+    trend = trend_per_doubling(k, by_seed)
+    slopes = [np.polyfit(np.log2(k), row, 1)[0] for row in by_seed]
+    assert np.isclose(trend["slope"], np.mean(slopes)) and trend["excludes_zero"] and trend["high"] < 0
+    flat = trend_per_doubling(k, rng.normal(0, 0.3, (5, 5)))
+    assert flat["low"] < 0 < flat["high"]

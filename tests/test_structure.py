@@ -7,6 +7,7 @@ an import inside a function is found as well as one at the top of a file.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -93,9 +94,36 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert "study.evaluation.setup" in graph and graph["study.train"], "the graph was not read"
+    assert "study.evaluation.setup" in graph and graph["study.train.loop"], "the graph was not read"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The package's folders, lowest first: a module imports only from its own folder and those before it.
+LAYERS = ("utils", "config", "data", "losses", "models", "methods", "train", "evaluation", "studies", "figures",
+          "cli", "__main__")
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return -1 if len(parts) == 1 else LAYERS.index(parts[1])
+
+
+def test_every_module_of_the_package_sits_in_a_known_folder():
+    unknown = [m for m in _modules() if m.startswith("study.") and m.split(".")[1] not in LAYERS]
+    assert unknown == [], f"modules outside the layers {LAYERS}: add the folder to LAYERS in its place"
+
+
+def test_imports_flow_from_each_folder_only_to_those_below_it():
+    graph = import_graph()
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("study.")
+                    for d in deps if d.startswith("study.") and _layer(d) > _layer(m))
+    assert upward == []
+
+
+def test_the_folder_order_check_finds_an_upward_import():
+    assert _layer("study.models.decoder") < _layer("study.methods.model") < _layer("study.train.loop")
+    assert _layer("study.config") < _layer("study.data.masking")
 
 
 def test_evaluation_never_imports_figures():
@@ -133,3 +161,39 @@ def test_small_functions_and_files(check):
         long_files = [f"{name}: {n} lines" for name, path in _modules().items()
                       if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES]
         assert long_files == [], f"files over {MAX_FILE_LINES} lines"
+
+
+# Module docstrings say what a module is for and why, in a few lines; the layout lives in the README.
+MAX_MODULE_DOCSTRING_LINES = 15
+DOCSTRING_FOLDERS = ("study", "toy", "experiments", "notebooks")
+# Code says what it does, not the history of how it came to be: no tracker numbers, no files outside the repo.
+# (spelled so that a grep for these finds nothing here either)
+HISTORY = re.compile(r"\bissue \d+|DESIGN\.md|papers[/]")
+
+
+def _python_files(folders: tuple[str, ...]) -> list[Path]:
+    return [path for folder in folders for path in sorted((ROOT / folder).rglob("*.py"))
+            if "__pycache__" not in path.parts]
+
+
+def test_module_docstrings_are_short():
+    files = [p for p in _python_files(DOCSTRING_FOLDERS) if p.relative_to(ROOT).parts[:2] != ("experiments", "bench")]
+    assert any(p.relative_to(ROOT).parts[0] == "study" for p in files), "the package was not read"
+    long = [f"{path.relative_to(ROOT)}: {n} lines" for path in files
+            if (n := len((ast.get_docstring(ast.parse(path.read_text()), clean=False) or "").splitlines()))
+            > MAX_MODULE_DOCSTRING_LINES]
+    assert long == [], f"module docstrings over {MAX_MODULE_DOCSTRING_LINES} lines"
+
+
+def test_no_history_references_in_code():
+    this = Path(__file__).resolve()
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+             for path in _python_files(DOCSTRING_FOLDERS) if path.resolve() != this
+             for n, line in enumerate(path.read_text().splitlines(), start=1) if HISTORY.search(line)]
+    assert found == [], "issue numbers or files outside the repository named in code"
+
+
+def test_the_history_check_finds_what_it_looks_for():
+    for text in ("fixed in issue " + "43", "see DESIGN" + ".md", "papers" + "/x.txt"):
+        assert HISTORY.search(text), text
+    assert not HISTORY.search("reissue" + " 4 of a table") and not HISTORY.search("a known issue")

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from study.config import ConfigError
-from study.errors import UserError
-from study.sweep import expand, load_sweep, run_sweep
+from study.utils.errors import UserError
+from study.studies.sweep import expand, load_sweep, run_sweep
 
 # The parameter cell papermill fills in, as in notebooks/run.py.
 PARAMETERS = textwrap.dedent('''\
@@ -27,7 +27,7 @@ PARAMETERS = textwrap.dedent('''\
 # A stand-in run notebook: records its point in the results table, or raises when told to.
 RUN_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
     # %%
-    from study.results import append_rows
+    from study.evaluation.results import append_rows
     ratio = [o for o in overrides if o.startswith("mask.ratio=")][0].split("=")[1]
     if ratio == "0.9" and "seed=1" in overrides:
         raise RuntimeError("boom at " + point)
@@ -163,7 +163,7 @@ GPU_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
     # %%
     import os, time
     from pathlib import Path
-    from study.results import append_rows
+    from study.evaluation.results import append_rows
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
     markers = Path(config).parent / "gpu-markers"
     markers.mkdir(exist_ok=True)
@@ -202,7 +202,7 @@ def test_each_worker_runs_its_points_on_a_gpu_of_its_own(tmp_path, monkeypatch):
 
 
 def test_more_workers_than_gpus_is_an_error_before_any_work(tmp_path, monkeypatch):
-    from study.errors import UserError
+    from study.utils.errors import UserError
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     sweep = load_sweep(_gpu_sweep(tmp_path, "[0, 1]"))
@@ -215,8 +215,8 @@ def test_more_workers_than_gpus_is_an_error_before_any_work(tmp_path, monkeypatc
 
 
 def test_gpu_lists_resolve_against_the_visible_gpus(tmp_path, monkeypatch):
-    from study.errors import UserError
-    from study.sweep_workers import resolve_gpus
+    from study.utils.errors import UserError
+    from study.studies.workers import resolve_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,6")
     assert resolve_gpus(None) is None
@@ -246,9 +246,9 @@ def _objective_sweep(tmp_path: Path, extra: str = "") -> Path:
 
 def _record_parameters(monkeypatch) -> dict:
     """Run points in this process without a kernel; returns {point: the run notebook's parameters}."""
-    import study.sweep_points
+    import study.studies.points
 
-    from study.results import append_rows
+    from study.evaluation.results import append_rows
 
     seen = {}
 
@@ -256,7 +256,7 @@ def _record_parameters(monkeypatch) -> dict:
         seen[params["point"]] = params
         append_rows(params["results"], [{"point": params["point"], "metric": "ran", "value": 1.0}])
 
-    monkeypatch.setattr(study.sweep_points, "execute_notebook", execute)
+    monkeypatch.setattr(study.studies.points, "execute_notebook", execute)
     return seen
 
 
@@ -382,7 +382,7 @@ def test_the_seeds_flag_rejects_a_bad_list_in_one_line(tmp_path, capsys):
 ORDER_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
     # %%
     from pathlib import Path
-    from study.results import append_rows
+    from study.evaluation.results import append_rows
     with open(Path(config).parent / "order.txt", "a") as log:
         log.write(sweep + "/" + point + "\\n")
     append_rows(results, [{"point": point, "train_seconds": 1.0, "metric": "ran", "value": 1.0}])
@@ -390,7 +390,7 @@ ORDER_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
 
 
 def test_several_sweeps_share_one_pool_longest_recorded_point_first(tmp_path):
-    from study.sweep import run_sweeps
+    from study.studies.sweep import run_sweeps
 
     (tmp_path / "order_run.py").write_text(ORDER_NOTEBOOK)
     sweeps = []
@@ -416,3 +416,37 @@ def test_several_sweeps_share_one_pool_longest_recorded_point_first(tmp_path):
     for name in ("first", "second"):  # each sweep's rows in its own table
         table = pd.read_csv(tmp_path / f"{name}.csv")
         assert set(points[name]) <= set(table.point)
+
+
+def test_a_missing_notebook_fails_at_load_naming_where_it_was_looked_for(tmp_path):
+    import re
+
+    path = _write_sweep(tmp_path)
+    for name, key in (("report.py", "report_notebook"), ("run.py", "run_notebook")):
+        (tmp_path / name).rename(tmp_path / f"{name}.away")
+        with pytest.raises(ConfigError, match=re.escape(f"{key} {name} not found (looked for {tmp_path / name}")):
+            load_sweep(path)
+        (tmp_path / f"{name}.away").rename(tmp_path / name)
+    (tmp_path / "run.py").unlink()
+    assert load_sweep(path, report_only=True).run_notebook == "run.py"  # a report runs no point
+    assert not (tmp_path / "runs").exists()
+
+
+def test_relative_paths_resolve_against_the_folder_above_experiments(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "experiments" / "sweeps").mkdir(parents=True)
+    (repo / "run.py").write_text(RUN_NOTEBOOK)
+    (repo / "base.yaml").write_text("objective: ls\n")
+    sweep_file = repo / "experiments" / "sweeps" / "tiny.yaml"
+    sweep_file.write_text("name: tiny\nconfig: base.yaml\nrun_notebook: run.py\nresults: results/tiny.csv\n"
+                          "grid:\n  mask.ratio: [0.5]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    sweep = load_sweep(sweep_file)
+    assert sweep.path(sweep.results) == repo / "results" / "tiny.csv"
+    assert load_sweep(Path("../repo/experiments/sweeps/tiny.yaml")).path("base.yaml") == repo / "base.yaml"
+    # no experiments/ above the file: the working directory, and a message that says where it looked
+    shutil.copy(sweep_file, elsewhere / "tiny.yaml")
+    with pytest.raises(ConfigError, match=f"looked for {elsewhere / 'base.yaml'}.*set root:"):
+        load_sweep(elsewhere / "tiny.yaml")

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from study.config import ConfigError
-from study.sweep import expand, load_sweep, run_sweep
+from study.studies.sweep import expand, load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ RUN_NOTEBOOK = textwrap.dedent('''\
     # %%
     import os, time
     from pathlib import Path
-    from study.results import append_rows
+    from study.evaluation.results import append_rows
     (Path(config).parent / "kernels").mkdir(exist_ok=True)
     (Path(config).parent / "kernels" / str(os.getpid())).touch()
     while os.environ.get("HOLD_POINTS"):
@@ -194,3 +194,13 @@ def test_a_sweep_file_with_overlapping_sub_grids_is_refused_in_one_line(tmp_path
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "twice" in err and len(err.strip().splitlines()) == 1
     assert json.dumps(sorted(os.listdir(tmp_path))) == json.dumps(sorted(["base.yaml", "run.py", "sweep.yaml"]))
+
+
+def test_a_points_fingerprint_covers_only_what_differs_from_the_defaults():
+    """A new config field whose default keeps the old behaviour must not make every done point run again."""
+    from study.config import load_config
+    from study.studies.sweep import _digest, _fingerprint
+
+    assert _fingerprint(load_config(None, ["epochs=30", "mask.ratio=0.9"])) == _digest(
+        {"epochs": 30, "mask": {"ratio": 0.9}})
+    assert _fingerprint(load_config(None, [])) == _digest({})

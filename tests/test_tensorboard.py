@@ -8,7 +8,7 @@ import pytest
 from conftest import as_sets, tiny_overrides
 from study.cli import main as cli_main
 from study.config import ConfigError, load_config
-from study.train import pretrain
+from study.train.loop import pretrain
 
 TINY = tiny_overrides("objective=cimle", width=16, decoder_width=8, per_class=16, k=3)
 
@@ -39,9 +39,9 @@ def test_event_file_holds_the_metrics_rows(tmp_path):
 
 def test_resume_drops_the_redone_epochs(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
-    import study.train
+    import study.train.loop
 
-    save = study.train.save_checkpoint
+    save = study.train.loop.save_checkpoint
 
     def killed_at_third_checkpoint(path, state):
         if "optimizer" in state and state["epoch"] == 2:
@@ -49,10 +49,10 @@ def test_resume_drops_the_redone_epochs(tmp_path, monkeypatch):
         save(path, state)
 
     cfg = load_config(None, TINY + ["epochs=3", "logging.tensorboard=true"])
-    monkeypatch.setattr(study.train, "save_checkpoint", killed_at_third_checkpoint)
+    monkeypatch.setattr(study.train.loop, "save_checkpoint", killed_at_third_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, tmp_path, progress=False)
-    monkeypatch.setattr(study.train, "save_checkpoint", save)
+    monkeypatch.setattr(study.train.loop, "save_checkpoint", save)
     pretrain(cfg, tmp_path, resume=True, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     loss = _scalars(tmp_path / "tensorboard")["train/loss"]

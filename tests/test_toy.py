@@ -206,7 +206,7 @@ def test_half_amplitude_samples_under_blur_lose_the_larger_radii_to_the_nearest_
 
 
 def test_nearest_of_k_amplitude_is_where_the_nearest_of_k_loss_of_a_two_mode_sampler_is_least():
-    from study.objectives import nearest_of_k_amplitude
+    from study.losses import nearest_of_k_amplitude
 
     g = gen(6)
     y = torch.randint(2, (20_000,), generator=g).float() * 2 - 1  # modes +-1
@@ -252,3 +252,26 @@ def test_sample_diagnostic_end_to_end_and_a_bad_out_is_one_line(tmp_path):
     blocker.write_text("")
     bad = subprocess.run([sys.executable, str(script), "--out", str(blocker / "sub")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: cannot write to --out") and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args, word", [(["--seeds", "0"], "--seeds"), (["--strengths", "2"], "--strengths"),
+                                        (["--steps", "many"], "--steps"), (["--nosuch"], "--nosuch")])
+def test_a_bad_argument_is_one_error_line(tmp_path, args, word):
+    done = subprocess.run([sys.executable, str(ROOT / "toy" / "regression_to_mean.py"), *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_acceptance_checks_exit_1(tmp_path, monkeypatch, capsys):
+    knife_edge = _frame({0.0: 1.0, 0.5: 1.0, 0.75: 1.0, 1.0: 0.27})  # the graded check fails
+    monkeypatch.setattr(rtm, "run_grid", lambda *args, **kwargs: knife_edge)
+    monkeypatch.setattr(rtm, "plot_toy", lambda frame, out: [])
+    assert rtm._cli(["--out", str(tmp_path), "--no-progress"]) == 1
+    assert "acceptance check(s) failed: graded" in capsys.readouterr().err
+    passing = _frame({0.0: 1.0, 0.5: 0.93, 0.75: 0.8, 1.0: 0.27})
+    monkeypatch.setattr(rtm, "run_grid", lambda *args, **kwargs: passing)
+    assert [ok for _, ok in rtm.acceptance(passing)] and all(ok for _, ok in rtm.acceptance(passing))
+    assert rtm._cli(["--out", str(tmp_path), "--no-progress"]) == 0
+    assert rtm._cli(["--plot-only", "--out", str(tmp_path)]) == 0  # redrawing checks nothing

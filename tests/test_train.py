@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_overrides
 from study.cli import main as cli_main
 from study.config import ConfigError, load_config
-from study.train import RunExists, TrainingDiverged, load_checkpoint, pretrain
+from study.train.loop import RunExists, TrainingDiverged, load_checkpoint, pretrain
 
 TINY = tiny_overrides(size=16, width=16, per_class=40, k=3)
 
@@ -55,7 +55,9 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, one_thread):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_signal_mid_epoch_then_resume_matches_uninterrupted(tmp_path, one_thread, sig):
+    """SIGKILL (nothing runs) and SIGTERM (a cluster's pre-emption: the run stops, says how to resume)."""
     epochs = 8
     overrides = TINY + ["objective=cimle", f"epochs={epochs}", "data.synthetic.per_class=120"]
     reference = tmp_path / "reference"
@@ -72,8 +74,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, one_thread):
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     time.sleep(0.3)  # well inside a later epoch
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
+    if sig == signal.SIGTERM:
+        err = proc.stderr.read().decode().strip().splitlines()
+        assert proc.returncode == 143 and len(err) == 1 and err[0].startswith("error: stopped by SIGTERM"), err
+        assert "--resume" in err[0] and "keeps its checkpoint after" in err[0], err
     interrupted_at = load_checkpoint(killed / "checkpoint.pt")["epoch"]
     assert interrupted_at < epochs - 1, "the run finished before it could be killed; make it longer"
 
@@ -109,7 +115,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 def _poison(monkeypatch, after_calls: int, factor: float):
     """Multiply the model's loss by ``factor`` from forward call ``after_calls + 1`` on."""
-    import study.train as train
+    import study.train.loop as train
 
     real_build = train.build_model
     calls = {"n": 0}
@@ -194,7 +200,7 @@ def test_redirected_pretrain_log_has_one_plain_line_per_epoch(tmp_path, one_thre
 
 
 def test_resume_with_more_epochs_extends_the_run(tmp_path, capsys):
-    from study.step import lr_at
+    from study.train.optim import lr_at
 
     pretrain(tiny("epochs=2"), tmp_path, progress=False)
     row = pretrain(tiny("epochs=4"), tmp_path, resume=True, progress=True)

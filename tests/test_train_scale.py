@@ -10,9 +10,9 @@ import torch
 
 from conftest import image_folder_config, make_image_folder, make_train_val_folders, tiny_overrides
 from study.config import load_config
-from study.errors import UserError
-from study.step import train_step
-from study.train import _build, load_checkpoint, pretrain
+from study.utils.errors import UserError
+from study.train.step import train_step
+from study.train.loop import _build, load_checkpoint, pretrain
 
 PLACEMENTS = [
     ["objective=ls"],
@@ -50,7 +50,7 @@ def test_the_run_says_which_device_it_trains_on(tmp_path, capsys):
 
 
 def test_checkpoint_every_n_epochs_and_after_the_last(tmp_path, monkeypatch):
-    import study.train as train
+    import study.train.loop as train
 
     written = []
     real = train.save_checkpoint
@@ -63,7 +63,7 @@ def test_checkpoint_every_n_epochs_and_after_the_last(tmp_path, monkeypatch):
 
 
 def test_resume_after_a_skipped_checkpoint_redoes_the_unsaved_epochs(tmp_path, monkeypatch):
-    import study.train as train
+    import study.train.loop as train
 
     cfg = load_config(None, tiny_overrides("epochs=5", "checkpoint_every=3"))
     pretrain(cfg, tmp_path / "full", progress=False)
@@ -109,7 +109,7 @@ def test_folder_crops_do_not_depend_on_workers_and_resume_exactly(folder, tmp_pa
 
 
 def test_train_and_val_with_different_classes_are_refused(folder):
-    from study.data import build_datasets
+    from study.data.datasets import build_datasets
 
     make_image_folder(folder / "train", classes=3, per_class=6)
     with pytest.raises(UserError, match="different class folders"):
@@ -117,7 +117,7 @@ def test_train_and_val_with_different_classes_are_refused(folder):
 
 
 def test_effective_batch_sets_the_accumulation_for_the_processes_at_hand(tmp_path, capsys):
-    from study.step import base_lr_of, with_effective_batch
+    from study.train.optim import base_lr_of, with_effective_batch
 
     cfg = load_config(None, tiny_overrides("optim.batch_size=4", "optim.effective_batch=16"))
     assert [with_effective_batch(cfg, w).optim.accum_steps for w in (1, 2, 4)] == [4, 2, 1]
@@ -131,9 +131,9 @@ def test_effective_batch_sets_the_accumulation_for_the_processes_at_hand(tmp_pat
 
 
 def test_subset_keeps_the_same_images_in_the_folder_and_in_its_pack(folder, tmp_path):
-    from study.data import build_datasets, build_eval_datasets
-    from study.image_folders import RobustImageFolder
-    from study.packed import pack_folder
+    from study.data.datasets import build_datasets, build_eval_datasets
+    from study.data.image_folders import RobustImageFolder
+    from study.data.packed import pack_folder
 
     pack_folder(RobustImageFolder(folder / "train"), tmp_path / "pack", size=16, progress=False)
     plain, _ = build_eval_datasets(_folder_cfg(folder, "data.subset=5"))

@@ -5,7 +5,7 @@ import itertools
 import pandas as pd
 import pytest
 
-from study.sweep import expand, load_sweep
+from study.studies.sweep import expand, load_sweep
 
 
 def test_sweep_runs_five_arms_at_two_ratios_with_five_seeds():
@@ -33,7 +33,7 @@ def _table(tmp_path):
 
 def test_each_snapshot_is_paired_with_ls_at_its_own_epoch_and_ratio(tmp_path):
     from study.figures.training_length import training_length_rows, write_training_length
-    from study.results import read_results
+    from study.evaluation.results import read_results
 
     _table(tmp_path)
     curves, paired = training_length_rows(read_results(tmp_path / "training_length_cpu.csv"))

@@ -25,9 +25,9 @@ import pytest
 from conftest import as_sets, one_error_line, tiny_overrides
 from study.cli import main as cli_main
 from study.config import load_config
-from study.errors import WriteError
-from study.results import append_rows, drop_stale_points, read_results
-from study.train import load_checkpoint, pretrain
+from study.utils.errors import WriteError
+from study.evaluation.results import append_rows, drop_stale_points, read_results
+from study.train.loop import load_checkpoint, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_overrides("checkpoint_every=1")
@@ -112,7 +112,7 @@ def test_pretrain_failing_after_a_checkpoint_keeps_it_and_resumes(one_epoch, tmp
 
 
 def test_failed_metrics_append_leaves_no_half_row(tmp_path):
-    from study.train import _append_metrics
+    from study.train.loop import _append_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 0, "loss": 1.0}\n')
@@ -153,7 +153,7 @@ def test_pack_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
 
 def test_build_in100_copy_on_a_full_disk_keeps_what_it_copied_and_finishes_on_rerun(tmp_path):
     src, dst = tmp_path / "in1k", tmp_path / "in100"
-    subprocess.run([sys.executable, "-m", "study.fake_imagenet", "--out", str(src), "--synsets", "100",
+    subprocess.run([sys.executable, "-m", "study.data.fake_imagenet", "--out", str(src), "--synsets", "100",
                     "--train-per-class", "1", "--val-per-class", "1", "--min-side", "64", "--max-side", "64"],
                    check=True, capture_output=True, cwd=ROOT)
     args = ["build-in100", "--src", str(src), "--dst", str(dst), "--copy"]

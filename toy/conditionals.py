@@ -1,40 +1,17 @@
 """Synthetic conditionals that share their mean but differ in multimodality.
 
-The generative story (one draw):
+    c ~ Uniform{0..C-1},  v ~ Uniform{0..V-1}  (an auxiliary label, independent of c)
+    x = R [a p_c ; a q_v ; sigma_d n]                                  context, [dx]
+    y = (1 - s) m_c + n_v + b r_c u_c + sigma_y e,   b = +-1           target, [dy]
 
-    c     ~ Uniform{0, ..., C-1}                                  class
-    v     ~ Uniform{0, ..., V-1}                                  auxiliary label, independent of c
-    x     = R [a p_c ; a q_v ; sigma_d n],    n ~ N(0, I)         context, [dx]
-    y     = (1 - s) m_c + n_v + b r_c u_c + sigma_y e,  b = +-1, e ~ N(0, I)   target, [dy]
-
-* ``v`` is a second label that moves the mean of y by ``n_v`` at every s: it is
-  what the representation must carry besides the class. It gives a
-  least-squares encoder something to spend capacity on when the class stops
-  paying (see ``toy.models``: the representation is a noisy channel of fixed
-  power), which makes the collapse in s gradual instead of a knife edge.
-
-* ``p_c`` are class prototypes on a circle in the first ``d_signal`` coordinates
-  (linearly separable: every prototype is a vertex of their convex hull). The
-  other ``dx - d_signal`` coordinates are distractors with a larger spread, and
-  a fixed random rotation ``R`` hides the signal plane among them. A random
-  low-dimensional encoder therefore mixes a little class signal with a lot of
-  distractor variance and its linear probe sits near chance; an encoder that
-  has *learned* the signal plane separates the classes exactly.
-* x determines c and v exactly (the signal coordinates carry no noise), so
-  E[y | x] = (1 - s) m_c + n_v: the modes +-r_c u_c are symmetric and
-  average out.
-* Mask strength ``s`` in [0, 1] shrinks the class means to the common mean 0.
-  At s = 0 classes differ in mean; at s = 1 every class has mean 0 and they
-  differ only in the direction u_c and radius r_c of their two modes.
-
-Bayes least-squares floor, in the units of ``study.objectives.least_squares``
-(mean per element):
-
-    E||y - E[y|x]||^2 / dy = (mean_c r_c^2 + dy sigma_y^2) / dy,
-
-independent of s and of v (shrinking the means moves E[y|x] with them).
-It is the floor of the clean problem; a model whose representation passes a
-noisy channel (``toy.models``) cannot quite reach it (see ``channel_noise``).
+x determines c and v exactly, so E[y | x] = (1 - s) m_c + n_v: the two modes
++-r_c u_c average out, and at mask strength s = 1 the classes share their mean and
+differ only in their modes. The class prototypes ``p_c`` are linearly separable but
+hidden by a random rotation among wider distractor coordinates, so a random encoder
+probes near chance and a learned one exactly. ``v`` moves y's mean at every s, so a
+least-squares encoder has another use for its capacity when the class stops paying,
+which makes the collapse in s gradual rather than a knife edge. The Bayes floor,
+(mean_c r_c^2 + dy sigma_y^2) / dy per element, does not depend on s or v.
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
 """The toy's encoder h(x) and noise-conditioned decoder f(h, z).
 
-Both objectives train the same two MLPs. cIMLE feeds noise z ~ N(0, I); least
-squares feeds z = 0, so its decoder is the deterministic map f(h, 0) (the
-conditional-mean predictor LS is after) through exactly the same weights.
-
-The representation is a noisy channel of fixed power: the encoder's output is
-layer-normalised without affine parameters (every h has mean square 1 per
-dim) and the decoder and the probe read ``h + channel_noise * eps``. A
-deterministic code of unbounded precision carries any trace of the class for
-free, so a least-squares encoder keeps the class whenever it helps the mean at
-all and its probe collapses only at s = 1 exactly (the knife edge). With a
-fixed power budget, carrying the class costs power that the auxiliary label
-v (which pays at every s) could use; the class's share then falls as its
-least-squares value (1 - s)^2 |m_c - m_c'|^2 falls, and so does the probe.
-cIMLE's class value (which mode to sample) does not fall with s.
+Both objectives train the same two MLPs: cIMLE feeds z ~ N(0, I), least squares
+z = 0, the deterministic conditional-mean predictor through the same weights. The
+representation is a noisy channel of fixed power (layer norm without affine, then
+``h + channel_noise * eps``). A clean code of unbounded precision carries any trace
+of the class for free, so least squares' probe would collapse only at s = 1 exactly;
+with a power budget the class competes with the auxiliary label v, and its share
+falls with its least-squares value (1 - s)^2 |m_c - m_c'|^2, while cIMLE's value of
+the class (which mode to sample) does not fall with s.
 """
 
 from __future__ import annotations

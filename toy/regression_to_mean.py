@@ -1,72 +1,17 @@
 """Regression to the mean on a toy with a known answer: least squares vs cIMLE.
 
-For every mask strength s, seed and objective, the same encoder/decoder MLPs
-are trained on fresh samples of :class:`toy.conditionals.ToyTask` and measured:
-
-* ``test_loss``: the objective's own loss on a held-out, class-balanced test
-  set (LS: least squares of f(h, 0); cIMLE: the cIMLE loss at the same k);
-* ``mean_pred_loss``: least squares of the model's predictive mean (LS: f(h, 0);
-  cIMLE: the average of ``MEAN_SAMPLES`` samples), comparable with the floor;
-* ``bayes_floor``: the analytic E||y - E[y|x]||^2 / dy;
-* ``probe_accuracy`` / ``probe_accuracy_untrained``: a linear probe of h(x)
-  for the class, trained encoder / the same encoder at initialisation;
-* ``energy_distance``: model samples f(h(x), z) against true samples of
-  p(y | c), per class, averaged over classes;
-* ``mode_accuracy``: the fraction of those samples whose nearest true mode
-  (given x's auxiliary label) belongs to x's class (chance 1/C);
-* ``axis_accuracy``: the fraction whose nearest mode axis, the line through a
-  class's two modes, is x's class's: whether a sample names its class,
-  however far out along the axis it lies (chance 1/C);
-* ``amplitude``: how far out along their class's axis the samples lie, as a
-  fraction of the mode radius (the task's modes: 1; the class's centre: 0).
-
-The check on the samples asks whether they name their class at s = 1, where
-every class has mean 0 and the classes differ only in the axis u_c and the
-radius r_c of their two modes. It judges by ``axis_accuracy``, for two reasons:
-
-* How far out the samples lie is set by k, not by the encoder: nearest-of-k
-  puts a two-mode sampler's modes at 1 - 2^(1-k) of the radius
-  (``study.objectives.nearest_of_k_amplitude``; half of it at k = 2, and the
-  trained samples lie at about 0.46). ``mode_accuracy`` reads that shrinkage
-  as a class: a sample on the right axis, drawn in towards the common centre
-  and blurred, lies nearer the smallest-radius class's true modes (that class
-  scores 0.98, the largest 0.55; ``toy/sample_diagnostic.py`` measures it). The
-  axis ignores the radius, so it judges the class alone, and a sample without
-  the class (LS's mean, the class mixture p(y | v)) lands on each axis by
-  chance. The amplitude is reported beside it, against nearest-of-k's value.
-* The energy distance cannot tell the right class's spread from another's: the
-  class mixture already reaches about the energy distance of a good
-  class-aware sampler (0.20, measured with the task's own samples, against
-  cIMLE's 0.21 and LS's point prediction 0.59), because the channel noise
-  blurs every model's samples by more than the classes' modes differ in that
-  distance. It tells a point prediction from a spread one.
-
-The bar is the probe's, 0.90: a sample reads the same noisy code as the probe,
-so it cannot name the class more often than the code carries it.
-
-Least squares uses the decoder with z = 0 (the deterministic predictor it is
-after); it is recorded with k = 1, the cIMLE setting in which selection
-disappears. Both objectives go through :mod:`study.objectives`.
-
-Why the collapse is graded (principles, not tuning toward one objective): the
-representation is a channel of fixed power with noise (``channel_noise``,
-``toy.models``), a capacity cost that both objectives pay alike; an auxiliary
-label v moves y's mean at every s, so capacity has another use; and the class
-means sit on a line with geometrically growing gaps (``toy.conditionals``), so
-class pairs stop paying for least squares' capacity one after another as
-(1 - s) shrinks. cIMLE's value of the class (which two modes to sample, k = 2)
-does not shrink with s. With ``--channel-noise 0`` the code is clean and the
-knife edge returns. The probe, the test loss and the samples all read the
-channel's output, as the decoder does.
-
-    python toy/regression_to_mean.py --quick            # < 2 min on 2 cores
-    python toy/regression_to_mean.py                    # default grid, < 15 min
-    python toy/regression_to_mean.py --plot-only        # redraw figures from the CSV
-
-Everything goes to ``--out`` (default ``runs/toy``, not committed): the CSV,
-the summary and, unless ``--figures`` says otherwise, the figure. Only
-``make toy`` writes the committed ``results/toy`` and ``figures/``, by passing
-both flags.
+For every mask strength s, seed and objective, the same MLPs are trained on
+:class:`toy.conditionals.ToyTask` and measured against the analytic Bayes floor: the
+test loss, a linear probe of h(x) for the class (trained and untrained), and whether
+the model's samples name their class. At s = 1 that is judged by ``axis_accuracy``
+(the class whose mode axis lies nearest): nearest-of-k draws the modes in to
+1 - 2^(1-k) of the radius, which ``mode_accuracy`` would misread as another class,
+and the energy distance cannot tell the right class's spread from another's. The
+bar is the probe's, 0.90, since a sample reads the same noisy code. The collapse is
+graded by principle, not tuning: a channel of fixed power (``channel_noise``; 0
+brings the knife edge back), an auxiliary label that pays at every s, and class
+means with growing gaps. Output goes to ``--out`` (default ``runs/toy``); only
+``make toy`` writes the committed ``results/toy`` and ``figures/``.
 """
 
 from __future__ import annotations
@@ -88,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from study.console import interactive
-from study.errors import UserError, run_command
-from study.io import atomic_write_text, writable_folder
-from study.objectives import cimle, least_squares, nearest_of_k_amplitude
+from study.utils.console import interactive
+from study.utils.args import OneLineParser
+from study.utils.errors import UserError, run_command
+from study.utils.io import atomic_write_text, writable_folder
+from study.losses import cimle, least_squares, nearest_of_k_amplitude
 from study.figures.toy import plot_toy
-from study.results import read_results, write_results
-from study.runtime import cpu_threads
+from study.evaluation.results import read_results, write_results
+from study.utils.device import cpu_threads
 from toy.conditionals import ToyConfig, ToyTask
 from toy.models import Decoder, Encoder, channel
 
@@ -379,10 +325,14 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsFormatter)
+    # one line ``error: ...`` for a bad argument, as the study's commands (no usage block before it)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsFormatter)
     p.add_argument("--quick", action="store_true", help=f"small grid: {QUICK}")
     p.add_argument("--strengths", type=float, nargs="+", help=f"mask strengths in [0, 1] (default {DEFAULT['strengths']})")
-    p.add_argument("--seeds", type=int, help=f"number of seeds, 0..N-1 (default {DEFAULT['seeds']})")
+    p.add_argument("--seeds", type=int, help=f"number of seeds (default {DEFAULT['seeds']})")
+    p.add_argument("--first-seed", type=int, default=0, help="the seeds are FIRST..FIRST+N-1 (fresh seeds: 5)")
+    p.add_argument("--task-seed", type=int, default=ToyConfig.task_seed,
+                   help="the task's own seed (rotation, means, mode axes): another task of the same kind")
     p.add_argument("--steps", type=int, help=f"training steps per run (default {DEFAULT['steps']})")
     p.add_argument("--k", type=int, default=TrainSettings.k, help="cIMLE samples per example")
     p.add_argument("--channel-noise", type=float, default=TrainSettings.channel_noise,
@@ -404,6 +354,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, preset[name])
     if any(not 0.0 <= s <= 1.0 for s in args.strengths):
         p.error(f"--strengths must lie in [0, 1], got {args.strengths}")
+    if args.first_seed < 0 or args.task_seed < 0:
+        p.error("--first-seed and --task-seed must be >= 0")
     if args.seeds < 1 or args.steps < 1 or args.k < 1:
         p.error("--seeds, --steps and --k must be >= 1")
     if args.channel_noise < 0:
@@ -428,9 +380,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                     raise UserError(f"cannot write to {flag} {folder}: {exc.strerror or exc}") from None
             settings = TrainSettings(steps=args.steps, k=args.k, channel_noise=args.channel_noise)
             start = time.perf_counter()
-            frame = run_grid(args.strengths, list(range(args.seeds)), settings, progress=not args.no_progress)
+            task = ToyTask(ToyConfig(task_seed=args.task_seed))
+            seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+            frame = run_grid(args.strengths, seeds, settings, task=task, progress=not args.no_progress)
             write_results(csv, frame)
-            text = report(frame) + f"\nsettings: {asdict(settings)}\ntask: {asdict(ToyConfig())}\n"
+            text = report(frame) + f"\nsettings: {asdict(settings)}\ntask: {asdict(task.config)}\n"
             text += f"wall time: {time.perf_counter() - start:.1f} s\n"
             atomic_write_text(args.out / SUMMARY_NAME, text)
             print(text)
@@ -440,11 +394,15 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
+    """The script: 0, 1 when a run's own acceptance checks fail (so make stops), 2 for a user error."""
     args = parse_args(argv)
 
     def run() -> int:
-        main(argv)
-        return 0
+        frame = main(argv)
+        failed = [] if args.plot_only else [text for text, ok in acceptance(frame) if not ok]
+        if failed:
+            print(f"toy: {len(failed)} acceptance check(s) failed: {'; '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
 
     return run_command(run, debug=args.debug)
 

@@ -1,33 +1,14 @@
 """Why cIMLE's toy samples name their class less often than its code does (s = 1).
 
-At s = 1 every class has mean 0 and its two modes are ``n_v +- r_c u_c``. The
-toy's cIMLE (k = 2, the modes per class) keeps the class in its code (probe
-0.97) but only about 71% of its samples lie nearest a mode of their own class.
-Two explanations are measured here, per class, for cIMLE trained at k in
-{2, 4, 8} (5 seeds, the toy's own training; a row per model, class and metric):
-
-* **Shrunken modes.** Nearest-of-k puts a two-mode sampler's modes at
-  1 - 2^(1 - k) of the true ones (``nearest_of_k_amplitude``): at k = 2 at half
-  amplitude, between the true modes and the common centre, where a sample lies
-  nearer the modes of the smallest-radius class. ``amplitude`` is a sample's
-  offset from ``n_v`` projected on its class's axis, |<d, u_c>| / r_c (the
-  task's own samples: about 1), against ``predicted_amplitude``.
-* **The channel's blur.** The decoder reads the code through the channel's
-  noise; ``mode_accuracy_clean`` draws the samples from the noiseless code.
-
-``optimum_mode_accuracy`` judges each sample by the nearest of the modes drawn
-in to the nearest-of-k amplitude, where the objective itself puts them.
-``axis_accuracy`` names the class whose mode axis (the line through its two
-modes) lies nearest: it ignores how far out a sample lies, so the shrinkage
-does not read as a class, which is why the toy's check judges by it; against
-the same blur, a class whose samples lie further out is named more reliably.
-
-k > 2 is a diagnostic, not a fix: with k = 8 = classes x modes the sampler can
-cover every class's modes without knowing the class, which is the regime the
-toy is built to exclude.
-
-    python toy/sample_diagnostic.py                      # runs/toy; 15 models of 2,000 steps
-    python toy/sample_diagnostic.py --out results/toy    # what make toy commits
+The toy's cIMLE (k = 2) keeps the class in its code (probe 0.97) but only about 71%
+of its samples lie nearest a mode of their own class. Two explanations are measured
+per class for k in {2, 4, 8}: shrunken modes (nearest-of-k puts them at 1 - 2^(1-k)
+of the radius, where a sample lies nearer the smallest-radius class's modes;
+``amplitude`` against ``predicted_amplitude``, ``optimum_mode_accuracy``) and the
+channel's blur (``mode_accuracy_clean`` samples from the noiseless code).
+``axis_accuracy`` ignores how far out a sample lies, which is why the toy's check
+judges by it. k > 2 is a diagnostic, not a fix: at k = 8 = classes x modes the
+sampler can cover every mode without knowing the class, the regime the toy excludes.
 """
 
 from __future__ import annotations
@@ -44,11 +25,11 @@ if __package__ in (None, ""):  # run as a file: make `toy` and `study` importabl
 import pandas as pd
 import torch
 
-from study.errors import UserError, run_command
-from study.io import atomic_write_text, writable_folder
-from study.results import write_results
-from study.runtime import cpu_threads
-from study.objectives import nearest_of_k_amplitude
+from study.utils.errors import UserError, run_command
+from study.utils.io import atomic_write_text, writable_folder
+from study.evaluation.results import write_results
+from study.utils.device import cpu_threads
+from study.losses import nearest_of_k_amplitude
 from toy.conditionals import ToyTask
 from toy.models import channel
 from toy.regression_to_mean import ENERGY_SAMPLES, Trained, TrainSettings, train_one

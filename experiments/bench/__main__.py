@@ -2,6 +2,6 @@
 
 import sys
 
-from experiments.bench.cli import main
+from experiments.bench.run import main
 
 sys.exit(main())

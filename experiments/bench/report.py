@@ -1,281 +1,208 @@
-"""The JSON report: rows per variant, the cost model, late noise, the robust ratios, parameters and targets.
-
-Everything here is arithmetic on what the run measured (:class:`Measured`);
-nothing is timed. The targets named by the issue are reported, never asserted.
-"""
+"""The JSON report (arithmetic on what a run measured; nothing here is timed) and the table printed from it."""
 
 from __future__ import annotations
 
 import math
 import os
 import platform
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from experiments.bench.ratios import ROBUST_NOTE, cost_model, median, ratio, ratio_sets
-from experiments.bench.settings import Plan
-from experiments.bench.transformers_side import parameter_counts, transformers_info
-from experiments.bench.variants import HF_VARIANT, Variant
+from experiments.bench.settings import Block, Plan, block_order
+from experiments.bench.variants import HF_VARIANT, Trainer, Variant, import_transformers
 from study.config import config_to_dict
-from study.runtime import host_cpu
+from study.utils.device import host_cpu
 
-__all__ = ["StepMemo", "Measured", "build_report"]
-
-TARGET_OURS_VS_TRANSFORMERS = 0.9
-TARGET_CIMLE_VS_COST_MODEL = 1.1
-TARGET_LATE_NOISE_K8_VS_LS = {"last": 1.3, "head": 1.15}  # noise at the last decoder block; in the token-wise head
-TARGET_PEAK_SHARE = {"bf16": 0.4}  # LS step FLOP/s over the measured matmul peak
-
-_DEFINITIONS = {
-    "E_fb": "encoder forward on the visible patches + backward of a fixed output gradient",
-    "D_fb": "decoder prefix + masked_sampler (its shared part and one decode) at the chosen noise, "
-            "least_squares, backward (gradient also to the encoder output); keyed by noise block",
-    "D_f": "one no-grad pass of the per-sample decode of decoder.masked_sampler (blocks noise.block .. "
-           "depth-1, norm, pred at the masked patches; noise in the head: the head after its shared "
-           "first-layer part) at batch B + its per-example distance; keyed by noise block",
-    "optimizer": "one AdamW step of the cIMLE model (all gradients present) + zero_grad",
-}
-
-
-@dataclass
-class StepMemo:
-    """The memory step of one variant: its peak memory and its loss."""
-
-    memory: dict
-    loss: float
+ROBUST_NOTE = ("paired_wall: median over rounds of the ratio within each round (variants of a round run "
+               "back to back, so slow load changes cancel); cpu_time: ratio of the median process CPU "
+               "seconds (all threads, includes OpenMP spin-waiting), less sensitive to time slicing")
+_GROUPS = {"encoder.": "encoder", "decoder.decoder_noise": "noise input", "decoder.": "decoder",
+           "variational_encoder.": "variational encoder", "hf.vit.": "encoder", "hf.decoder.": "decoder"}
 
 
 @dataclass
 class Measured:
-    """What one run measured, by variant and component."""
+    """What a run measured at one precision; timings per round by task name (cost-model parts in brackets)."""
 
+    plan: Plan
     variants: dict[str, Variant]
-    late_spec: list[tuple[int, str]]  # (noise block, row name) of the late-noise rows
-    memos: dict[str, StepMemo]
-    times: dict[str, list[float]]  # wall seconds per round, by task name (components in brackets)
-    cpu_times: dict[str, list[float]]
-    component_blocks: list[int]
-    component_names: list[str]
-    selection_name: str
-    selection_memory: dict
-    load_before: list[float] | None
-    models: dict[str, torch.nn.Module]  # parameter-count key (ours_ls, ...) -> model
-    hf_model: torch.nn.Module | None
-    flops: dict[str, int]  # FLOPs of one step by task name (experiments.bench.flops)
-    matmul_peak: dict  # experiments.bench.flops.matmul_peak at this precision
+    cimles: dict[Block, Trainer]  # our cIMLE model per noise block
+    late_spec: list[tuple[Block, str]]  # (noise block, row name) of the late-noise rows
+    tasks: dict[str, Callable[[], Any]]  # the cost-model parts
+    selection: Callable[[int, int], Callable[[], None]]  # one selection call at (k, chunk), the config's block
+    memos: dict[str, tuple[dict, float]]  # per variant: the memory step's peak memory and loss
+    times: dict[str, list[float]] = field(default_factory=dict)  # wall seconds
+    cpu_times: dict[str, list[float]] = field(default_factory=dict)  # process CPU seconds, all threads
+    flops: dict[str, int] = field(default_factory=dict)
+    matmul_peak: dict = field(default_factory=dict)
+    selection_rows: list[dict] = field(default_factory=list)
+    load_before: list[float] | None = None
 
 
-def _variant_rows(m: Measured, batch: int) -> list[dict]:
-    med = {name: median(m.times[name]) for name in m.variants}
-    peak = m.matmul_peak["flop_per_s"]
-    rows = []
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None where either is missing or ``b`` is not positive."""
+    return None if a is None or b is None or not b > 0 else float(a / b)
+
+
+def _paired(num: list[float], den: list[float]) -> float | None:
+    """The median over rounds of the ratio within each round."""
+    paired = [n / d for n, d in zip(num, den) if d > 0]
+    return median(paired) if paired else None
+
+
+def _ratio_set(src: dict[str, list[float]], m: Measured, agg) -> dict:
+    """The report's ratios from per-round timings ``src``; ``agg(numerator rounds, denominator rounds)``."""
+    r, blk, ks = {name.strip("[]"): v for name, v in src.items()}, m.plan.cfg.noise.block, m.plan.args.k
+
+    def model(k: int) -> list[float]:  # the cost model within each round
+        return [e + d + k * f for e, d, f in zip(r["E_fb"], r[f"D_fb@{blk}"], r[f"D_f@{blk}"])]
+
+    out = {"cimle_vs_cost_model": {str(k): agg(r[f"cimle k={k}"], model(k)) for k in ks},
+           "cimle_vs_ls": {str(k): agg(r[f"cimle k={k}"], r["ls"]) for k in ks},
+           "late_noise_vs_ls": {str(b): agg(r[name], r["ls"]) for b, name in m.late_spec},
+           "mvae_vs_ls": agg(r["mvae"], r["ls"])}
+    return out | ({"ours_vs_transformers": agg(r["ls"], r[HF_VARIANT])} if HF_VARIANT in r else {})
+
+
+def _rows(m: Measured, comp: dict[str, float]) -> list[dict]:
+    """One row per variant; the cIMLE rows (at each k, and the late-noise rows) against their cost model."""
+    peak, rows = m.matmul_peak["flop_per_s"], []
     for name, v in m.variants.items():
-        memo, loss = m.memos[name].memory, m.memos[name].loss
-        flops = m.flops[name]
-        rows.append({
-            "name": name, **v.row,
-            "step_s": med[name], "step_s_min": min(m.times[name]), "step_cpu_s": median(m.cpu_times[name]),
-            "step_s_all": m.times[name],
-            "images_per_s": batch / med[name],
-            "flops": flops, "achieved_flop_per_s": flops / med[name], "peak_share": flops / med[name] / peak,
-            "peak_bytes": memo["peak_bytes"], "peak_extra_bytes": memo["extra_bytes"],
-            "static_bytes": memo["static_bytes"], "memory_method": memo["method"],
-            "loss": loss, "loss_finite": bool(math.isfinite(loss)),
-        })
+        (memo, loss), t, flops = m.memos[name], m.times[name], m.flops[name]
+        rows.append({"name": name, **v.row, "step_s": median(t), "step_s_min": min(t),
+                     "step_cpu_s": median(m.cpu_times[name]), "step_s_all": t, "images_per_s": m.plan.batch / median(t),
+                     "flops": flops, "achieved_flop_per_s": flops / median(t), "peak_share": flops / median(t) / peak,
+                     "peak_bytes": memo["peak_bytes"], "peak_extra_bytes": memo["extra_bytes"],
+                     "static_bytes": memo["static_bytes"], "memory_method": memo["method"],
+                     "loss": loss, "loss_finite": bool(math.isfinite(loss))})
+        if v.row["objective"] == "cimle":  # the cost model E_fb + D_fb + k * D_f at the row's noise block
+            b = v.row["noise_block"]
+            rows[-1]["cost_model_s"] = comp["E_fb"] + comp[f"D_fb@{b}"] + v.row["k"] * comp[f"D_f@{b}"]
+    for r in rows:  # rows[0] is LS
+        r["vs_ls"] = ratio(r["step_s"], rows[0]["step_s"])
+        if "cost_model_s" in r:
+            r["vs_cost_model"] = ratio(r["step_s"], r["cost_model_s"])
     return rows
 
 
-def _cimle_ratios(by_name: dict[str, dict], comp: dict[str, float], ks: Sequence[int], block: int,
-                  ls_s: float) -> tuple[dict, dict, dict]:
-    """Fill the cIMLE rows' cost model; returns (vs cost model, vs cost model + optimizer, vs LS) by k."""
-    vs_cost, vs_cost_opt, vs_ls = {}, {}, {}
-    for k in ks:
-        r = by_name[f"cimle k={k}"]
-        r["cost_model_s"] = cost_model(comp, k, block)
-        r["cost_model_with_optimizer_s"] = r["cost_model_s"] + comp["optimizer"]
-        vs_cost[str(k)] = ratio(r["step_s"], r["cost_model_s"])
-        vs_cost_opt[str(k)] = ratio(r["step_s"], r["cost_model_with_optimizer_s"])
-        vs_ls[str(k)] = ratio(r["step_s"], ls_s)
-        r["vs_ls"] = vs_ls[str(k)]
-        r["vs_cost_model"] = vs_cost[str(k)]
-    return vs_cost, vs_cost_opt, vs_ls
-
-
-def _where(block, depth: int) -> str:
-    if block == "head":
-        return "token-wise head (after the last attention)"
-    if block == 0:
-        return "input (block 0)"
-    if block == depth - 1:
-        return "last decoder block"
-    return "after the last block" if block == depth else f"block {block}"
-
-
-def _late_noise_rows(by_name: dict[str, dict], comp: dict[str, float], plan: Plan,
-                     late_spec: Sequence[tuple[int, str]], ls_s: float) -> list[dict]:
-    depth, late_rows = plan.cfg.model.decoder_depth, []
-    for b, name in late_spec:
-        r = by_name[name]
-        c = cost_model(comp, plan.late_k, b)
-        late_rows.append({
-            "noise_block": b, "k": plan.late_k, "decoder_depth": depth, "where": _where(b, depth),
-            "step_s": r["step_s"], "ls_step_s": ls_s, "vs_ls": ratio(r["step_s"], ls_s),
-            "D_f_s": comp[f"D_f@{b}"], "D_fb_s": comp[f"D_fb@{b}"],
-            "cost_model_s": c, "vs_cost_model": ratio(r["step_s"], c),
-            "suffix_blocks": 0 if b == "head" else depth - b,
-        })
-        r.setdefault("cost_model_s", c)
-        r.setdefault("vs_cost_model", ratio(r["step_s"], c))
-    return late_rows
-
-
-def _judge(ratios: dict, late: dict[str, dict | None], late_key: str, late_k: int) -> dict:
-    ovt = ratios.get("ours_vs_transformers")
-    cvc = [v for v in ratios["cimle_vs_cost_model"].values() if v is not None]
-    out = {
-        f"ours_ls_vs_transformers <= {TARGET_OURS_VS_TRANSFORMERS}": (
-            None if ovt is None else ovt <= TARGET_OURS_VS_TRANSFORMERS),
-        f"cimle_vs_cost_model <= {TARGET_CIMLE_VS_COST_MODEL} (every k)": all(
-            v <= TARGET_CIMLE_VS_COST_MODEL for v in cvc),
-    }
-    for where, row in late.items():
-        target = TARGET_LATE_NOISE_K8_VS_LS[where]
-        label = "last decoder block" if where == "last" else "token-wise head"
-        out[f"late noise ({label}) k={late_k} vs ls <= {target}"] = (
-            None if row is None or row[late_key] is None else row[late_key] <= target)
+def _count(model: torch.nn.Module) -> dict:
+    """Total, trainable and frozen parameters, and per group (encoder, noise input, decoder, ...)."""
+    out: dict = {"total": 0, "trainable": 0, "frozen": 0, "groups": {}}
+    for name, p in model.named_parameters():
+        label = next((lab for pre, lab in _GROUPS.items() if name.startswith(pre)), name.split(".")[0])
+        for key in ("total", "trainable" if p.requires_grad else "frozen"):
+            out[key] += p.numel()
+        out["groups"][label] = out["groups"].get(label, 0) + p.numel()
     return out
 
 
-def _targets(primary: dict, paired_wall: dict, cpu_ratios: dict, late_rows: list[dict], plan: Plan,
-             selection: dict, ls_row: dict) -> dict:
-    """The issue's targets on the primary ratios and on the robust ones (reported, not asserted)."""
-    depth = plan.cfg.model.decoder_depth
-    late = {"last": next((r for r in late_rows if r["noise_block"] == depth - 1), None),
-            "head": next((r for r in late_rows if r["noise_block"] == "head"), None)}
-    out = {
-        "median_wall (primary)": _judge(primary, late, "vs_ls", plan.late_k),
-        "paired_wall": _judge(paired_wall, late, "vs_ls_paired", plan.late_k),
-        "cpu_time": _judge(cpu_ratios, late, "vs_ls_cpu_time", plan.late_k),
-        "selection memory grows with chunk, not k": selection.get("verdict", {}).get("grows_with_chunk_not_k"),
-    }
-    share = TARGET_PEAK_SHARE.get(plan.cfg.precision)
-    if share is not None:
-        out[f"ls share of the {plan.cfg.precision} matmul peak >= {share}"] = ls_row["peak_share"] >= share
-    return out
+def _environment(m: Measured) -> dict:
+    device = m.plan.device
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(), "cpu": host_cpu(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_count": os.cpu_count(), "load_average_before_timing": m.load_before,
+            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def _environment(device: torch.device, load_before: list[float] | None) -> dict:
+def build_report(m: Measured, wall_seconds: float) -> dict:
+    """One precision's JSON-ready report."""
+    plan, block, kmax, ks = m.plan, m.plan.cfg.noise.block, m.plan.args.k[-1], m.plan.args.k
+    comp = {n: median(m.times[f"[{n}]"]) for n in m.tasks}
+    rows = _rows(m, comp)
+    by_name, hf, blocks = {r["name"]: r for r in rows}, m.variants.get(HF_VARIANT), sorted(m.cimles, key=block_order)
+    sel, sel_model = f"selection k={kmax}@{block}", (kmax + 1) * comp[f"D_f@{block}"]
+    params = {"ours_ls": _count(m.variants["ls"].trainer.model), "ours_cimle": _count(m.cimles[block].model),
+              "ours_mvae": _count(m.variants["mvae"].trainer.model)}
     return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu": host_cpu(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "load_average_before_timing": load_before,
-        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _settings(plan: Plan, compile_info: dict, late_spec: Sequence[tuple[int, str]]) -> dict:
-    return {
-        "batch": plan.batch, "steps": plan.steps, "warmup": plan.warmup, "ks": plan.ks,
-        "precision": plan.cfg.precision, "compile": compile_info, "transformers": plan.transformers,
-        "late_k": plan.late_k, "late_blocks": [b for b, _ in late_spec], "selection_ks": list(plan.selection_ks),
-        "selection_chunks": list(plan.selection_chunks), "selection_block": plan.selection_block,
-        "selection_timing": plan.selection_timing, "timing": "round-robin over variants; median of warm rounds",
-        "images": "synthetic N(0, 1), fixed batch", "wall_seconds": None,
-    }
-
-
-def _components(plan: Plan, comp: dict[str, float], m: Measured) -> dict:
-    block, kmax = plan.cfg.noise.block, plan.ks[-1]
-    sel_model = (kmax + 1) * comp[f"D_f@{block}"]
-    return {
-        "E_fb_s": comp["E_fb"],
-        "D_fb_s": {str(b): comp[f"D_fb@{b}"] for b in m.component_blocks},
-        "D_f_s": {str(b): comp[f"D_f@{b}"] for b in m.component_blocks},
-        "optimizer_s": comp["optimizer"],
-        "selection": None if not plan.selection_timing else {
-            "k": kmax, "noise_block": block, "chunk": plan.cfg.cimle.chunk,
-            "seconds": comp[m.selection_name], "model_s": sel_model,
-            "vs_model": ratio(comp[m.selection_name], sel_model),
-            "definition": "one study.objectives.cimle call under no_grad: k per-sample decodes "
-                          "+ distances + one no-grad pass at the chosen noise; model (k+1) * D_f"},
-        "definitions": dict(_DEFINITIONS),
-        "all_s": {n: m.times[f"[{n}]"] for n in m.component_names},
-    }
-
-
-def _efficiency(m: Measured, by_name: dict[str, dict]) -> dict:
-    """FLOPs, achieved FLOP/s and the share of the measured matmul peak, per variant and component."""
-    peak = m.matmul_peak["flop_per_s"]
-    components = {}
-    for n in m.component_names:
-        seconds = median(m.times[f"[{n}]"])
-        flops = m.flops.get(f"[{n}]")
-        components[n] = None if flops is None else {
-            "flops": flops, "achieved_flop_per_s": flops / seconds, "peak_share": flops / seconds / peak}
-    return {
-        "matmul_peak": m.matmul_peak,
-        "rows": {name: {k: r[k] for k in ("flops", "achieved_flop_per_s", "peak_share")}
-                 for name, r in by_name.items()},
-        "components": components,
-        "note": "FLOPs counted by torch.utils.flop_counter over one step (forward + backward; matmuls, "
-                "convolutions, attention; 2 per multiply-add); peak = best large matmul at this precision, "
-                "measured in the same run (experiments.bench.flops)",
-    }
-
-
-def build_report(plan: Plan, compile_info: dict, m: Measured, t_start: float) -> dict:
-    """The JSON-ready result of a run that started at ``t_start`` (``time.perf_counter``)."""
-    comp = {n: median(m.times[f"[{n}]"]) for n in m.component_names}
-    block = plan.cfg.noise.block
-    rows = _variant_rows(m, plan.batch)
-    by_name = {r["name"]: r for r in rows}
-    ls_s = by_name["ls"]["step_s"]
-    cimle_vs_cost, cimle_vs_cost_opt, cimle_vs_ls = _cimle_ratios(by_name, comp, plan.ks, block, ls_s)
-    for r in rows:
-        r.setdefault("vs_ls", ratio(r["step_s"], ls_s))
-    late_rows = _late_noise_rows(by_name, comp, plan, m.late_spec, ls_s)
-    hf_name = HF_VARIANT if HF_VARIANT in m.variants else None
-    paired_wall, _ = ratio_sets(m.times, plan.ks, block, m.late_spec, hf_name)
-    _, cpu_ratios = ratio_sets(m.cpu_times, plan.ks, block, m.late_spec, hf_name)
-    for r in late_rows:
-        r["vs_ls_paired"] = paired_wall["late_noise_vs_ls"][str(r["noise_block"])]
-        r["vs_ls_cpu_time"] = cpu_ratios["late_noise_vs_ls"][str(r["noise_block"])]
-    hf_s = by_name[hf_name]["step_s"] if hf_name else None
-    ours_vs_hf = ratio(ls_s, hf_s)
-    result = {
-        "schema": 1,
-        "config_path": plan.config_path,
-        "config": config_to_dict(plan.cfg),
-        "settings": _settings(plan, compile_info, m.late_spec),
-        "environment": _environment(plan.device, m.load_before),
-        "rows": rows,
-        "components": _components(plan, comp, m),
+        "schema": 1, "config_path": plan.args.config, "config": config_to_dict(plan.cfg),
+        "settings": {"batch": plan.batch, "steps": plan.args.steps, "warmup": plan.args.warmup, "ks": ks,
+                     "precision": plan.cfg.precision, "transformers": hf is not None, "late_k": kmax,
+                     "late_blocks": plan.late, "selection_ks": plan.args.selection_k,
+                     "selection_chunks": plan.args.selection_chunk, "selection_block": block,
+                     "selection_timing": sel in comp, "timing": "round-robin over variants; median of warm rounds",
+                     "images": "synthetic N(0, 1), fixed batch", "wall_seconds": wall_seconds},
+        "environment": _environment(m), "rows": rows,
+        "components": {"E_fb_s": comp["E_fb"], "D_fb_s": {str(b): comp[f"D_fb@{b}"] for b in blocks},
+                       "D_f_s": {str(b): comp[f"D_f@{b}"] for b in blocks}, "selection": None if sel not in comp else {
+                           "k": kmax, "noise_block": block, "chunk": plan.cfg.cimle.chunk, "seconds": comp[sel],
+                           "model_s": sel_model, "vs_model": ratio(comp[sel], sel_model)},
+                       "all_s": {n: m.times[f"[{n}]"] for n in m.tasks}},
         "cost_model": "E_fb + D_fb + k * D_f (no optimizer step, mask or target)",
-        "ls_vs_cost_model": ratio(ls_s, comp["E_fb"] + comp[f"D_fb@{block}"]),
-        "ours_vs_transformers": ours_vs_hf,
-        "cimle_vs_cost_model": cimle_vs_cost,
-        "cimle_vs_cost_model_with_optimizer": cimle_vs_cost_opt,
-        "cimle_vs_ls": cimle_vs_ls,
-        "mvae_vs_ls": ratio(by_name["mvae"]["step_s"], ls_s),
-        "robust_ratios": {"paired_wall": paired_wall, "cpu_time": cpu_ratios, "note": ROBUST_NOTE},
-        "late_noise": late_rows,
-        "selection_memory": m.selection_memory,
-        "parameters": parameter_counts(m.models, m.hf_model),
-        "transformers": transformers_info(m.hf_model, hf_s),
-        "efficiency": _efficiency(m, by_name),
-        "targets": _targets({"ours_vs_transformers": ours_vs_hf, "cimle_vs_cost_model": cimle_vs_cost},
-                            paired_wall, cpu_ratios, late_rows, plan, m.selection_memory, by_name["ls"]),
+        "ls_vs_cost_model": ratio(by_name["ls"]["step_s"], comp["E_fb"] + comp[f"D_fb@{block}"]),
+        "ours_vs_transformers": ratio(by_name["ls"]["step_s"], hf and by_name[HF_VARIANT]["step_s"]),
+        "cimle_vs_cost_model": {str(k): by_name[f"cimle k={k}"]["vs_cost_model"] for k in ks},
+        "cimle_vs_ls": {str(k): by_name[f"cimle k={k}"]["vs_ls"] for k in ks}, "mvae_vs_ls": by_name["mvae"]["vs_ls"],
+        "robust_ratios": {"paired_wall": _ratio_set(m.times, m, _paired), "note": ROBUST_NOTE,
+                          "cpu_time": _ratio_set(m.cpu_times, m, lambda a, b: ratio(median(a), median(b)))},
+        "selection_memory": {"noise_block": block, "batch": plan.batch, "rows": m.selection_rows, "method": "peak "
+                             "bytes during the call above the level at its start (CUDA allocator; CPU: torch.profiler)",
+                             "what": "one study.losses.cimle call under torch.no_grad on a fixed decoder prefix"},
+        "parameters": params | ({} if hf is None else {"transformers": _count(hf.trainer.model)}),
+        "transformers": {"used": False} if hf is None else {
+            "used": True, "version": import_transformers().__version__, "step_s": by_name[HF_VARIANT]["step_s"],
+            "attn_implementation": hf.trainer.model.hf.config._attn_implementation},
+        "efficiency": {"matmul_peak": m.matmul_peak, "note": "FLOPs counted by torch.utils.flop_counter over one "
+                       "step (forward + backward; matmuls, convolutions, attention; 2 per multiply-add); peak = best "
+                       "large matmul at this precision, measured in the same run (experiments.bench.run)"},
     }
-    result["settings"]["wall_seconds"] = time.perf_counter() - t_start
-    return result
+
+
+def combine_precisions(reports: dict[str, dict], config_path: str | None, wall_seconds: float) -> dict:
+    """Every precision's report, and its speed-ups over fp32 (else the first): all were timed in the same rounds,
+    so a speed-up is paired per round like the ratios within one precision."""
+    reference = "fp32" if "fp32" in reports else next(iter(reports))
+    ref = {r["name"]: r for r in reports[reference]["rows"]}
+    across = {p: {r["name"]: {"speedup": ratio(ref[r["name"]]["step_s"], r["step_s"]),
+                              "speedup_paired": _paired(ref[r["name"]]["step_s_all"], r["step_s_all"])}
+                  for r in rep["rows"] if r["name"] in ref} for p, rep in reports.items() if p != reference}
+    return {"schema": 2, "config_path": config_path, "precisions": reports,
+            "across_precisions": {"reference": reference, "speedup": across}, "wall_seconds": wall_seconds}
+
+
+def _num(x: float | None, fmt: str = ".3f", scale: float = 1.0) -> str:
+    return "-" if x is None else format(x * scale, fmt)
+
+
+def _precision_lines(p: str, rep: dict) -> list[str]:
+    env, cpu, peak = rep["environment"], rep["environment"]["cpu"], rep["efficiency"]["matmul_peak"]
+    where = env["device_name"] if env["device"] != "cpu" else (
+        f"{cpu['model_name']}, {'+'.join(cpu['features']) or 'no AVX2'}, torch ISA {cpu['torch_cpu_capability']}")
+    lines = [f"=== {p} on {env['device']} ({where}), {env['threads']} threads, batch {rep['settings']['batch']}; "
+             f"matmul peak {peak['flop_per_s'] / 1e12:.3f} TFLOP/s; "
+             f"ours / transformers {_num(rep['ours_vs_transformers'])}",
+             f"{'variant':<28} {'step ms':>9} {'img/s':>8} {'peak MiB':>9} {'vs LS':>6} {'vs model':>8} "
+             f"{'GFLOP':>8} {'of peak':>7}"]
+    lines += [f"{r['name']:<28} {1e3 * r['step_s']:9.2f} {r['images_per_s']:8.1f} "
+              f"{_num(r['peak_bytes'], '.1f', 2**-20):>9} {r['vs_ls']:6.2f} {_num(r.get('vs_cost_model'), '.2f'):>8} "
+              f"{r['flops'] / 1e9:8.2f} {100 * r['peak_share']:6.1f}%" for r in rep["rows"]]
+    for label, rr in (("paired per round", rep["robust_ratios"]["paired_wall"]),
+                      ("CPU time", rep["robust_ratios"]["cpu_time"])):
+        vs_ls = {**{f"cimle k={k}": v for k, v in rr["cimle_vs_ls"].items()}, "mvae": rr["mvae_vs_ls"],
+                 **{f"late noise at {b}": v for b, v in rr["late_noise_vs_ls"].items()}}
+        lines.append(f"{label}: / LS " + ", ".join(f"{n} {_num(v)}" for n, v in vs_ls.items()) + "; cimle / cost model "
+                     + ", ".join(f"k={k} {_num(v)}" for k, v in rr["cimle_vs_cost_model"].items())
+                     + f"; ours / transformers {_num(rr.get('ours_vs_transformers'))}")
+    if (s := rep["components"]["selection"]) is not None:
+        lines.append(f"selection k={s['k']} alone: {1e3 * s['seconds']:.2f} ms = {_num(s['vs_model'])} x (k+1) D_f")
+    return lines + [f"selection k={r['k']} chunk={r['chunk']}: peak {_num(r['peak_bytes'], '.1f', 2**-20)} MiB"
+                    for r in rep["selection_memory"]["rows"]]
+
+
+def format_table(res: dict) -> str:
+    """The printed summary: per precision the rows (ms, MiB, FLOPs), the ratios and the selection; then the
+    speed-ups across precisions."""
+    lines = [line for p, rep in res["precisions"].items() for line in _precision_lines(p, rep)]
+    for p, rows in res["across_precisions"]["speedup"].items():
+        lines.append(f"{p} speed-up over {res['across_precisions']['reference']} (paired per round): " + ", ".join(
+            f"{name} {_num(v['speedup'])} ({_num(v['speedup_paired'])})" for name, v in rows.items()))
+    return "\n".join(lines)

@@ -1,88 +1,83 @@
-"""The run's settings, checked before any work: device, batch, the k list, the late-noise blocks, the selection grid.
-
-:class:`Plan` is what every later stage reads; :func:`with_changes` makes the
-config copies the stages need (an objective, a noise block, the batch size)
-without touching the config they were given.
-"""
+"""The command's arguments and the checked settings of a run at one precision (:class:`Plan`)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from study.config import Config
-from study.errors import UserError
+from study.utils.args import OneLineParser, nonnegative_int, positive_int
+from study.utils.device import resolve_device
+from study.utils.errors import UserError
 
-__all__ = ["BenchSettingsError", "DEFAULT_KS", "DEFAULT_SELECTION_KS", "DEFAULT_SELECTION_CHUNKS", "PRECISIONS",
-           "Plan", "Block", "with_changes", "check_counts", "check_precisions", "late_noise_blocks", "selection_block_of",
-           "block_order"]
+Block = int | str  # a decoder block index, or "head": the token-wise head after the last attention
+
 
 class BenchSettingsError(UserError, ValueError):
     """Bench settings that cannot run (reported as one ``error:`` line)."""
 
 
-DEFAULT_KS = (1, 2, 4, 8, 16)
-DEFAULT_SELECTION_KS = (4, 8, 16)
-DEFAULT_SELECTION_CHUNKS = (1, 2, 4, 8)
-PRECISIONS = ("fp32", "bf16", "fp16")
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers >= 1, returned sorted and distinct (an argparse type)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
 
-Block = int | str  # a decoder block index, or "head": the token-wise head after the last attention
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m experiments.bench",
+                      description="time training steps: LS, cIMLE at each k, the Masked VAE, transformers' ViTMAE")
+    p.add_argument("--config", default=None, help="YAML file, e.g. experiments/configs/cpu-small.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set noise.block=head (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--precision", type=_names, help="precisions timed in the same rounds (default: the config's)")
+    p.add_argument("--k", type=int_list, default=[1, 2, 4, 8, 16], help="cIMLE k values (default 1,2,4,8,16)")
+    p.add_argument("--batch", type=positive_int, help="images per step (default: optim.batch_size)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed rounds (one step of every variant each)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per variant first")
+    p.add_argument("--out", help="JSON file to write (atomically)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers' ViTMAEForPreTraining")
+    p.add_argument("--late-blocks", type=_names, help="noise blocks of the late-noise rows (cIMLE at the largest k): "
+                   "indices or 'head' (default: 0, decoder_depth - 1 and head)")
+    p.add_argument("--no-late-noise", action="store_true", help="skip the late-noise rows")
+    p.add_argument("--selection-k", type=int_list, default=[4, 8, 16], help="k of the selection-memory grid")
+    p.add_argument("--selection-chunk", type=int_list, default=[1, 2, 4, 8], help="chunks of that grid")
+    p.add_argument("--no-selection-timing", action="store_true", help="do not time the selection alone")
+    return p
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The checked settings of one run."""
+    """A run at one precision: its config (the bench's batch, no accumulation), device, late-noise blocks, and
+    the command's arguments (``args.k`` sorted; its largest is the k of the late-noise rows)."""
 
-    cfg: Config  # with the bench's batch size and compile flag
+    cfg: Config
     device: torch.device
-    batch: int
-    ks: list[int]  # sorted, distinct, >= 1
-    steps: int
-    warmup: int
-    transformers: bool
-    compile_models: bool
-    late: list[Block]  # noise blocks of the late-noise rows (empty: none)
-    late_k: int
-    selection_ks: Sequence[int]
-    selection_chunks: Sequence[int]
-    selection_block: Block
-    selection_timing: bool
-    config_path: str | None
+    late: list[Block]
+    args: argparse.Namespace
+
+    @property
+    def batch(self) -> int:
+        return self.cfg.optim.batch_size
 
 
 def with_changes(cfg: Config, **sections) -> Config:
-    """A copy of ``cfg`` with fields replaced: ``with_changes(cfg, objective="ls", noise={"block": 3})``.
-
-    A dict value replaces fields of that section; any other value replaces the top-level field.
-    """
+    """A copy of ``cfg`` with fields replaced: ``with_changes(cfg, objective="ls", noise={"block": 3})``."""
     top = {k: v for k, v in sections.items() if not isinstance(v, dict)}
     nested = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items() if isinstance(v, dict)}
     return dataclasses.replace(cfg, **top, **nested)
-
-
-def check_counts(steps: int, warmup: int, ks: Sequence[int]) -> list[int]:
-    """Refuse impossible round counts and k values; returns the k values sorted and distinct."""
-    if steps < 1 or warmup < 0:
-        raise BenchSettingsError(f"steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise BenchSettingsError(f"--k must list ints >= 1, got {ks}")
-    return ks
-
-
-def check_precisions(precisions: Sequence[str], device: torch.device) -> list[str]:
-    """Distinct precisions in the order given; fp16 needs CUDA (as :func:`study.runtime.autocast` rules)."""
-    out = list(dict.fromkeys(precisions))
-    bad = [p for p in out if p not in PRECISIONS]
-    if not out or bad:
-        raise BenchSettingsError(f"--precision must list some of {', '.join(PRECISIONS)}, "
-                                 f"got {','.join(precisions)}")
-    if "fp16" in out and device.type != "cuda":
-        raise BenchSettingsError("--precision fp16 needs CUDA; use fp32 and/or bf16 on CPU")
-    return out
 
 
 def block_order(block: Block) -> tuple[int, int]:
@@ -90,28 +85,22 @@ def block_order(block: Block) -> tuple[int, int]:
     return (1, 0) if block == "head" else (0, int(block))
 
 
-def _check_block(block: Block, depth: int, what: str) -> Block:
-    if block == "head":
-        return block
-    try:
-        block = int(block)
-    except (TypeError, ValueError):
-        raise BenchSettingsError(f"{what} must be 'head' or an int in [0, decoder_depth={depth}], "
-                                 f"got {block!r}") from None
-    if not 0 <= block <= depth:
-        raise BenchSettingsError(f"{what} must be 'head' or lie in [0, decoder_depth={depth}], got {block}")
-    return block
-
-
-def late_noise_blocks(cfg: Config, late_noise: bool, blocks: Sequence[Block] | None) -> list[Block]:
-    """The late-noise rows' blocks: ``blocks``, or the decoder input, its last block and the token-wise head."""
-    if not late_noise:
-        return []
-    depth = cfg.model.decoder_depth
-    chosen = [0, depth - 1, "head"] if blocks is None else blocks
-    return sorted({_check_block(b, depth, "late noise blocks") for b in chosen}, key=block_order)
-
-
-def selection_block_of(cfg: Config, block: Block | None) -> Block:
-    """The selection grid's noise block: ``block``, or the config's ``noise.block``."""
-    return _check_block(cfg.noise.block if block is None else block, cfg.model.decoder_depth, "selection block")
+def make_plans(cfg: Config, args: argparse.Namespace) -> list[Plan]:
+    """One plan per precision of ``--precision`` (default: the config's), checked before any work."""
+    device = resolve_device(cfg.device)
+    precisions = list(dict.fromkeys(args.precision or [cfg.precision]))
+    if set(precisions) - {"fp32", "bf16", "fp16"}:
+        raise BenchSettingsError(f"--precision must list some of fp32, bf16, fp16, got {','.join(precisions)}")
+    if "fp16" in precisions and device.type != "cuda":
+        raise BenchSettingsError("--precision fp16 needs CUDA; use fp32 and/or bf16 on CPU")
+    # every step is a whole optimizer step at the bench's batch, whatever accumulation the config asks for
+    cfg = with_changes(cfg, compile=False, optim={"batch_size": args.batch or cfg.optim.batch_size,
+                                                  "accum_steps": 1, "effective_batch": None})
+    depth, late = cfg.model.decoder_depth, []
+    for text in [] if args.no_late_noise else args.late_blocks or ["0", str(depth - 1), "head"]:
+        block = text if text == "head" else int(text) if text.isdigit() else -1
+        if block != "head" and not 0 <= block <= depth:
+            raise BenchSettingsError(f"late noise blocks must be 'head' or in [0, decoder_depth={depth}], got {text}")
+        if block not in late:
+            late.append(block)
+    return [Plan(with_changes(cfg, precision=p), device, sorted(late, key=block_order), args) for p in precisions]

@@ -1,114 +1,132 @@
-"""Our side of the benchmark: trainers that step on a fixed batch, the variants they time, the cost-model parts.
-
-A :class:`Trainer` is one of our models (LS, cIMLE or the Masked VAE) with the
-training state of :mod:`study.step`, and its step is :func:`study.step.train_step`,
-the training loop's. cIMLE's k is an argument of each step, so one cIMLE model serves every k; a different noise block is a
-different architecture and gets its own trainer, built from a changed copy of
-the config. :class:`Components` times the parts of the cost model
-``E_fb + D_fb + k * D_f`` on one cIMLE model with a fixed mask and noise.
-"""
+"""What the benchmark times: models with the training loop's step (ours, and transformers' ViTMAE behind our
+model's call), the timed rows, and the parts of the cIMLE cost model ``E_fb + D_fb + k * D_f``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
-
-import dataclasses
 
 import torch
 from torch import Tensor, nn
 
-from experiments.bench.settings import Block, block_order
+from experiments.bench.settings import BenchSettingsError, Block, Plan, block_order, with_changes
 from study.config import Config
-from study.masking import mask_indices
-from study.models import build_model
-from study.objectives import cimle, least_squares, per_example_squared_error
-from study.runtime import autocast, seed_everything
-from study.step import train_step, training_state
-
-__all__ = ["HF_VARIANT", "Trainer", "Variant", "Components", "CostParts", "define_variants", "cost_components",
-           "prime_optimizer"]
+from study.data.masking import mask_indices
+from study.losses import cimle, least_squares, per_example_squared_error
+from study.methods.model import build_model
+from study.train.step import train_step, training_state
+from study.utils.device import autocast, seed_everything
 
 HF_VARIANT = "transformers ViTMAE"  # the row name of transformers' model
 
 
-def prime_optimizer(model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Create the optimizer state (one step on zero gradients) so that the first real step is a steady one."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 class Trainer:
-    """One of our models with its training state (``cfg`` has the bench's batch, no accumulation), on a fixed batch."""
+    """A model with the training loop's state (``cfg``: the bench's batch, no accumulation) on a fixed batch;
+    ``build``: our model of ``cfg`` (default) or transformers' (:func:`transformers_mae`)."""
 
-    def __init__(self, cfg: Config, device: torch.device, imgs: Tensor, compile_model: bool) -> None:
+    def __init__(self, cfg: Config, device: torch.device, imgs: Tensor, compile_model: bool = False,
+                 build: Callable[[Config], nn.Module] = build_model) -> None:
         self.cfg, self.device, self.imgs = cfg, device, imgs
         seed_everything(cfg.seed)
-        self.state = training_state(cfg, build_model(cfg).to(device), device)
+        self.state = training_state(cfg, build(cfg).to(device), device)
         self.model, self.optimizer, self.make_mask = self.state.model, self.state.optimizer, self.state.make_mask
         self.model.train()
         if compile_model:
             self.state.net = torch.compile(self.model)
-        prime_optimizer(self.model, self.optimizer)
+        for p in self.model.parameters():  # create the optimizer state, so that the first timed step is steady
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def step_fn(self, k: int | None = None, eager: bool = False) -> Callable[[], Tensor]:
-        """One training step with ``k`` cIMLE samples (None: the config's; LS and the Masked VAE ignore it)."""
-        state = dataclasses.replace(self.state, net=self.model) if eager else self.state
-        return lambda: train_step(state, self.imgs, k=k).loss.detach()
+    def step_fn(self, k: int | None = None) -> Callable[[], Tensor]:
+        """One training step with ``k`` cIMLE samples (None: the config's; the other objectives ignore it)."""
+        return lambda: train_step(self.state, self.imgs, k=k).loss.detach()
+
+
+def import_transformers():
+    """The ``transformers`` module, or a one-line error that says how to install it."""
+    try:  # here, not at the top: transformers is optional (the bench extra) and slow to import
+        import transformers
+    except ImportError as exc:
+        raise BenchSettingsError("the comparison with Hugging Face needs transformers: pip install -e '.[bench]' "
+                                 f"(or pass --no-transformers) [{exc}]") from exc
+    return transformers
+
+
+class _HFModel(nn.Module):
+    """transformers' model behind our model's call, so that :func:`study.train.step.train_step` steps it (LS; it
+    masks with its own noise, so the step's mask goes unused); no weight decay on its tokens and embeddings."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def no_weight_decay(self) -> set[str]:
+        skip = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed")
+        return {name for name, _ in self.named_parameters() if name.endswith(skip)}
+
+    def forward(self, imgs: Tensor, mask: Tensor, **_) -> SimpleNamespace:
+        return SimpleNamespace(loss=self.hf(pixel_values=imgs).loss)
+
+
+def transformers_mae(cfg: Config) -> nn.Module:
+    """ViTMAEForPreTraining at our config's sizes, mask ratio and norm_pix_loss; SDPA, LayerNorm eps 1e-6."""
+    tf, m = import_transformers(), cfg.model
+    hf_cfg = tf.ViTMAEConfig(
+        hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+        intermediate_size=int(m.embed_dim * m.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=m.img_size, patch_size=m.patch_size,
+        num_channels=m.in_chans, qkv_bias=True, decoder_num_attention_heads=m.decoder_heads,
+        decoder_hidden_size=m.decoder_dim, decoder_num_hidden_layers=m.decoder_depth,
+        decoder_intermediate_size=int(m.decoder_dim * m.mlp_ratio), mask_ratio=cfg.mask.ratio,
+        norm_pix_loss=m.norm_pix_loss)
+    hf_cfg._attn_implementation = "sdpa"
+    return _HFModel(tf.ViTMAEForPreTraining(hf_cfg))
 
 
 @dataclass
 class Variant:
-    """One timed row: the step it times, the row's fixed fields, the trainer it steps and the k it passes."""
+    """One timed row: the step it times, the row's fixed fields and the trainer it steps."""
 
     step: Callable[[], Tensor]
     row: dict
-    trainer: Any  # Trainer, or transformers_side.HFTrainer
-    k: int | None = None
-
-    @classmethod
-    def ours(cls, trainer: Trainer, row: dict, k: int | None = None) -> Variant:
-        return cls(trainer.step_fn(k), row, trainer, k)
+    trainer: Trainer
 
 
-def define_variants(trainers: dict[str, Any], cfg: Config, ks: Sequence[int], late: Sequence[Block],
-                    late_k: int) -> tuple[dict[str, Variant], list[tuple[Block, str]]]:
-    """The timed rows by name, and (noise block, row name) of the late-noise rows.
+def define_variants(plan: Plan, imgs: Tensor) -> tuple[dict[str, Variant], dict[Block, Trainer], list]:
+    """The timed rows by name, our cIMLE trainer per noise block, and (noise block, row name) of the late-noise rows:
+    LS, cIMLE at each k (one model), the Masked VAE, cIMLE at the largest k at each late-noise block, transformers."""
+    cfg, block, kmax = plan.cfg, plan.cfg.noise.block, plan.args.k[-1]
 
-    ``trainers``: ``ls``, ``mvae``, ``cimle@<block>`` for every block used, and ``hf`` where transformers runs.
-    """
-    block, chunk = cfg.noise.block, cfg.cimle.chunk
-    main = trainers[f"cimle@{block}"]
-    variants = {"ls": Variant.ours(trainers["ls"], {"objective": "ls", "k": None, "noise_block": None})}
-    for k in ks:
-        variants[f"cimle k={k}"] = Variant.ours(
-            main, {"objective": "cimle", "k": k, "noise_block": block, "chunk": chunk}, k)
-    variants["mvae"] = Variant.ours(trainers["mvae"], {"objective": "mvae", "k": None, "noise_block": block})
-    late_spec: list[tuple[Block, str]] = []
-    for b in late:
-        name = f"cimle k={late_k}" if b == block and late_k in ks else f"cimle k={late_k} block={b}"
-        if name not in variants:
-            variants[name] = Variant.ours(
-                trainers[f"cimle@{b}"], {"objective": "cimle", "k": late_k, "noise_block": b, "chunk": chunk}, late_k)
-        late_spec.append((b, name))
-    if "hf" in trainers:
-        variants[HF_VARIANT] = Variant(trainers["hf"].step_fn(),
-                                       {"objective": "ls (transformers)", "k": None, "noise_block": None},
-                                       trainers["hf"])
-    return variants, late_spec
+    def ours(objective: str, **changes) -> Trainer:
+        return Trainer(with_changes(cfg, objective=objective, **changes), plan.device, imgs)
+
+    def row(tr: Trainer, objective: str, k: int | None = None, b: Block | None = None) -> Variant:
+        extra = {"chunk": cfg.cimle.chunk} if objective == "cimle" else {}
+        return Variant(tr.step_fn(k), {"objective": objective, "k": k, "noise_block": b, **extra}, tr)
+
+    ls, cimles, mvae = ours("ls"), {block: ours("cimle")}, ours("mvae")
+    for b in plan.late:
+        if b not in cimles:
+            cimles[b] = ours("cimle", noise={"block": b})
+    variants = {"ls": row(ls, "ls")} | {f"cimle k={k}": row(cimles[block], "cimle", k, block) for k in plan.args.k}
+    variants["mvae"] = row(mvae, "mvae", b=block)
+    late_spec = [(b, f"cimle k={kmax}" if b == block else f"cimle k={kmax} block={b}") for b in plan.late]
+    variants |= {name: row(cimles[b], "cimle", kmax, b) for b, name in late_spec if name not in variants}
+    if not plan.args.no_transformers:
+        variants[HF_VARIANT] = row(Trainer(cfg, plan.device, imgs, build=transformers_mae), "ls (transformers)")
+    return variants, cimles, late_spec
 
 
 class Components:
-    """Closures for the cost model's parts on one cIMLE model (fixed mask, fixed noise), through the
-    objective's own decode: ``decoder.masked_sampler``, the masked patches only."""
+    """The cost model's parts on one cIMLE model (fixed mask, fixed noise), through the objective's own decode:
+    ``decoder.masked_sampler``, the masked patches only."""
 
     def __init__(self, tr: Trainer) -> None:
-        self.tr = tr
-        model, imgs, device = tr.model, tr.imgs, tr.device
+        self.tr, model, imgs, device = tr, tr.model, tr.imgs, tr.device
         gen = torch.Generator().manual_seed(tr.cfg.seed + 17)
         self.mask = tr.make_mask(imgs.shape[0], generator=gen, device=device)  # [B, N]
         self.ids = mask_indices(self.mask, model.num_patches)
@@ -116,80 +134,52 @@ class Components:
             target = model.target(imgs)  # [B, N, p*p*C]
             self.target = target.gather(1, self.ids.masked[..., None].expand(-1, -1, target.shape[-1]))
             latent = model.encoder(imgs, self.ids.keep)  # [B, 1+N_vis, D]
-            self.hidden = model.decoder.prefix(latent, self.ids.restore)  # [B, 1+N, Dd]
+            hidden = model.decoder.prefix(latent, self.ids.restore)  # [B, 1+N, Dd]
             # the per-sample part of the decode; what it shares across samples is done here, once
-            self.decode = model.decoder.masked_sampler(self.hidden, self.mask, self.ids.masked)
+            self.decode = model.decoder.masked_sampler(hidden, self.mask, self.ids.masked)
         self.latent = latent.detach()
         self.grad_latent = torch.randn_like(self.latent)
         self.z = torch.randn((imgs.shape[0], *model.noise_shape(self.ids.num_masked)), generator=gen).to(device)
-        # gradients for timing the optimizer step alone (set before, removed after)
-        self.grads = [torch.randn_like(p) if p.requires_grad else None for p in model.parameters()]
 
     def encoder_fb(self) -> None:
-        model = self.tr.model
         with autocast(self.tr.cfg.precision, self.tr.device):
-            latent = model.encoder(self.tr.imgs, self.ids.keep)
+            latent = self.tr.model.encoder(self.tr.imgs, self.ids.keep)
         latent.backward(self.grad_latent.to(latent.dtype))
-        model.zero_grad(set_to_none=True)
+        self.tr.model.zero_grad(set_to_none=True)
 
     def decoder_fb(self) -> None:
-        model = self.tr.model
+        decoder = self.tr.model.decoder
         latent = self.latent.detach().requires_grad_(True)  # gradient flows back to the encoder output
         with autocast(self.tr.cfg.precision, self.tr.device):
-            hidden = model.decoder.prefix(latent, self.ids.restore)
-            pred = model.decoder.masked_sampler(hidden, self.mask, self.ids.masked)(self.z)
-            loss = least_squares(pred, self.target)
+            hidden = decoder.prefix(latent, self.ids.restore)
+            loss = least_squares(decoder.masked_sampler(hidden, self.mask, self.ids.masked)(self.z), self.target)
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        self.tr.model.zero_grad(set_to_none=True)
 
     def decoder_f(self) -> None:
         with torch.no_grad(), autocast(self.tr.cfg.precision, self.tr.device):
             per_example_squared_error(self.decode(self.z), self.target)
 
     def selection(self, k: int, chunk: int | None) -> Callable[[], None]:
-        """One ``study.objectives.cimle`` call under no_grad (selection + one no-grad decode of the choice)."""
-        model = self.tr.model
-        gen = torch.Generator().manual_seed(5)
+        """One ``study.losses.cimle`` call under no_grad (selection + one no-grad decode of the choice)."""
+        gen, shape = torch.Generator().manual_seed(5), self.tr.model.noise_shape(self.ids.num_masked)
 
         def run() -> None:
             with torch.no_grad(), autocast(self.tr.cfg.precision, self.tr.device):
-                cimle(self.decode, self.target, k=k, noise_shape=model.noise_shape(self.ids.num_masked),
-                      chunk=chunk, generator=gen, select=self.tr.cfg.cimle.select)
+                cimle(self.decode, self.target, k=k, noise_shape=shape, chunk=chunk, generator=gen,
+                      select=self.tr.cfg.cimle.select)
 
         return run
 
-    def optimizer_step(self) -> None:
-        model, opt = self.tr.model, self.tr.optimizer
-        for p, g in zip(model.parameters(), self.grads):
-            p.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-
-@dataclass
-class CostParts:
-    """The cost-model tasks timed with the variants, and the model whose selection memory is measured."""
-
-    blocks: list[Block]  # noise blocks with D_fb and D_f components
-    tasks: dict[str, Callable[[], Any]]  # component name -> closure
-    selection_name: str  # the selection timing's task name (present only when it is timed)
-    selection: Components  # on the selection grid's noise block
-
-
-def cost_components(trainers: dict[str, Any], cfg: Config, late_spec: Sequence[tuple[Block, str]],
-                    selection_block: Block, kmax: int, selection_timing: bool) -> CostParts:
-    """E_fb and the optimizer step on the main cIMLE model; D_fb and D_f at the main and every late-noise block."""
-    block = cfg.noise.block
-    comps = {b: Components(trainers[f"cimle@{b}"])
-             for b in sorted({block} | {b for b, _ in late_spec}, key=block_order)}
-    sel_comp = comps[selection_block] if selection_block in comps else Components(
-        trainers[f"cimle@{selection_block}"])
-    main = comps[block]
-    tasks: dict[str, Callable[[], Any]] = {"E_fb": main.encoder_fb, "optimizer": main.optimizer_step}
+def cost_components(plan: Plan, cimles: dict[Block, Trainer]) -> tuple[dict[str, Callable[[], Any]], Components]:
+    """The cost-model tasks by name (E_fb and the selection alone at the largest k on the main cIMLE model; D_fb
+    and D_f at each noise block), and the components at the config's block (its selection-memory grid)."""
+    block, kmax = plan.cfg.noise.block, plan.args.k[-1]
+    comps = {b: Components(cimles[b]) for b in sorted(cimles, key=block_order)}
+    tasks: dict[str, Callable[[], Any]] = {"E_fb": comps[block].encoder_fb}
     for b, c in comps.items():
-        tasks[f"D_fb@{b}"] = c.decoder_fb
-        tasks[f"D_f@{b}"] = c.decoder_f
-    sel_name = f"selection k={kmax}@{block}"
-    if selection_timing:
-        tasks[sel_name] = main.selection(kmax, cfg.cimle.chunk)
-    return CostParts(blocks=list(comps), tasks=tasks, selection_name=sel_name, selection=sel_comp)
+        tasks[f"D_fb@{b}"], tasks[f"D_f@{b}"] = c.decoder_fb, c.decoder_f
+    if not plan.args.no_selection_timing:
+        tasks[f"selection k={kmax}@{block}"] = comps[block].selection(kmax, plan.cfg.cimle.chunk)
+    return tasks, comps[block]

@@ -1,61 +1,16 @@
 """Context-Completion (Masked VAE paper, Sec. 4) on the synthetic images, where the answer is known.
 
-The paper masks a COCO object, draws ``k`` inpaintings, runs a detector on the
-inpainted region and compares the classes found (``Q``) with the classes that
-co-occurrence statistics make plausible given the visible context (``P``).
-On :mod:`study.synthetic_images` both sides are known by construction:
-
-* ``P`` (plausible): every patch of an image of class ``c`` shows one of the
-  two modes ``2c`` / ``2c + 1`` (``+P_c`` / ``-P_c``), each with probability
-  1/2, independently of what is visible. So the plausible set under any masked
-  patch is exactly ``{2c, 2c + 1}``.
-* ``Q`` (found): an *oracle* names the mode a completed patch shows, or
-  rejects it as showing no mode (the detector finding no object).
-
-The oracle (:func:`train_oracle`)
-    A multinomial logistic regression on flattened patches, trained (L-BFGS,
-    small L2) on the generator's own noisy patches
-    (:meth:`SyntheticImageGenerator.sample_patches`, ``ORACLE_TRAIN`` of them)
-    and scored on ``ORACLE_TEST`` fresh ones: ``oracle_accuracy`` (and its
-    agreement with the Bayes rule :meth:`~SyntheticImageGenerator.nearest_mode`).
-
-The rejection rule
-    A completed patch ``x`` classified as mode ``m`` is *accepted* iff
-    ``||x - mode_m|| <= radius`` with
-    ``radius = max(REJECT_FRACTION * d_mean, q_clean)``, where ``d_mean`` is the
-    distance from a mode to its class's conditional mean patch (the least-squares
-    optimum; ``amplitude * sqrt(C p^2)`` since patterns have unit RMS) and
-    ``q_clean`` the ``CLEAN_QUANTILE`` quantile of the distance of held-out clean
-    noisy patches to their own mode (the noise floor, about
-    ``noise_std * sqrt(C p^2)``). With ``REJECT_FRACTION = 0.5`` a patch is
-    accepted when it is closer to the mode than half the way from the
-    conditional mean: the conditional mean itself (what least squares predicts)
-    is rejected, a clean noisy patch is accepted. Both are checked on held-out
-    data and reported: ``oracle_clean_null_rate`` (clean patches rejected,
-    should be 0) and ``oracle_mean_null_rate`` (noisy conditional-mean patches
-    rejected, should be 1).
-
-Metrics (following the paper's Sec. 4.1.4, with one "instance" per masked patch)
-    For image ``i`` and masked patch ``j``, with ``k`` completions:
-    ``Q_ij`` = set of accepted modes among the ``k`` completed patches,
-    ``P_i = {2c, 2c + 1}``.
-
-    * ``precision_ij = |Q_ij & P_i| / |Q_ij|``, 0 when ``Q_ij`` is empty (the
-      paper's convention);
-    * ``recall_ij = |Q_ij & P_i| / |P_i|`` (fraction of the two plausible modes
-      found among the ``k`` completions);
-    * ``null_ij`` = fraction of the ``k`` completed patches the oracle rejects;
-    * ``empty_ij`` = 1 if ``Q_ij`` is empty (the paper's "Null": nothing found
-      after ``k`` samples).
-
-    Each is averaged over the image's masked patches, then over images:
-    ``cc_precision``, ``cc_recall``, ``cc_null_rate``, ``cc_empty_rate``.
-    Least squares gives one output repeated ``k`` times (``model.sample``):
-    its recall is at most 1/2 by construction, and 0 when it predicts the
-    conditional mean.
-
-Run as the ``completion`` protocol of ``python -m study evaluate`` (synthetic
-checkpoints only).
+The paper masks a COCO object, draws ``k`` inpaintings, detects the classes in them
+(``Q``) and compares them with those the context makes plausible (``P``). On
+:mod:`study.data.synthetic_images` both are known: under every masked patch of a
+class-``c`` image the plausible modes are exactly ``P = {2c, 2c + 1}``, and an oracle
+(:func:`train_oracle`, logistic regression on the generator's own patches) names the
+mode a completed patch shows, or rejects it (the detector finding nothing). Per masked
+patch: precision ``|Q & P| / |Q|`` (0 when ``Q`` is empty, as in the paper), recall
+``|Q & P| / 2``, the rejected fraction and whether ``Q`` is empty, averaged over patches
+and images (``cc_precision``, ``cc_recall``, ``cc_null_rate``, ``cc_empty_rate``).
+Least squares repeats one output ``k`` times, so its recall is at most 1/2 and 0 when
+it predicts the conditional mean. Run as the ``completion`` protocol of ``evaluate``.
 """
 
 from __future__ import annotations
@@ -68,10 +23,10 @@ import torch
 from torch import Tensor
 
 from study.config import num_masked
-from study.data import build_eval_datasets
+from study.data.datasets import build_eval_datasets
 from study.evaluation import samples as sampling
 from study.evaluation.setup import EvaluationError
-from study.synthetic_images import patchify
+from study.data.synthetic_images import patchify
 
 __all__ = [
     "REJECT_FRACTION", "CLEAN_QUANTILE", "ORACLE_TRAIN", "ORACLE_TEST", "ORACLE_SEED",
@@ -79,6 +34,10 @@ __all__ = [
     "completion_protocol", "check_synthetic", "synthetic_generator",
 ]
 
+# A completed patch classified as mode m is accepted iff ||x - mode_m|| <= max(REJECT_FRACTION * d_mean, q_clean):
+# d_mean is the distance from a mode to its class's conditional mean (least squares' optimum), q_clean the
+# CLEAN_QUANTILE of held-out clean noisy patches' distance to their mode (the noise floor). So the conditional
+# mean itself is rejected and a clean noisy patch accepted; train_oracle measures both on held-out data.
 REJECT_FRACTION = 0.5
 CLEAN_QUANTILE = 0.999
 ORACLE_TRAIN = 20_000

@@ -4,14 +4,17 @@ k-NN and the linear probe both read the same frozen features; they are computed
 once per (checkpoint, encoder kind, split, pool) and reused. The on-disk cache
 (``FeatureCache(directory)``) is keyed by a hash of the checkpoint file's
 identity (resolved path, size, modification time), the encoder kind
-("pretrained" / "random"), the model and data config, the seed, the split and
-the pool, so a rewritten checkpoint or a changed dataset never hits a stale entry.
+("pretrained" / "random"), the model and data config, the seed, the split, the
+pool and the images themselves (:func:`dataset_identity`: an image folder's
+files with their sizes and modification times, and the transform), so a
+rewritten checkpoint or an image folder changed in place never hits a stale entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -19,12 +22,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from study.console import interactive
-from study.evaluation.setup import NonFiniteFeatures
-from study.io import atomic_write
-from study.runtime import autocast
+from study.utils.console import interactive
+from study.evaluation.setup import EvaluationError, NonFiniteFeatures
+from study.utils.io import atomic_write
+from study.utils.device import autocast
 
-__all__ = ["POOLS", "FeatureCache", "extract_features", "feature_key", "checkpoint_identity"]
+__all__ = ["POOLS", "FeatureCache", "extract_features", "feature_key", "checkpoint_identity", "dataset_identity"]
 
 POOLS = ("cls", "mean")
 
@@ -81,11 +84,33 @@ def checkpoint_identity(path: str | Path | None) -> dict:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def feature_key(*, checkpoint: str | Path | None, encoder: str, split: str, pool: str, config: dict) -> dict:
+def dataset_identity(dataset: Dataset | None) -> dict | None:
+    """What a dataset's images are: its class, length and transform, and for an image folder a hash of every
+    file's path, label, size and mtime (the config names the folder, not what is in it)."""
+    if dataset is None:
+        return None
+    identity = {"type": type(dataset).__name__, "len": len(dataset),
+                "transform": repr(getattr(dataset, "transform", None))}
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list):
+        digest = hashlib.sha1()
+        for path, label in samples:
+            try:
+                st = os.stat(path)
+                digest.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:  # gone since the folder was listed: a key that no complete folder has
+                digest.update(f"{path}\0{label}\0missing\n".encode())
+        identity["files"] = digest.hexdigest()
+    return identity
+
+
+def feature_key(*, checkpoint: str | Path | None, encoder: str, split: str, pool: str, config: dict,
+                dataset: Dataset | None = None) -> dict:
     """The cache key of one feature matrix (a JSON-able dict).
 
     ``config`` is the run config as a dict; only the parts that change the
-    features (model, data, seed) enter the key.
+    features (model, data, seed) enter the key, with the ``dataset`` the
+    features are computed from (:func:`dataset_identity`).
     """
     return {
         "checkpoint": checkpoint_identity(checkpoint) if encoder == "pretrained" else None,
@@ -95,6 +120,7 @@ def feature_key(*, checkpoint: str | Path | None, encoder: str, split: str, pool
         "model": config.get("model"),
         "data": config.get("data"),
         "seed": config.get("seed"),
+        "images": dataset_identity(dataset),
     }
 
 
@@ -102,11 +128,23 @@ def _digest(key: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _check_cache_folder(folder: Path) -> None:
+    """Refuse a cache folder that is a file (or lies below one) now, not after the features are extracted."""
+    above = folder
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        what = "is a file" if above == folder else f"lies below the file {above}"
+        raise EvaluationError(f"--feature-cache {folder} {what}; give a folder to keep the features in")
+
+
 class FeatureCache:
     """Features by key: always in memory; also on disk when ``directory`` is given."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            _check_cache_folder(self.directory)
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0

@@ -1,39 +1,13 @@
 """End-to-end finetuning of the pretrained encoder + a linear head (the MAE recipe, via timm).
 
-Pieces (all from timm, not rewritten): layer-wise lr decay through
-``timm.optim.create_optimizer_v2(..., layer_decay=...)`` (parameter groups from
-``param_groups_layer_decay`` using :meth:`ViTClassifier.group_matcher`), drop
-path (``timm.layers.DropPath`` set on the encoder's timm Blocks, rate rising
-linearly with depth), mixup / cutmix (``timm.data.Mixup``) with
-``timm.loss.SoftTargetCrossEntropy``, RandAugment and random erasing
-(``timm.data.create_transform``; its posterize op keeping 0 bits gives a black
-image, as with Pillow < 13, where Pillow 13 raises), label smoothing.
-
-Presets (:data:`FINETUNE_PRESETS`)
-----------------------------------
-``gpu``  the MAE ViT-B/16 finetune recipe (He et al. 2022, appendix A.1 table 9,
-         with the official repository's FINETUNE.md command for ViT-B): AdamW
-         betas (0.9, 0.999), base lr 5e-4 (lr = blr x batch / 256), effective
-         batch 1024, weight decay 0.05, layer decay 0.65, 100 epochs, 5 warmup
-         epochs, cosine to min lr 1e-6, drop path 0.1, RandAugment
-         ``rand-m9-mstd0.5-inc1``, random erasing 0.25, mixup 0.8, cutmix 1.0
-         (switch prob 0.5), label smoothing 0.1, mean-pooled patch tokens. We use
-         it unchanged for ViT-T on ImageNet-100 (the poster gives no ViT-T
-         recipe); ``batch_size`` is per process, so with 8 GPUs use 128.
-``cpu``  the same recipe shortened for the small configs: 10 epochs, batch 64,
-         1 warmup epoch, blr 1e-2 (lr 2.5e-3), layer decay 0.75, drop path 0.1,
-         mixup 0.8 / cutmix 1.0, label smoothing 0.1. RandAugment / random
-         erasing apply to image-folder data only (PIL transforms). In-memory data
-         (digits, synthetic) trains on the eval images without crops
-         (``crop_augment=False``): on cpu-small MNIST the pretraining crops
-         (scale 0.35-1) held a 3-epoch finetune at 0.48 top-1 against 0.72
-         without; with the preset a 20-epoch-pretrained encoder reaches ~0.87
-         (linear probe 0.72) in ~25 s on one core.
-
-The classifier reads ``encoder.features(imgs, pool)``: with ``pool="mean"``
-that is the mean of the patch tokens after the encoder's final norm (MAE's
-finetune normalises after pooling with a separate ``fc_norm``; we keep the
-encoder's norm so the finetuned encoder is the pretrained one).
+The pieces come from timm rather than being rewritten: layer-wise lr decay
+(``create_optimizer_v2(layer_decay=...)`` with :meth:`ViTClassifier.group_matcher`),
+drop path on the encoder's blocks, mixup / cutmix with soft-target cross-entropy,
+RandAugment and random erasing, label smoothing. :data:`FINETUNE_PRESETS` holds
+MAE's ViT-B/16 recipe (``gpu``) and a short one for the small configs (``cpu``).
+The classifier reads ``encoder.features(imgs, pool)``, so with ``pool="mean"`` it
+pools after the encoder's final norm (MAE adds a separate ``fc_norm``): the
+finetuned encoder stays the pretrained one.
 """
 
 from __future__ import annotations
@@ -53,9 +27,10 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from study.console import interactive
-from study.data import RobustImageFolder, build_datasets, build_eval_datasets
-from study.runtime import autocast, grad_scaler, linear_scaled_lr, seed_everything, warmup_cosine
+from study.utils.console import interactive
+from study.data.datasets import RobustImageFolder, build_datasets, build_eval_datasets
+from study.utils.device import autocast, grad_scaler, seed_everything
+from study.train.optim import linear_scaled_lr, warmup_cosine
 
 __all__ = ["FinetuneSettings", "FINETUNE_PRESETS", "FinetuneResult", "ViTClassifier", "finetune",
            "finetune_settings", "set_drop_path", "build_finetune_datasets", "finetune_train_transform"]
@@ -93,6 +68,11 @@ class FinetuneSettings:
             raise ValueError(f"finetune drop_path must be in [0, 1), got {self.drop_path}")
 
 
+# gpu: MAE's ViT-B/16 finetune (He et al. 2022, appendix A.1 table 9, and the official FINETUNE.md command),
+# used unchanged for ViT-T on ImageNet-100 (the poster gives no ViT-T recipe); batch_size is per process, so
+# 8 GPUs use 128. cpu: the same recipe shortened for the small configs. In-memory data trains on the eval
+# images without crops: on cpu-small MNIST the pretraining crops (scale 0.35-1) held a 3-epoch finetune at 0.48
+# top-1 against 0.72 without; a 20-epoch-pretrained encoder reaches ~0.87 (linear probe 0.72) in ~25 s.
 FINETUNE_PRESETS: dict[str, FinetuneSettings] = {
     "cpu": FinetuneSettings(epochs=10, batch_size=64, blr=1e-2),
     "gpu": FinetuneSettings(epochs=100, batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=5,

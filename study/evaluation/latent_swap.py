@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from study.data import dataset_items
-from study.masking import build_mask_generator, mask_indices
+from study.data.datasets import dataset_items
+from study.data.masking import build_mask_generator, mask_indices
 from study.methods.base import Context
 
 __all__ = ["latent_swap", "BATCH", "REPEATS", "SEED"]

@@ -1,29 +1,12 @@
 """Linear probe on frozen features (the MAE protocol): BatchNorm1d(affine=False) + Linear.
 
-Features are extracted once (see :mod:`study.evaluation.features`) and the probe
-trains on the cached matrix, so the whole probe costs seconds on CPU.
-
-Presets (:data:`LINEAR_PRESETS`)
---------------------------------
-``gpu``  the published MAE linear-probe settings (He et al. 2022, appendix A.2,
-         and the official ``main_linprobe.py`` defaults): our :class:`LARS`,
-         base lr 0.1 (lr = blr x batch / 256), batch 16384, 90 epochs, 10 warmup
-         epochs then half-cosine decay, no weight decay, momentum 0.9; head
-         weights drawn from a truncated normal with std 0.01. One deviation: the
-         probe trains on features of the eval transform, extracted once, instead
-         of re-cropping every epoch (MAE uses RandomResizedCrop + flip for the
-         probe); augmentation-free probing is what makes the cache possible.
-``cpu``  a fast default for the small configs: Adam, base lr 3e-2 (lr = 0.03 at
-         batch 256), 50 epochs, 2 warmup epochs, no weight decay. Tuned on the
-         cpu-small MNIST features (random-init encoder: 0.67, as in the design
-         calibration; lr 1e-3 / 30 epochs underfit at 0.51). On 4,000 cached
-         64-d features it takes about a second.
-
-On CPU the probe runs single-threaded: its ops are too small to gain from
-threads, and on a shared 2-core machine two threads ran 10-20x slower.
-
-The batch is capped at the training-set size; the lr is scaled by the batch
-actually used.
+Features are extracted once (:mod:`study.evaluation.features`) and the probe trains
+on the cached matrix, so a probe costs seconds on CPU; the price is one deviation
+from MAE, which re-crops every epoch. :data:`LINEAR_PRESETS` holds MAE's published
+settings (``gpu``) and a fast one for the small configs (``cpu``). The batch is
+capped at the training-set size and the lr scaled by the batch actually used. On
+CPU the probe runs single-threaded: its ops are too small to gain from threads,
+and on a shared 2-core machine two threads ran 10-20x slower.
 """
 
 from __future__ import annotations
@@ -39,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from study.console import interactive
-from study.runtime import cpu_threads, linear_scaled_lr, warmup_cosine
+from study.utils.console import interactive
+from study.utils.device import cpu_threads
+from study.train.optim import linear_scaled_lr, warmup_cosine
 
 __all__ = ["LARS", "LinearProbeSettings", "LINEAR_PRESETS", "LinearProbeResult", "linear_probe_settings",
            "train_linear_probe"]
@@ -115,6 +99,10 @@ class LinearProbeSettings:
                 raise ValueError(f"linear probe {name} must be > 0, got {getattr(self, name)}")
 
 
+# gpu: MAE's linear probe (He et al. 2022, appendix A.2, and main_linprobe.py's defaults), LARS, head init std
+# 0.01, on features of the eval transform extracted once instead of MAE's crops every epoch. cpu: tuned on the
+# cpu-small MNIST features (random-init encoder 0.67; lr 1e-3 for 30 epochs underfit at 0.51), about a second on
+# 4,000 cached 64-d features.
 LINEAR_PRESETS: dict[str, LinearProbeSettings] = {
     "cpu": LinearProbeSettings(),
     "gpu": LinearProbeSettings(optimizer="lars", blr=0.1, batch_size=16384, epochs=90, warmup_epochs=10,

@@ -1,57 +1,17 @@
-"""The ``evaluate`` command: probe a checkpoint with k-NN, linear probe and finetuning.
+"""The ``evaluate`` command's library call: probe a checkpoint with every protocol (CLI: :mod:`study.cli.evaluate`).
 
-    python -m study evaluate --checkpoint runs/x/checkpoint.pt --protocols knn,linear,finetune \
-        [--results runs/results.csv] [--pool cls|mean] [--preset auto|cpu|gpu] [--figures runs/figures]
-
-(the command line is :mod:`study.evaluate_cli`; this module is the library call).
-
-Two more protocols look at the decoder's completions (this project's
-checkpoints only, full or weights-only ``{model, config, epoch,
-train_seconds}``): ``samples`` (:mod:`study.evaluation.samples`: ``sample_diversity``, and a
-drawing handed to ``on_samples``: the command draws it as
-``<figures>/samples_<objective>.{png,pdf}``) and
-``completion`` (:mod:`study.evaluation.context_completion`: the
-Context-Completion analog on synthetic data, ``cc_precision``, ``cc_recall``,
-``cc_null_rate``, ``cc_empty_rate``, ``oracle_accuracy``). Their
-``encoder = "random"`` rows use the whole seeded random-init model.
-
-Checkpoint formats (detected by keys):
-
-* this project's (``checkpoint.pt``, ``snapshots/epoch_*.pt``): holds
-  ``"config"``; ``--set`` overrides are applied on top of it (e.g. a new
-  ``data.root`` on another machine); ``--config`` is refused.
-* facebookresearch MAE (``{"model": state_dict}``, no config): the
-  architecture and data come from ``--config`` / ``--set``, one of which is
-  required; the encoder weights load through ``study.models.load_pretrained_encoder``.
-
-Each protocol runs on the pretrained encoder and on the randomly initialised
-encoder of the same architecture (``torch``/``numpy``/``random`` seeded with
-``seed`` right before ``build_model``, as the pretraining loop does), so every
-number has its baseline; rows carry ``encoder = "pretrained"`` or ``"random"``.
-Frozen features are extracted once per encoder, split and pool and shared by
-k-NN and the linear probe (``--feature-cache DIR`` also keeps them on disk).
-
-Rows (one metric value each) are appended to the tidy results table with
-:func:`study.results.append_rows`. The table is checked before any protocol
-runs (a folder, an unwritable path or a file that is not a results table is
-refused); if the write still fails at the end, the rows go to a side file
-beside it (or in the temporary folder) that the error names. The defaults
-(``runs/results.csv``, ``runs/figures``) stay out of the committed
-``results/`` and ``figures/``. Metrics: ``knn_top1``, ``linear_top1``,
-``linear_train_top1``, ``finetune_top1`` (fractions in [0, 1]) and
-``<protocol>_seconds`` (k-NN and linear include the shared feature
-extraction). Every row carries the run's parameters (objective,
-mask_kind, mask_ratio, k = cimle.k, noise_dim, noise_block, ..., seed, epochs =
-epochs trained, dataset, checkpoint) and the evaluation's (protocol, pool,
-encoder, preset and protocol settings).
-
-A protocol that raises does not take the others with it: they still run,
-their rows are saved as above (the failed protocol adds none, not even those
-of the encoder it finished), and then :class:`ProtocolFailed` names each
-failed protocol with its cause, raised from the first cause so its traceback
-shows. When every cause is the user's to fix (an unreadable image, a missing
-file) it is a :class:`ProtocolUserError`: the command prints one ``error:``
-line and exits 2; a crash keeps its traceback (exit 1).
+Protocols: k-NN, linear probe and finetuning on the encoder, ``samples``
+(:mod:`study.evaluation.samples`) and ``completion``
+(:mod:`study.evaluation.context_completion`) on the decoder. Each runs on the
+pretrained model and on the random initialisation of the same seed, so every number
+has its baseline (``encoder = "pretrained"`` / ``"random"``); frozen features are
+extracted once per encoder, split and pool and shared by k-NN and the linear probe.
+A project checkpoint carries its config (``--set`` applies on top); a
+facebookresearch MAE ``.pth`` takes its architecture from ``--config`` / ``--set``.
+Rows go to the tidy table (:mod:`study.evaluation.results`), which is checked before
+any protocol runs. A protocol that raises does not take the others with it: they run
+and their rows are saved, then :class:`ProtocolFailed` names each failure
+(:class:`ProtocolUserError`, one ``error:`` line, when every cause is the user's).
 """
 
 from __future__ import annotations
@@ -68,8 +28,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from study.config import Config
-from study.data import build_eval_datasets
-from study.errors import USER_ERRORS, UserError, WriteError, one_line
+from study.data.datasets import build_eval_datasets
+from study.utils.errors import USER_ERRORS, UserError, WriteError, one_line
 from study.evaluation.context_completion import check_synthetic, completion_protocol
 from study.evaluation.features import POOLS, FeatureCache, extract_features, feature_key
 from study.evaluation.finetune import FinetuneSettings, build_finetune_datasets, finetune, finetune_settings
@@ -77,9 +37,10 @@ from study.evaluation.knn import knn_accuracy
 from study.evaluation.linear_probe import LinearProbeSettings, linear_probe_settings, train_linear_probe
 from study.evaluation.samples import SamplesDrawing, samples_protocol
 from study.evaluation.setup import (ENCODERS, EvaluationError, NonFiniteFeatures, build_encoders, build_models,
-                                    eval_device, load_for_evaluation, require_study_format, resolve_checkpoint)
-from study.results import append_rows, check_table, save_rows_aside
-from study.runtime import cpu_threads
+                                    eval_device, load_for_evaluation, require_labels, require_study_format,
+                                    resolve_checkpoint)
+from study.evaluation.results import append_rows, check_table, save_rows_aside
+from study.utils.device import cpu_threads
 
 __all__ = ["PROTOCOLS", "DECODER_PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols",
            "run_params", "EvaluationError", "ResultsNotSaved", "ProtocolFailed", "ProtocolUserError"]
@@ -207,13 +168,15 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
     with cpu_threads(threads):
         if results is not None:
             check_table(results)  # now, not after every protocol has run
+        cache = cache or FeatureCache(feature_cache)  # a --feature-cache that is a file fails here
         cfg, state, fmt = load_for_evaluation(checkpoint, config, overrides)
+        require_labels(cfg, s.protocols)
         decoder_protos = [p for p in s.protocols if p in DECODER_PROTOCOLS]
         if decoder_protos:
             require_study_format(fmt, decoder_protos)
         if "completion" in s.protocols:
             check_synthetic(cfg)
-        run = _Evaluation(checkpoint, cfg, state, fmt, s, cache or FeatureCache(feature_cache))
+        run = _Evaluation(checkpoint, cfg, state, fmt, s, cache)
         if s.verbose:
             print(f"evaluating {checkpoint}: {', '.join(s.protocols)}"
                   + (f" -> {results}" if results is not None else ""), flush=True)
@@ -294,7 +257,7 @@ class _Evaluation:
         feats = {}
         for split, ds in datasets.items():
             key = feature_key(checkpoint=self.checkpoint, encoder=enc_name, split=split, pool=s.pool,
-                              config=cfg_dict)
+                              config=cfg_dict, dataset=ds)
             feats[split] = self.cache.get(key, lambda ds=ds, split=split: extract_features(
                 encoder, ds, pool=s.pool, batch_size=batch, device=self.device, num_workers=cfg.data.num_workers,
                 precision=cfg.precision, progress=s.progress, desc=f"features {enc_name}/{split}"))

@@ -1,33 +1,13 @@
 """Samples of a checkpoint's decoder: completed images, sample diversity, the ``samples`` protocol.
 
-For a checkpoint, a fixed-seed set of evaluation images (the validation split)
-and one fixed mask per image (the checkpoint's own mask kind and ratio) are
-completed by the model:
-
-* ``ls``: its single reconstruction (``MaskedAutoencoder.sample`` repeats it);
-* ``cimle``: ``k`` samples with ``z ~ N(0, I)``, ``k = min(cimle.k, 8)``;
-* ``mvae``: ``k`` samples from the prior, ``z ~ N(0, I)`` per masked token (the
-  variational encoder is not used, as at test time); ``k`` as for cimle.
-
-Masked patches of a completion are the model's (de-normalised to pixels when
-``norm_pix_loss``, with the true patches' statistics, as MAE's visualisation
-does); visible patches are pasted from the input.
-
-``sample_diversity``: for each image, the mean over the ``k (k - 1) / 2`` pairs
-of completions of the Euclidean (L2) distance between the two completions
-restricted to the masked patches (all their pixels and channels, pixel space
-of the model's input, i.e. after the dataset's normalisation), then the mean
-over images. Identical samples give exactly 0, which is what a least-squares
-model gives: it is computed, never assumed. It is computed on
-``DIVERSITY_IMAGES`` images (the figure shows the first ``SHOWN_IMAGES`` of
-them).
-
-Figures (per checkpoint and the LS / cIMLE / Masked VAE comparison) are drawn
-by :mod:`study.figures.samples`; the ``samples`` protocol of
-``python -m study evaluate`` writes ``samples_<objective>.{png,pdf}`` into
-``--figures`` and a ``sample_diversity`` row for the pretrained model and for
-the randomly initialised model of the same seed (``encoder = "random"``: the
-whole model, encoder and decoder, at its seeded initialisation).
+Fixed-seed validation images, each with one fixed mask of the checkpoint's own kind
+and ratio, are completed by the model: least squares' single reconstruction, or
+``k = min(cimle.k, 8)`` samples with ``z ~ N(0, I)`` (cIMLE; the Masked VAE from its
+prior, as at test time). Visible patches are pasted from the input.
+``sample_diversity`` is, per image, the mean L2 distance between pairs of completions
+on the masked patches (in the model's input space), averaged over
+``DIVERSITY_IMAGES`` images; it is computed, never assumed, so least squares' 0 is a
+measurement. Figures are drawn by :mod:`study.figures.samples`.
 """
 
 from __future__ import annotations
@@ -39,8 +19,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from study.data import build_eval_datasets, dataset_items
-from study.masking import build_mask_generator
+from study.data.datasets import build_eval_datasets, dataset_items
+from study.data.masking import build_mask_generator
 
 __all__ = [
     "MAX_SAMPLES", "SHOWN_IMAGES", "DIVERSITY_IMAGES", "SEED",

@@ -14,14 +14,16 @@ from typing import Sequence
 
 import torch
 
-from study.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, require_finite
+from study.train.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, require_finite
 from study.config import Config, apply_overrides, config_from_dict, load_config
-from study.errors import UserError, one_line
-from study.models import build_model, load_pretrained_encoder
-from study.runtime import resolve_device, seed_everything
+from study.utils.errors import UserError, one_line
+from study.methods.model import build_model
+from study.models import load_pretrained_encoder
+from study.utils.device import resolve_device, seed_everything
 
 __all__ = ["EvaluationError", "NonFiniteFeatures", "ENCODERS", "resolve_checkpoint", "load_for_evaluation",
-           "require_study_format", "build_encoders", "build_models", "load_models", "eval_device"]
+           "require_study_format", "require_labels", "LABELLED_PROTOCOLS", "build_encoders", "build_models",
+           "load_models", "eval_device"]
 
 ENCODERS = ("pretrained", "random")
 
@@ -83,6 +85,18 @@ def require_study_format(fmt: str, protocols: Sequence[str]) -> None:
     if fmt != "study":
         raise EvaluationError(f"{', '.join(protocols)} need the decoder: only this project's checkpoints (with a "
                               "config) are supported, not the encoder-only facebookresearch format")
+
+
+LABELLED_PROTOCOLS = ("knn", "linear", "finetune")  # they score class predictions
+
+
+def require_labels(cfg: Config, protocols: Sequence[str]) -> None:
+    """Refuse the protocols that score class predictions on a config whose images have no labels."""
+    need = [p for p in protocols if p in LABELLED_PROTOCOLS]
+    if cfg.data.labels == "none" and need:
+        raise EvaluationError(f"{', '.join(need)} need class labels, and data.labels=none gives every image the "
+                              f"same one ({cfg.data.root}); evaluate on a labelled folder with --set "
+                              "data.root=DIR --set data.labels=folders")
 
 
 def _seeded_model(cfg: Config) -> torch.nn.Module:

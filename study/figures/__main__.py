@@ -1,28 +1,13 @@
 """Every figure of the study, redrawn from the stored results (no training): ``make figures``.
 
-    python -m study.figures [--results results] [--out runs/figures]     # make figures: --out figures
-
-* toy: ``results/toy/toy_results.csv`` (written by ``toy/regression_to_mean.py``)
-* masks: drawn from the mask generators (fixed seeds)
-* mask strength (and its paired differences), efficiency, noise block: ``results/<sweep>.csv``
-  (``make experiments``)
-* same-mean synthetic images (mean shift, mask ratio, cue-to-distractor trade-off): one
-  table, ``results/synthetic_cpu.csv`` (``make experiments-synthetic``)
-* headline (the ladder side by side, and the README's table ``headline.md``): the toy, synthetic and
-  efficiency tables
-* synthetic class axis (where each masked patch's samples lie on its class's axis): the small committed
-  checkpoints ``results/checkpoints/synthetic_hidden_*.pt``
-  (``experiments/synthetic_completion.py --checkpoints``)
-* k axis (cIMLE's k on MNIST and the synthetic images, with the latent-swap diagnostic, and its
-  table ``k_axis.md``): ``results/k_axis_{cpu,synthetic_cpu,latent_swap}.csv`` (``make k-axis``)
-* training length (LS and both cIMLE variants for 150 epochs at ratios 0.75 and 0.9, paired
-  differences at every snapshot, and its table ``training_length.md``):
-  ``results/training_length_cpu.csv`` (``make training-length``)
-* MNIST completions at ratio 0.9 (every objective, with sample diversity against the data's): the
-  committed checkpoints ``results/checkpoints/mnist_*.pt`` (``make completions``)
-
-A figure whose stored results are missing is reported and skipped (exit
-status 1 at the end), so one missing table does not hide the others.
+Each figure reads a committed table under ``--results`` (written by ``make toy``,
+``make experiments``, ``make experiments-synthetic``, ``make k-axis`` and
+``make training-length``) or a small committed checkpoint under
+``results/checkpoints`` (``make completions``,
+``experiments/synthetic_completion.py --checkpoints``); the masks figure draws from
+the mask generators. A figure whose stored results are missing is reported and
+skipped (exit status 1 at the end), so one missing table does not hide the others;
+one whose table is broken by a hand edit likewise, naming its line (exit status 2).
 """
 
 from __future__ import annotations
@@ -39,8 +24,9 @@ from study.figures.k_axis import write_k_axis
 from study.figures.masks import plot_mask_examples
 from study.figures.toy import plot_toy
 from study.figures.training_length import write_training_length
-from study.results import read_results
-from study.runtime import cpu_threads
+from study.evaluation.results import ResultsTableError, read_results
+from study.utils.device import cpu_threads
+from study.utils.errors import one_line
 
 STUDIES = {
     "mask_strength_cpu": "mask_strength",
@@ -119,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs["k_axis"] = write_k_axis
     jobs["training_length"] = write_training_length
     jobs["headline"] = write_headline
-    skipped = []
+    skipped, broken = [], []
     for name, draw in jobs.items():
         start = time.perf_counter()
         try:
@@ -128,14 +114,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped.append(name)
             print(f"{name:20s} SKIPPED: {exc}", file=sys.stderr)
             continue
+        except ResultsTableError as exc:  # a results table edited by hand: its line, not a traceback
+            broken.append(name)
+            print(f"{name:20s} FAILED: {one_line(exc)}", file=sys.stderr)
+            continue
         print(f"{name:20s} {time.perf_counter() - start:5.1f} s  " + " ".join(str(p) for p in paths))
     if skipped:
         print(f"skipped {len(skipped)} figure(s) for lack of stored results: {', '.join(skipped)} "
               "(toy: make toy; studies: make experiments; k axis: make k-axis; training length: make training-length;"
               " completions: make completions)",
               file=sys.stderr)
-        return 1
-    return 0
+    if broken:
+        print(f"error: {len(broken)} figure(s) not drawn, their results table is broken: {', '.join(broken)} "
+              "(fix the line named above)", file=sys.stderr)
+        return 2
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import seaborn as sns
 from matplotlib import font_manager
 from matplotlib.figure import Figure
 
-from study.io import atomic_write
+from study.utils.io import atomic_write
 
 # One style for every figure, set here rather than left to whichever figure a process drew first, so
 # that a figure looks the same from `make figures` and from a report.
@@ -37,9 +37,10 @@ METADATA = {
     "png": {"Software": None},
     "pdf": {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None},
 }
-OBJECTIVE_LABELS = {"ls": "least squares", "cimle": "cIMLE", "cimle-token": "cIMLE (token)", "mvae": "Masked VAE"}
-OBJECTIVE_PALETTE = {"least squares": "#d95f02", "cIMLE": "#1b9e77", "cIMLE (token)": "#66a61e",
-                     "Masked VAE": "#7570b3"}
+OBJECTIVE_LABELS = {"ls": "least squares", "ls-head": "least squares (head)", "cimle": "cIMLE",
+                    "cimle-head": "cIMLE (image, head)", "cimle-token": "cIMLE (token)", "mvae": "Masked VAE"}
+OBJECTIVE_PALETTE = {"least squares": "#d95f02", "least squares (head)": "#e6ab02", "cIMLE": "#1b9e77",
+                     "cIMLE (image, head)": "#1f78b4", "cIMLE (token)": "#66a61e", "Masked VAE": "#7570b3"}
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **subplot_kw):

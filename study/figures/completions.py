@@ -1,20 +1,12 @@
 """Completions of real masked images by every objective, and how diverse they are against the data.
 
-One figure: rows = fixed validation images and masks
-(:func:`study.evaluation.samples.fixed_batch`); columns original | masked |
-each checkpoint's completions (one for least squares, ``shown`` samples for
-cIMLE and the Masked VAE). The title gives each method's sample diversity
-(:func:`study.evaluation.samples.sample_diversity`: mean pairwise L2 of ``k``
-completions on the masked patches, over ``DIVERSITY_IMAGES`` images) beside
-the data's. Real images have no known conditional, so the data's is
-estimated the nonparametric way: the ``k`` training images whose visible
-patches lie nearest the image's own, their masked patches taken as ``k``
-draws of what could lie under the mask. At ratio 0.9 on MNIST two patches
-are visible, so those neighbours are a fair sample of the broad conditional.
-
-    python -m study.figures.completions --checkpoints results/checkpoints/mnist_ls.pt \\
-        results/checkpoints/mnist_cimle_token.pt results/checkpoints/mnist_cimle_image.pt \\
-        results/checkpoints/mnist_mvae.pt --out runs/figures
+Rows are fixed validation images and masks (:func:`study.evaluation.samples.fixed_batch`),
+columns the original, the masked input and each checkpoint's completions; the title
+sets each method's sample diversity beside the data's. Real images have no known
+conditional, so the data's is estimated the nonparametric way: the ``k`` training
+images whose visible patches lie nearest the image's own, their masked patches taken
+as draws of what could lie under the mask. At ratio 0.9 on MNIST two patches are
+visible, so those neighbours are a fair sample of the broad conditional.
 """
 
 from __future__ import annotations
@@ -26,10 +18,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from study.data import build_eval_datasets, dataset_items
+from study.data.datasets import build_eval_datasets, dataset_items
 from study.evaluation import samples as sampling
 from study.figures.samples import load_comparable, plot_comparison
-from study.runtime import cpu_threads
+from study.utils.device import cpu_threads
 
 __all__ = ["nearest_visible_completions", "redraw", "main"]
 

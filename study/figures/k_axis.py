@@ -1,18 +1,14 @@
 """The k axis: how many samples cIMLE draws, on MNIST-5k and the same-mean synthetic images.
 
-From the committed tables of ``make k-axis``:
-
-* ``results/k_axis_cpu.csv`` (MNIST, ratio 0.9, 30 epochs, 5 seeds): k-NN, mean pooling;
-* ``results/k_axis_synthetic_cpu.csv`` (default point, 3 seeds): linear probe, mean pooling;
-* ``results/k_axis_latent_swap.csv``: the latent-swap diagnostic of every run
-  (:mod:`study.evaluation.latent_swap`).
-
-Each cIMLE variant is paired (same seed) with least squares on its own
-decoder: the LS run whose noise block (``head``: the token-wise head at
-z = 0; else the plain decoder) is the variant's. :func:`k_axis_rows` gives,
-per data set, variant and k, the probe's mean and the paired difference
-cIMLE - LS with its 95% t-interval; :func:`swap_rows` the same for the swap
-gain; :func:`k_axis_figure` draws both against k.
+Reads the committed tables of ``make k-axis`` (MNIST at ratio 0.9 by k-NN, the
+synthetic images at the default point by linear probe, both mean-pooled, and the
+latent-swap diagnostic of every run: :mod:`study.evaluation.latent_swap`). Each cIMLE
+variant is paired (same seed) with least squares on its own decoder, the LS run whose
+noise block is the variant's, so a difference measures the objective and not the
+decoder. :func:`k_axis_rows` gives per data set, variant and k the probe's mean and
+the paired difference with its 95% t-interval and Holm-adjusted p-value (the family:
+every cell of the data set); :func:`k_trends` one slope per doubling of k;
+:func:`swap_rows` the paired swap gain; :func:`k_axis_figure` draws both against k.
 """
 
 from __future__ import annotations
@@ -22,33 +18,32 @@ from pathlib import Path
 import pandas as pd
 
 from study.figures.common import paired_cell, save_figure, subplots
-from study.io import atomic_write_text
-from study.results import read_results
-from study.statistics import t_interval
+from study.utils.io import atomic_write_text
+from study.evaluation.results import read_results
+from study.evaluation.statistics import equivalence, holm, paired_p_value, t_interval, trend_per_doubling
 
 __all__ = ["k_axis_rows", "swap_rows", "k_axis_figure", "k_axis_markdown", "write_k_axis", "DATASETS"]
 
 # data set -> (table, metric, scale, measure label)
+# the equivalence bound of "level", in the probe's units (docs/expectations.md)
+LEVEL_BOUND = {"k-NN %": 2.0, "linear probe": 0.02}
 DATASETS = {
     "MNIST-5k, ratio 0.9": ("k_axis_cpu.csv", "knn_top1", 100.0, "k-NN %"),
     "synthetic images": ("k_axis_synthetic_cpu.csv", "linear_top1", 1.0, "linear probe"),
 }
 SWAP_TABLE = "k_axis_latent_swap.csv"
-VARIANTS = {"token": "per token", "image": "per image"}
-COLORS = {"per token": "#1b9e77", "per image": "#66a61e", "LS": "#d95f02"}
+# (selection, where the noise enters) -> label; each is paired with LS on that decoder
+VARIANTS = {("token", "head"): "per token", ("image", "0"): "per image", ("image", "head"): "per image, head"}
+COLORS = {"per token": "#1b9e77", "per image": "#66a61e", "per image, head": "#1f78b4", "LS": "#d95f02"}
+OFFSETS = {"per token": 1 / 1.05, "per image": 1.0, "per image, head": 1.05}  # keep the variants' bars apart
 
 
-def _variant_rows(table: pd.DataFrame, select: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(cIMLE rows of ``select``, the LS rows on the same decoder)."""
+def _variant_rows(table: pd.DataFrame, select: str, block: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(cIMLE rows of ``select`` with the noise at ``block``, the LS rows on the same decoder)."""
     table = table.assign(noise_block=table.noise_block.astype(str))
-    cimle = table[(table.objective == "cimle") & (table.cimle_select == select)]
-    blocks = set(cimle.noise_block)
-    if not blocks:  # a sweep still running: the variant has no rows yet
-        return cimle, cimle
-    if len(blocks) != 1:
-        raise ValueError(f"cIMLE {select} runs on {len(blocks)} decoders ({sorted(blocks)}); expected one")
-    ls = table[(table.objective == "ls") & (table.noise_block == blocks.pop())]
-    return cimle, ls
+    cimle = table[(table.objective == "cimle") & (table.cimle_select == select) & (table.noise_block == block)]
+    ls_block = table.noise_block.where(table.noise_block == "head", "0")  # z = 0 at a block adds exactly 0
+    return cimle, table[(table.objective == "ls") & (ls_block == block)]
 
 
 def _paired_by_k(cimle: pd.DataFrame, ls: pd.DataFrame, scale: float) -> list[dict]:
@@ -59,10 +54,12 @@ def _paired_by_k(cimle: pd.DataFrame, ls: pd.DataFrame, scale: float) -> list[di
     for k, group in cimle.groupby("k"):
         own = group.groupby("seed").value.first()
         seeds = own.index.intersection(base.index)
-        diff, low, high = t_interval((own[seeds] - base[seeds]).to_numpy() * scale)
+        per_seed = (own[seeds] - base[seeds]).to_numpy() * scale
+        diff, low, high = t_interval(per_seed)
         rows.append({"k": int(k), "seeds": len(seeds), "cimle": own.mean() * scale, "cimle_sd": own.std() * scale,
                      "ls": base[seeds].mean() * scale, "ls_sd": base[seeds].std() * scale, "diff": diff,
-                     "low": low, "high": high})
+                     "low": low, "high": high, "p": paired_p_value(per_seed),
+                     "per_seed": dict(zip(seeds, per_seed))})
     return rows
 
 
@@ -74,10 +71,24 @@ def k_axis_rows(results: str | Path) -> pd.DataFrame:
         table = table[(table.metric == metric) & (table.pool == "mean")]
         random = table[table.encoder == "random"].groupby("seed").value.first().mean() * scale
         pretrained = table[table.encoder == "pretrained"]
-        for select, label in VARIANTS.items():
-            cimle, ls = _variant_rows(pretrained, select)
-            out += [{"data": name, "measure": measure, "variant": label, "random": random, **r}
-                    for r in _paired_by_k(cimle, ls, scale)]
+        rows = [{"data": name, "measure": measure, "variant": label, "random": random, **r}
+                for (select, block), label in VARIANTS.items()
+                for r in _paired_by_k(*_variant_rows(pretrained, select, block), scale)]
+        for r, p in zip(rows, holm([r["p"] for r in rows])):
+            r["p_holm"] = p
+        out += rows
+    return pd.DataFrame(out)
+
+
+def k_trends(probe: pd.DataFrame) -> pd.DataFrame:
+    """Per data set and variant with three k or more: the slope of cIMLE - LS per doubling of k (one
+    least-squares slope per seed, their 95% t-interval): the family's one test of a trend over k."""
+    out = []
+    for (data, variant), group in probe.groupby(["data", "variant"], sort=False):
+        if group.k.nunique() < 3:
+            continue
+        by_seed = pd.DataFrame(list(group.per_seed), index=group.k).T.dropna()
+        out.append({"data": data, "variant": variant, "ks": len(group), **trend_per_doubling(group.k, by_seed)})
     return pd.DataFrame(out)
 
 
@@ -88,25 +99,38 @@ def swap_rows(results: str | Path) -> pd.DataFrame:
     names = {"mnist": "MNIST-5k, ratio 0.9", "synthetic": "synthetic images"}
     out = []
     for dataset, group in table.groupby("dataset"):
-        for select, label in VARIANTS.items():
-            cimle, ls = _variant_rows(group, select)
+        for (select, block), label in VARIANTS.items():
             out += [{"data": names.get(dataset, dataset), "variant": label, **r}
-                    for r in _paired_by_k(cimle, ls, 100.0)]
+                    for r in _paired_by_k(*_variant_rows(group, select, block), 100.0)]
     return pd.DataFrame(out)
 
 
 def k_axis_markdown(probe: pd.DataFrame, swap: pd.DataFrame) -> str:
-    """One row per (data set, variant, k): probe, paired difference, swap gains."""
+    """One row per (data set, variant, k): probe, paired difference (bold: Holm-adjusted p < 0.05 in the
+    data set's family), swap gains; then the slope per doubling of k of each variant."""
     swap = swap.set_index(["data", "variant", "k"])
-    lines = ["| data (seeds) | cIMLE | k | probe: cIMLE | LS | cIMLE - LS, paired 95% | swap gain %: cIMLE | LS |"
-             " cIMLE - LS, paired 95% |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data (seeds) | cIMLE | k | probe: cIMLE | LS | cIMLE - LS, paired 95% | Holm p | swap gain %: cIMLE "
+             "| LS | cIMLE - LS, paired 95% |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in probe.itertuples():
         digits = 1 if r.measure.endswith("%") else 3
         s = swap.loc[(r.data, r.variant, r.k)] if (r.data, r.variant, r.k) in swap.index else None
         sw = ("| - | - | - |" if s is None else
               f"| {s.cimle:.1f} | {s.ls:.1f} | {paired_cell(s['diff'], s.low, s.high, 1, bold=False)} |")
+        cell = paired_cell(r.diff, r.low, r.high, digits, bold=bool(r.p_holm < 0.05))
         lines.append(f"| {r.data} ({r.seeds}) | {r.variant} | {r.k} | {r.cimle:.{digits}f} ± {r.cimle_sd:.{digits}f} "
-                     f"| {r.ls:.{digits}f} | {paired_cell(r.diff, r.low, r.high, digits)} {sw}")
+                     f"| {r.ls:.{digits}f} | {cell} | {r.p_holm:.3f} {sw}")
+    lines += ["", "| data | cIMLE | k values | slope of cIMLE - LS per doubling of k, 95% |", "|---|---|---|---|"]
+    for t in k_trends(probe).itertuples():
+        lines.append(f"| {t.data} | {t.variant} | {t.ks} | {paired_cell(t.slope, t.low, t.high, 2)} |")
+    lines += ["", "At k = 1 there is no selection: a fair noise placement is level with its LS. Two one-sided tests:",
+              "", "| data | cIMLE at k = 1 | cIMLE - LS, 90% | bound | level? |", "|---|---|---|---|---|"]
+    for r in probe[probe.k == 1].itertuples():
+        digits = 1 if r.measure.endswith("%") else 3
+        eq = equivalence(list(r.per_seed.values()), LEVEL_BOUND[r.measure])
+        verdict = "level" if eq["equivalent"] else ("not level" if eq["low"] > eq["bound"] or eq["high"] < -eq["bound"]
+                                                    else "not resolved")
+        lines.append(f"| {r.data} | {r.variant} | {paired_cell(eq['mean'], eq['low'], eq['high'], digits, bold=False)} "
+                     f"| ±{eq['bound']:g} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,9 +147,10 @@ def k_axis_figure(probe: pd.DataFrame, swap: pd.DataFrame, out_dir: str | Path, 
                 continue
             for variant, group in part.groupby("variant", sort=False):
                 group = group.sort_values("k")
-                offset = 1.04 if variant == "per image" else 1 / 1.04  # keep the two variants' bars apart
-                ax.errorbar(group.k * offset, group.cimle, yerr=group.cimle_sd, marker="o", capsize=3,
+                ax.errorbar(group.k * OFFSETS[variant], group.cimle, yerr=group.cimle_sd, marker="o", capsize=3,
                             color=COLORS[variant], label=f"cIMLE {variant}")
+                if variant == "per image, head":
+                    continue  # its LS is the per-token variant's: the head at z = 0
                 ls = group.ls.iloc[0]
                 style = "-" if variant == "per token" else ":"
                 ax.axhline(ls, color=COLORS["LS"], linestyle=style, linewidth=1.2,

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from study.figures.common import save_figure
-from study.masking import MaskGenerator, clustering_score
+from study.data.masking import MaskGenerator, clustering_score
 
 __all__ = ["ROWS", "plot_mask_examples", "main"]
 
@@ -40,7 +40,7 @@ def plot_mask_examples(
     """Draw one example mask per (kind/filter, ratio); save ``masks.png`` and ``masks.pdf`` in ``out_dir``.
 
     Each panel's title gives the clustering score (1 = random, > 1 clustered,
-    < 1 dispersed; :func:`study.masking.clustering_score`) averaged over
+    < 1 dispersed; :func:`study.data.masking.clustering_score`) averaged over
     ``SCORE_BATCH`` masks drawn with the same seed. Masked patches are dark.
     Returns the two paths.
     """

@@ -29,11 +29,11 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from study.data import IMAGENET_MEAN, IMAGENET_STD
+from study.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from study.evaluation import samples as sampling
 from study.evaluation.setup import load_models
 from study.figures.common import OBJECTIVE_LABELS, save_figure
-from study.runtime import cpu_threads
+from study.utils.device import cpu_threads
 
 __all__ = ["plot_samples", "draw_samples", "plot_comparison", "completion_mismatches", "load_comparable", "redraw", "main"]
 

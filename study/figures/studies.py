@@ -6,7 +6,7 @@
 * efficiency: the same metrics against pretraining epochs and wall-clock seconds;
 * noise block: cIMLE with noise at the decoder input vs at its last block;
 * paired differences: objective - LS with the same seed, mean and 95% t-interval
-  (``study.statistics``), the comparison that can tell objectives apart.
+  (``study.evaluation.statistics``), the comparison that can tell objectives apart.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pandas as pd
 import seaborn as sns
 
 from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure, subplots
-from study.statistics import objective_variants, paired_differences
+from study.evaluation.statistics import objective_variants, paired_differences
 
 __all__ = ["mask_strength_figure", "mask_strength_table", "efficiency_figure", "efficiency_table",
            "noise_block_figure", "noise_block_table", "paired_difference_figure", "paired_difference_table"]
@@ -171,21 +171,27 @@ def noise_block_figure(table: pd.DataFrame, out_dir: str | Path, name: str = "no
     baseline = rows[rows.encoder == "random"].copy()
     if "pool" not in pretrained.columns:
         pretrained["pool"] = baseline["pool"] = "cls"
+    cimle = pretrained[~pretrained.objective.str.startswith("least squares")].assign(arm="cIMLE")
+    order = sorted(cimle["where"].unique())
+    # least squares on each placement's model: the plain decoder (z = 0 at a block adds exactly 0), or the head
+    ls = pretrained[pretrained.objective.str.startswith("least squares")]
+    twins = [ls[(ls.noise_block.astype(str) == "head") == (w == "token-wise head")].assign(where=w) for w in order]
+    data_all = pd.concat([cimle] + [t.assign(arm="least squares, same model") for t in twins])
+    palette = {"cIMLE": OBJECTIVE_PALETTE["cIMLE"], "least squares, same model": OBJECTIVE_PALETTE["least squares"]}
     panels = [(m, p) for p in sorted(pretrained["pool"].unique()) for m in METRICS.values()]
-    fig, axes = subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    order = sorted(pretrained["where"].unique())
+    fig, axes = subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (metric, pool) in zip(axes[0], panels):
-        data = pretrained[(pretrained.metric == metric) & (pretrained["pool"] == pool)]
-        sns.pointplot(data=data, x="where", y="value", order=order, errorbar=("ci", 95), n_boot=1000, seed=0,
-                      color=OBJECTIVE_PALETTE["cIMLE"], linestyle="none", capsize=0.1, ax=ax)
-        sns.stripplot(data=data, x="where", y="value", order=order, color="0.3", size=4, jitter=False, ax=ax)
+        data = data_all[(data_all.metric == metric) & (data_all["pool"] == pool)]
+        sns.pointplot(data=data, x="where", y="value", hue="arm", order=order, errorbar=("ci", 95), n_boot=1000,
+                      seed=0, palette=palette, linestyle="none", capsize=0.1, dodge=0.4, ax=ax)
+        sns.stripplot(data=data, x="where", y="value", hue="arm", order=order, palette=["0.3", "0.3"], size=4,
+                      jitter=False, dodge=True, legend=False, ax=ax)
         base = baseline[(baseline.metric == metric) & (baseline["pool"] == pool)]
         if len(base):
             ax.axhline(base.value.mean(), color="0.5", ls="--", lw=1, label="random init")
             ax.legend(frameon=False, fontsize=8)
         ratio = ", ".join(f"{r:g}" for r in sorted(data.mask_ratio.unique()))
-        ax.set(title=f"{metric}, {pool} (cIMLE, ratio {ratio})", xlabel="noise enters decoder at",
-               ylabel="accuracy")
+        ax.set(title=f"{metric}, {pool} (ratio {ratio})", xlabel="noise enters decoder at", ylabel="accuracy")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     paths = save_figure(fig, out_dir, name)

@@ -1,20 +1,12 @@
 """Where the completions of the same-mean synthetic images lie on their class axis.
 
-A masked patch of a class-c image is ``cue * b * u_c + D g + noise`` (b = +-1,
-:mod:`study.synthetic_images`), so its projection on the class axis u_c is
-``+-cue`` plus noise, and on every other class's axis (orthogonal to u_c and to
-the distractor) noise alone. A least-squares model predicts the conditional
-mean, 0 on u_c; a sampler that knows the class puts its samples near
-``+-cue`` on u_c and near 0 elsewhere. The figure shows exactly that, one
-panel per source: the true conditional's draws, then each checkpoint's
-completions of the same fixed validation images and masks
-(:func:`study.evaluation.samples.fixed_batch`), k per image; the own-class
-axis filled, the other classes' axes outlined. Pixel grids of these images
-are noise to the eye; these two numbers per patch are what tell the models
-apart.
-
-    python -m study.figures.synthetic_axes --checkpoints results/checkpoints/synthetic_hidden_ls.pt \\
-        results/checkpoints/synthetic_hidden_cimle_token.pt --out runs/figures
+A masked patch of a class-c image projects onto its class axis u_c at ``+-cue`` plus
+noise and onto every other class's axis at noise alone
+(:mod:`study.data.synthetic_images`). Least squares predicts the conditional mean, 0
+on u_c; a sampler that knows the class puts its samples near ``+-cue``. One panel per
+source, the true conditional's draws first, then each checkpoint's completions of the
+same fixed images and masks; the pixel grids of these images are noise to the eye,
+and these two numbers per patch are what tell the models apart.
 """
 
 from __future__ import annotations
@@ -29,12 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from study.data import build_eval_datasets
+from study.data.datasets import build_eval_datasets
 from study.evaluation import samples as sampling
 from study.evaluation.context_completion import synthetic_generator, true_completions
 from study.figures.common import OBJECTIVE_LABELS, save_figure, subplots
 from study.figures.samples import load_comparable
-from study.runtime import cpu_threads
+from study.utils.device import cpu_threads
 
 __all__ = ["axis_projections", "class_axis_figure", "redraw", "main"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import seaborn as sns
 
-from study.objectives import nearest_of_k_amplitude
+from study.losses import nearest_of_k_amplitude
 from study.figures.common import OBJECTIVE_LABELS, OBJECTIVE_PALETTE, save_figure, subplots
 
 __all__ = ["plot_toy", "FIGURE_NAME"]

@@ -1,42 +1,8 @@
-"""Pretraining objectives, one module each, behind a registry (the model and the loop call only the
-interface in :mod:`study.methods.base`).
-
-This module stays free of torch: the config validates ``objective`` against :func:`names` without
-loading a model. The built-in objectives are imported when first asked for; another one is added by
-decorating its class with :func:`register` (see ``tests/test_methods.py``).
+"""Pretraining objectives, one module each, behind a registry; the pretraining model
+(:mod:`study.methods.model`) and the loop call only the interface in :mod:`study.methods.base`.
+Another objective is added by decorating its class with :func:`register` (``tests/test_methods.py``).
 """
 
-from __future__ import annotations
-
-import importlib
+from study.utils.registry import names, objective_class, register
 
 __all__ = ["register", "objective_class", "names"]
-
-BUILT_IN = {"ls": "study.methods.ls", "cimle": "study.methods.cimle", "mvae": "study.methods.mvae"}
-_REGISTERED: dict[str, type] = {}
-
-
-def register(name: str):
-    """Class decorator: make ``cfg.objective = name`` build this objective."""
-
-    def add(cls: type) -> type:
-        if name in _REGISTERED and _REGISTERED[name] is not cls:
-            raise ValueError(f"objective {name!r} is registered already (by {_REGISTERED[name].__module__})")
-        cls.name = name
-        _REGISTERED[name] = cls
-        return cls
-
-    return add
-
-
-def objective_class(name: str) -> type:
-    """The class registered for ``name`` (a :class:`study.methods.base.Objective`)."""
-    if name not in _REGISTERED and name in BUILT_IN:
-        importlib.import_module(BUILT_IN[name])
-    if name not in _REGISTERED:
-        raise ValueError(f"objective must be one of {names()}, got {name!r}")
-    return _REGISTERED[name]
-
-
-def names() -> list[str]:
-    return sorted(set(BUILT_IN) | set(_REGISTERED))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from study.config import Config, NoiseConfig
-from study.masking import MaskIndices
+from study.data.masking import MaskIndices
 
 __all__ = ["Objective", "Context", "PretrainOutput", "randn_like_on"]
 
@@ -23,7 +23,7 @@ __all__ = ["Objective", "Context", "PretrainOutput", "randn_like_on"]
 @dataclass
 class PretrainOutput:
     """``loss``: scalar with gradient; ``stats``: detached scalars for logging; ``selection``: what an
-    objective that chooses among samples chose (cIMLE's :class:`study.objectives.CIMLEResult`)."""
+    objective that chooses among samples chose (cIMLE's :class:`study.losses.CIMLEResult`)."""
 
     loss: Tensor
     stats: dict[str, Tensor]

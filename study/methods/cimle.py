@@ -3,7 +3,7 @@
 The encoder and the decoder's blocks before the noise run once (the model's :class:`Context`);
 ``decoder.masked_sampler`` does what else does not depend on the noise once (with the noise in the
 head: the norm and the head's first layer on the decoder features) and returns the per-sample rest,
-which predicts the masked patches only, the only ones the loss reads. :func:`study.objectives.cimle`
+which predicts the masked patches only, the only ones the loss reads. :func:`study.losses.cimle`
 runs it k times without gradient and once more with gradient for the chosen noise. ``cimle.select``:
 
 * ``"image"``: the nearest of k samples per image (noise ``[B, dim]`` or ``[B, N_mask, dim]``).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from study.methods import register
 from study.methods.base import Context, Objective, PretrainOutput
-from study.objectives import cimle
+from study.losses import cimle
 
 
 def _selection_stats(res) -> PretrainOutput:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from study.methods import register
 from study.methods.base import Context, Objective, PretrainOutput
-from study.objectives import least_squares
+from study.losses import least_squares
 
 
 @register("ls")

@@ -15,7 +15,7 @@ from torch import nn
 from study.methods import register
 from study.methods.base import Context, Objective, PretrainOutput, randn_like_on
 from study.models.mvae import VariationalEncoder
-from study.objectives import gaussian_kl, least_squares
+from study.losses import gaussian_kl, least_squares
 
 PREFIX = "variational_encoder"
 

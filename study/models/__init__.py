@@ -1,8 +1,9 @@
-"""Models: ViT encoder, noisy MAE decoder, Masked VAE head, and the pretraining model."""
+"""Networks: the ViT encoder, the MAE decoder with its noise modules, the Masked VAE's variational encoder.
+
+The pretraining model (encoder, decoder prefix, objective) is :mod:`study.methods.model`."""
 
 from study.models.decoder import MAEDecoder
 from study.models.encoder import ViTEncoder, load_pretrained_encoder
-from study.models.mae import MaskedAutoencoder, MaskIndices, PretrainOutput, build_model, mask_indices
 from study.models.mvae import VariationalEncoder
 from study.models.pos_embed import sincos_2d
 
@@ -11,10 +12,5 @@ __all__ = [
     "load_pretrained_encoder",
     "MAEDecoder",
     "VariationalEncoder",
-    "MaskedAutoencoder",
-    "MaskIndices",
-    "PretrainOutput",
-    "build_model",
-    "mask_indices",
     "sincos_2d",
 ]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from study.compat import check_timm_attention, timm_attention
+from study.utils.compat import check_timm_attention, timm_attention
 
 __all__ = ["Attention", "explicit_attention_wanted"]
 

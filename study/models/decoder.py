@@ -1,25 +1,14 @@
 """MAE decoder with a noise input, split at the block where the noise enters.
 
-Names follow the published MAE: ``decoder_embed``, ``mask_token``,
-``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``.
-The decoder is two calls so that cIMLE's k samples share everything before the
-noise:
-
-* ``prefix(latent, ids_restore) -> hidden [B, 1+N, Dd]``: embed the encoder's
-  tokens, put the mask token at every masked position, add position
-  embeddings, run blocks ``0 .. j-1``. Runs once per step.
-* ``suffix(hidden, z, mask) -> pred [B, N, p*p*C]``: inject ``z``, run blocks
-  ``j ..``, norm, predict. Runs once per sample batch; ``torch.func.vmap`` over
-  ``z`` works.
-
-Where and how ``z`` enters is one module chosen at construction
-(``NoiseConfig``): :class:`AddNoise` (``decoder_noise_proj``) or
-:class:`AdaLNNoise` (``decoder_noise_mod``) at block ``j = noise.block``
-(``j == depth``: right before ``decoder_norm``), or :class:`TokenHead`
-(``decoder_head``, ``noise.block = "head"``), which replaces the linear
-``decoder_pred``. Noise of ``scope="image"`` is ``z [B, dim]``; of
-``scope="token"``, ``z [B, N_mask, dim]``, row i for the i-th masked patch in
-ascending patch order; it reaches masked positions only.
+Names follow the published MAE (``decoder_embed``, ``mask_token``, ``decoder_blocks``,
+...). The decoder is two calls so that cIMLE's k samples share everything before the
+noise: ``prefix(latent, ids_restore)`` embeds the tokens and runs blocks ``0 .. j-1``
+once per step; ``suffix(hidden, z, mask)`` injects ``z`` and runs the rest once per
+sample batch (``torch.func.vmap`` over ``z`` works). Where and how ``z`` enters is one
+module chosen from :class:`NoiseConfig`: :class:`AddNoise` or :class:`AdaLNNoise` at
+block ``noise.block``, or :class:`TokenHead` in place of ``decoder_pred``. Image-scope
+noise is ``z [B, dim]``, token-scope ``z [B, N_mask, dim]`` in ascending patch order;
+it reaches masked positions only.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ class ViTEncoder(nn.Module):
 
 # --------------------------------------------------------------------------- loading
 
-_DROP_PREFIXES = ("decoder", "mask_token", "head.", "variational_encoder.")
+_DROP_PREFIXES = ("decoder", "mask_token", "head.")
 
 
 def _read_state_dict(src: str | Path | Mapping[str, Any], weights_only: bool) -> dict[str, Tensor]:
@@ -174,8 +174,8 @@ def load_pretrained_encoder(
 
     ``src``: a path to a ``.pth`` or a mapping, either ``{"model": state_dict}``
     or a bare state dict (keys may carry ``module.`` or, for our
-    ``MaskedAutoencoder``, ``encoder.`` prefixes). Decoder keys (``decoder*``),
-    ``mask_token``, ``head.*`` and ``variational_encoder.*`` are dropped; every
+    ``MaskedAutoencoder``, ``encoder.`` prefixes: then only those keys are read, whatever modules an
+    objective added). Decoder keys (``decoder*``), ``mask_token`` and ``head.*`` are dropped; every
     other key must match the encoder exactly (names and shapes), else a
     ``ValueError`` lists what is missing, unexpected or mis-shaped.
     Returns the dropped keys.

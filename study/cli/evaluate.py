@@ -1,0 +1,100 @@
+"""The ``evaluate`` command line: arguments, the samples figure, one-line errors.
+
+The evaluation itself is :func:`study.evaluation.run.evaluate`; this module
+adds what only the command needs: parsing, the presets chosen by
+``--linear-epochs`` / ``--finetune-epochs``, and drawing the ``samples``
+protocol's figure into ``--figures`` (evaluation hands over the data and never
+imports the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from study.utils.args import positive_float, positive_int
+from study.utils.errors import run_command
+from study.evaluation.features import POOLS
+from study.evaluation.finetune import finetune_settings
+from study.evaluation.linear_probe import linear_probe_settings
+from study.evaluation.run import DEFAULT_RESULTS, PROTOCOLS, evaluate, parse_protocols
+from study.evaluation.setup import EvaluationError, eval_device, load_for_evaluation
+from study.figures.samples import draw_samples
+from study.utils.io import writable_folder
+
+__all__ = ["DEFAULT_FIGURES", "add_arguments", "run_from_args"]
+
+DEFAULT_FIGURES = "runs/figures"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m study evaluate`` (including --config / --set)."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder (its checkpoint.pt), this project's checkpoint.pt / snapshots/epoch_*.pt, "
+                             "or a facebookresearch MAE .pth")
+    parser.add_argument("--protocols", default="knn,linear",
+                        help=f"comma-separated, from {','.join(PROTOCOLS)} (default: knn,linear)")
+    parser.add_argument("--results", default=DEFAULT_RESULTS,
+                        help=f"results table to append to (default {DEFAULT_RESULTS})")
+    parser.add_argument("--config", default=None,
+                        help="YAML config; only for checkpoints without one (facebookresearch format)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.root=/data/in100 (repeatable)")
+    parser.add_argument("--pool", choices=POOLS, default="mean",
+                        help="frozen features for k-NN / linear: mean of patch tokens (default, as the reported "
+                             "headline numbers) or the cls token")
+    parser.add_argument("--knn-k", type=positive_int, default=20,
+                        help="neighbours that vote in the k-NN protocol, at most the training images (default 20)")
+    parser.add_argument("--knn-temperature", type=positive_float, default=0.07,
+                        help="each neighbour votes exp(cosine similarity / T) (default 0.07, as DINO)")
+    parser.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="linear-probe and finetune settings (auto: gpu on CUDA, else cpu)")
+    parser.add_argument("--finetune-epochs", type=positive_int, default=None,
+                        help="override the preset's finetune epochs")
+    parser.add_argument("--linear-epochs", type=positive_int, default=None,
+                        help="override the preset's linear-probe epochs")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="default: the config's device")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="feature-extraction batch size")
+    parser.add_argument("--feature-cache", default=None,
+                        help="folder to keep extracted features in, reused while the checkpoint, the images and "
+                             "the settings they were computed with are unchanged")
+    parser.add_argument("--no-random-baseline", action="store_true",
+                        help="skip the random-init baseline rows (they are on by default)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--figures", default=DEFAULT_FIGURES,
+                        help=f"folder for the samples protocol's figure (default {DEFAULT_FIGURES})")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """The ``evaluate`` command: 0, or 2 with one line ``error: ...`` on stderr for a user error."""
+    return run_command(lambda: _run(args), debug=getattr(args, "debug", False))
+
+
+def _run(args: argparse.Namespace) -> int:
+    protocols = parse_protocols(args.protocols)
+    figures = Path(args.figures)
+    if "samples" in protocols:
+        try:
+            writable_folder(figures)  # now, not after the protocols have run
+        except OSError as exc:
+            raise EvaluationError(f"cannot write the samples figure to --figures {figures}: "
+                                  f"{exc.strerror or exc}") from None
+    preset = args.preset
+    linear = finetune = None
+    if args.linear_epochs is not None or args.finetune_epochs is not None:
+        if preset == "auto":
+            cfg, _, _ = load_for_evaluation(args.checkpoint, args.config, args.overrides)
+            preset = "gpu" if eval_device(args.device, cfg).type == "cuda" else "cpu"
+        if args.linear_epochs is not None:
+            linear = linear_probe_settings(preset, epochs=args.linear_epochs)
+        if args.finetune_epochs is not None:
+            finetune = finetune_settings(preset, epochs=args.finetune_epochs)
+    evaluate(args.checkpoint, protocols, args.results, config=args.config, overrides=args.overrides,
+             feature_cache=args.feature_cache, threads=args.threads,
+             on_samples=lambda drawing: draw_samples(drawing, figures),
+             pool=args.pool, knn_k=args.knn_k, knn_temperature=args.knn_temperature, preset=preset,
+             linear=linear, finetune=finetune, random_baseline=not args.no_random_baseline,
+             device=args.device, batch_size=args.batch_size, progress=not args.quiet, verbose=not args.quiet)
+    return 0

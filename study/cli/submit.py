@@ -1,0 +1,75 @@
+"""SLURM submission through submitit: one task per GPU, DDP set up from SLURM's variables.
+
+``--out`` becomes a run folder at submission (its ``config.yaml`` is written
+then), so that the job, which finds submitit's logs and pickles in
+``out/slurm/`` when it starts, still takes the folder for its run. On
+preemption or timeout submitit requeues the job, which resumes from the run's
+last checkpoint (``pretrain(..., resume=True)``). Without ``sbatch`` there
+is nothing to submit to: :func:`submit` refuses rather than let submitit fall
+back to its local executor, which would start one detached training process
+per requested GPU on this machine.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from study.train.checkpoint import CHECKPOINT
+from study.config import Config, save_config
+from study.utils.errors import UserError
+from study.train.run_folder import check_run_folder
+from study.train.loop import pretrain
+
+__all__ = ["submit", "slurm_available", "PretrainJob"]
+
+
+class PretrainJob:
+    def __init__(self, cfg: Config, out: str | Path):
+        self.cfg = cfg
+        self.out = str(out)
+
+    def __call__(self) -> dict:
+        import submitit  # optional (the slurm extra): imported where a job needs it
+
+        # exports RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun would
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return pretrain(self.cfg, self.out, resume=True, progress=False)
+
+    def checkpoint(self):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.cfg, self.out))
+
+
+def slurm_available() -> bool:
+    """SLURM's client commands are on PATH (submitit needs sbatch to submit and srun in the job)."""
+    return all(shutil.which(cmd) is not None for cmd in ("sbatch", "srun"))
+
+
+def _claim_run_folder(cfg: Config, out: Path) -> None:
+    """Make ``out`` a run before submitit writes into it, as the run's first start would.
+
+    A run that has a checkpoint keeps its files: the job itself checks the config against the checkpoint.
+    """
+    if not (out / CHECKPOINT).exists():
+        save_config(cfg, out / "config.yaml")
+
+
+def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int = 8, partition: str | None = None,
+           timeout_min: int = 72 * 60, slurm_folder: str | Path | None = None):
+    """Submit the run to SLURM; returns ``(job, log folder)``. The logs go to ``out/slurm/%j`` by default."""
+    import submitit
+
+    if not slurm_available():
+        raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; run 'python -m study "
+                        "pretrain' or 'torchrun -m study pretrain' instead")
+    _claim_run_folder(cfg, check_run_folder(out))
+    folder = Path(slurm_folder) if slurm_folder is not None else Path(out) / "slurm" / "%j"
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    params = dict(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=gpus_per_node,
+                  cpus_per_task=10, timeout_min=timeout_min, name=f"cimle-mae-{cfg.objective}")
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    return executor.submit(PretrainJob(cfg, out)), folder
