@@ -62,7 +62,9 @@ def test_evaluate_defaults_stay_out_of_results_and_figures(tmp_path, monkeypatch
     ckpt = _weights_only(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--protocols", "samples", "--quiet"]) == 0
-    assert (tmp_path / "runs" / "figures" / "samples_ls.png").is_file()
+    # named by the run folder too (another run of the same objective does not overwrite it), path printed
+    figure = tmp_path / "runs" / "figures" / f"samples_{tmp_path.name}_ls.png"
+    assert figure.is_file() and f"samples figure: runs/figures/{figure.name}" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "runs" / "results.csv")) > 0
     assert not (tmp_path / "figures").exists() and not (tmp_path / "results").exists()
 

@@ -60,7 +60,7 @@ def test_second_run_and_resume_of_a_live_run_are_refused_and_sigterm_frees_the_f
     finally:
         code, err = _stop(first, signal.SIGTERM)
     assert code == 143, err  # SIGTERM ran the run's clean-up instead of killing it on the spot
-    assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM", err
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM; "), err
     assert not (out / LOCK_NAME).exists()
     with RunLock(out):  # free for the next run
         pass

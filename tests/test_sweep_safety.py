@@ -97,6 +97,7 @@ def _wait_for_kernels(tmp_path: Path, count: int, proc: subprocess.Popen) -> Non
 def test_a_signal_mid_point_keeps_every_committed_row_and_the_rerun_resumes(tmp_path, sig, parallel, status):
     path = _sweep(tmp_path)
     before = _committed_rows(tmp_path, path)
+    semaphores = set(Path("/dev/shm").glob("sem.*"))
     proc = _start(tmp_path, "--parallel", parallel, hold=True)
     _wait_for_kernels(tmp_path, int(parallel), proc)
     proc.send_signal(sig)
@@ -108,6 +109,7 @@ def test_a_signal_mid_point_keeps_every_committed_row_and_the_rerun_resumes(tmp_
     time.sleep(0.5)
     assert not [pid for pid in _kernels(tmp_path) if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "a point's kernel outlived the sweep"
+    assert set(Path("/dev/shm").glob("sem.*")) <= semaphores, "the pool left a semaphore behind"
 
     rerun = _start(tmp_path, "--parallel", parallel, hold=False)
     out, err = rerun.communicate(timeout=300)
@@ -204,3 +206,32 @@ def test_a_points_fingerprint_covers_only_what_differs_from_the_defaults():
     assert _fingerprint(load_config(None, ["epochs=30", "mask.ratio=0.9"])) == _digest(
         {"epochs": 30, "mask": {"ratio": 0.9}})
     assert _fingerprint(load_config(None, [])) == _digest({})
+
+
+def test_a_kernel_that_dies_before_it_starts_is_started_again(tmp_path, monkeypatch):
+    """Parallel points can pick the same free port for their kernels; the loser dies before any cell runs."""
+    import papermill
+
+    from study.studies import notebook
+
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+
+    monkeypatch.setattr(papermill, "execute_notebook", flaky)
+    (tmp_path / "nb.py").write_text(RUN_NOTEBOOK)
+    notebook.execute_notebook(tmp_path / "nb.py", tmp_path / "out.ipynb", {}, cwd=tmp_path)
+    assert len(calls) == 2
+    calls.clear()
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("a cell failed")
+
+    monkeypatch.setattr(papermill, "execute_notebook", broken)
+    with pytest.raises(RuntimeError, match="a cell failed"):
+        notebook.execute_notebook(tmp_path / "nb.py", tmp_path / "out.ipynb", {}, cwd=tmp_path)
+    assert len(calls) == 1  # a failure of the notebook itself is not retried

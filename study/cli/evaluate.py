@@ -10,6 +10,7 @@ imports the figures).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from study.utils.args import positive_float, positive_int
@@ -93,8 +94,17 @@ def _run(args: argparse.Namespace) -> int:
             finetune = finetune_settings(preset, epochs=args.finetune_epochs)
     evaluate(args.checkpoint, protocols, args.results, config=args.config, overrides=args.overrides,
              feature_cache=args.feature_cache, threads=args.threads,
-             on_samples=lambda drawing: draw_samples(drawing, figures),
+             on_samples=lambda drawing: _draw_samples(drawing, args.checkpoint, figures),
              pool=args.pool, knn_k=args.knn_k, knn_temperature=args.knn_temperature, preset=preset,
              linear=linear, finetune=finetune, random_baseline=not args.no_random_baseline,
              device=args.device, batch_size=args.batch_size, progress=not args.quiet, verbose=not args.quiet)
     return 0
+
+
+def _draw_samples(drawing, checkpoint: str, figures: Path) -> None:
+    """The samples figure, named by the checkpoint's run folder as well as its objective (two runs of one
+    objective do not overwrite each other's), and its path printed."""
+    source = Path(checkpoint).resolve()
+    run = (source if source.is_dir() else source.parent).name
+    drawing = dataclasses.replace(drawing, name=f"samples_{run}_{drawing.name.removeprefix('samples_')}")
+    print("samples figure: " + ", ".join(str(p) for p in draw_samples(drawing, figures)))

@@ -7,7 +7,9 @@ from pathlib import Path
 import jupytext
 import papermill
 
-__all__ = ["execute_notebook"]
+__all__ = ["execute_notebook", "KERNEL_START_TRIES"]
+
+KERNEL_START_TRIES = 3
 
 
 def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path) -> None:
@@ -26,9 +28,17 @@ def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path) ->
         # local TCP transport (ipykernel 7), and "ERROR | KeyboardInterrupt caught in kernel" whenever
         # jupyter_client's SIGINT at shutdown lands inside a message handler. A failing cell still reaches
         # the sweep's console through papermill's execution error, which does not go through this log.
-        papermill.execute_notebook(str(staged), str(output), parameters=parameters, kernel_name="python3",
-                                   cwd=str(cwd), progress_bar=False,
-                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+        for attempt in range(KERNEL_START_TRIES):
+            try:
+                papermill.execute_notebook(str(staged), str(output), parameters=parameters, kernel_name="python3",
+                                           cwd=str(cwd), progress_bar=False,
+                                           extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+                break
+            except RuntimeError as exc:
+                # a kernel that dies before it answers (two kernels picked the same free port) ran no cell:
+                # starting another is safe; any other failure is the notebook's
+                if "before replying to kernel_info" not in str(exc) or attempt == KERNEL_START_TRIES - 1:
+                    raise
     finally:
         if staged != source:
             staged.unlink(missing_ok=True)

@@ -139,20 +139,19 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
         removed = at_start.undo(keep_log=not is_write_failure(exc))
         if is_write_failure(exc):
             raise failed_write(exc, out, done.saved_epochs, removed) from exc
-        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
-            raise _stopped(exc, out, done) from None
+        if isinstance(exc, Interrupted):
+            raise Interrupted(f"stopped by {exc.signal_name}; {_resume_hint(out, done)}", exc.signal_name) from None
+        if isinstance(exc, KeyboardInterrupt):
+            exc.add_note(_resume_hint(out, done))  # Ctrl-C stays a KeyboardInterrupt; the command line prints the note
         raise
 
 
-def _stopped(exc: BaseException, out: Path, done: Progress) -> Interrupted:
-    """What a stopped run kept and how to go on, in one line."""
-    name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+def _resume_hint(out: Path, done: Progress) -> str:
+    """What a stopped run kept and how to go on."""
     if done.saved_epochs:
-        kept = (f"{out} keeps its checkpoint after {done.saved_epochs} epoch(s); run the same command with "
+        return (f"{out} keeps its checkpoint after {done.saved_epochs} epoch(s); run the same command with "
                 "--resume to continue from it")
-    else:
-        kept = "no epoch was saved; run the same command again to start"
-    return Interrupted(f"stopped by {name}; {kept}", name)
+    return "no epoch was saved; run the same command again to start"
 
 
 def _pretrain(cfg: Config, out: Path, resume: bool, progress: bool, done: Progress) -> dict:

@@ -102,10 +102,11 @@ def run_command(func: Callable[[], int], *, debug: bool = False) -> int:
     """Call ``func`` and turn a user error (or Ctrl-C) into one line on stderr and an exit status."""
     try:
         return func()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
-        print("error: interrupted", file=sys.stderr)
+        notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
+        print(f"error: interrupted{notes}", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         if debug:
