@@ -86,6 +86,8 @@ training-length: $(STAMP)
 # cIMLE, one z per image and the Masked VAE on the same model, sign-flip p in {0, 0.25, 0.5}, both scopes, 3 seeds.
 mean-erased: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/mean_erased_cpu.yaml --no-report
+	$(BIN)/python experiments/mean_erased_floor.py --runs runs/mean_erased_cpu --out results/mean_erased_floor.csv
+	$(BIN)/python -m study.figures --results results --out figures
 
 # The executed study reports (reports/<sweep>.ipynb) from the stored results: no training.
 # `make experiments` rebuilds them too, after its runs.

@@ -37,8 +37,8 @@ REQUIRED = ("metric", "value")
 # columns that hold numbers in every table the study writes: text there is a hand edit, not a result
 NUMERIC = ("value", "seed", "epochs", "config_epochs", "train_seconds", "k", "mask_ratio", "mask_strength",
            "noise_dim", "mvae_beta", "knn_k", "knn_temperature", "img_size", "patch_size", "embed_dim", "depth",
-           "decoder_dim", "decoder_depth", "synthetic_mean_shift", "probe_blr", "probe_batch_size", "probe_epochs",
-           "steps")
+           "decoder_dim", "decoder_depth", "synthetic_mean_shift", "sign_flip_p", "probe_blr", "probe_batch_size",
+           "probe_epochs", "steps")
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 

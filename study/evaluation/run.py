@@ -123,6 +123,8 @@ def run_params(cfg, state: dict, fmt: str, checkpoint: str | Path) -> dict:
         "synthetic_mean_shift": cfg.data.synthetic.mean_shift if cfg.data.name == "synthetic" else None,
         "synthetic_cue": cfg.data.synthetic.cue if cfg.data.name == "synthetic" else None,
         "synthetic_distractor": cfg.data.synthetic.distractor if cfg.data.name == "synthetic" else None,
+        "sign_flip_p": cfg.data.sign_flip.p,
+        "sign_flip_scope": cfg.data.sign_flip.scope if cfg.data.sign_flip.p > 0 else None,
         "img_size": cfg.model.img_size,
         "patch_size": cfg.model.patch_size,
         "embed_dim": cfg.model.embed_dim,

@@ -24,6 +24,7 @@ from study.figures.k_axis import write_k_axis
 from study.figures.masks import plot_mask_examples
 from study.figures.toy import plot_toy
 from study.figures.training_length import write_training_length
+from study.figures.mean_erased import write_mean_erased
 from study.evaluation.results import ResultsTableError, read_results
 from study.utils.device import cpu_threads
 from study.utils.errors import one_line
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs["mnist_completions"] = _mnist_completions
     jobs["k_axis"] = write_k_axis
     jobs["training_length"] = write_training_length
+    jobs["mean_erased"] = write_mean_erased
     jobs["headline"] = write_headline
     skipped, broken = [], []
     for name, draw in jobs.items():
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if skipped:
         print(f"skipped {len(skipped)} figure(s) for lack of stored results: {', '.join(skipped)} "
               "(toy: make toy; studies: make experiments; k axis: make k-axis; training length: make training-length;"
-              " completions: make completions)",
+              " completions: make completions; mean-erased digits: make mean-erased)",
               file=sys.stderr)
     if broken:
         print(f"error: {len(broken)} figure(s) not drawn, their results table is broken: {', '.join(broken)} "
