@@ -71,3 +71,17 @@ def image_folder_config(root, *extra: str):
         "model.embed_dim=16", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
         "model.decoder_heads=2", "optim.batch_size=8", "optim.warmup_epochs=1", "epochs=2", "noise.dim=4",
         "cimle.k=2", *extra])
+
+
+# The parameter cell papermill fills in, as in notebooks/run.py: the head of every stand-in run notebook.
+SWEEP_PARAMETERS = """\
+# %% tags=["parameters"]
+config = ""
+overrides = []
+out = ""
+results = ""
+protocols = ""
+sweep = ""
+point = ""
+
+"""

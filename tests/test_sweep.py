@@ -7,25 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import SWEEP_PARAMETERS
 from study.config import ConfigError
 from study.utils.errors import UserError
 from study.studies.sweep import expand, load_sweep, run_sweep
 
-# The parameter cell papermill fills in, as in notebooks/run.py.
-PARAMETERS = textwrap.dedent('''\
-    # %% tags=["parameters"]
-    config = ""
-    overrides = []
-    out = ""
-    results = ""
-    protocols = ""
-    sweep = ""
-    point = ""
-
-''')
-
 # A stand-in run notebook: records its point in the results table, or raises when told to.
-RUN_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
+RUN_NOTEBOOK = SWEEP_PARAMETERS + textwrap.dedent('''\
     # %%
     from study.evaluation.results import append_rows
     ratio = [o for o in overrides if o.startswith("mask.ratio=")][0].split("=")[1]
@@ -159,7 +147,7 @@ def test_points_rerun_when_the_base_config_changes(tmp_path, capsys):
 # A stand-in run notebook for GPU sweeps: records the CUDA_VISIBLE_DEVICES its kernel inherited and
 # its worker (the kernel's parent), after waiting until another worker's point runs on another GPU,
 # so one worker cannot take every point.
-GPU_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
+GPU_NOTEBOOK = SWEEP_PARAMETERS + textwrap.dedent('''\
     # %%
     import os, time
     from pathlib import Path
@@ -379,7 +367,7 @@ def test_the_seeds_flag_rejects_a_bad_list_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "3,x" in err and len(err.strip().splitlines()) == 1
 
 
-ORDER_NOTEBOOK = PARAMETERS + textwrap.dedent('''\
+ORDER_NOTEBOOK = SWEEP_PARAMETERS + textwrap.dedent('''\
     # %%
     from pathlib import Path
     from study.evaluation.results import append_rows

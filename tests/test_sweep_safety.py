@@ -14,6 +14,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from conftest import SWEEP_PARAMETERS
 from study.config import ConfigError
 from study.studies.sweep import expand, load_sweep, run_sweep
 
@@ -21,16 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A stand-in run notebook: records its kernel's pid, waits while HOLD_POINTS is set (so a signal lands
 # mid-point), fails at ratio 0.9 seed 1 when FAIL_AT is set, then writes its point's rows.
-RUN_NOTEBOOK = textwrap.dedent('''\
-    # %% tags=["parameters"]
-    config = ""
-    overrides = []
-    out = ""
-    results = ""
-    protocols = ""
-    sweep = ""
-    point = ""
-
+RUN_NOTEBOOK = SWEEP_PARAMETERS + textwrap.dedent('''\
     # %%
     import os, time
     from pathlib import Path

@@ -316,12 +316,9 @@ def drop_stale_points(path: str | Path, sweep: str, points: Iterable[str]) -> in
     number of rows dropped; rows of other sweeps and rows without a point are kept.
     """
     path = Path(path)
-    keep = {str(p) for p in points}
     with _locked(path):
         old = _read_existing(path)
-        if old is None or not {"sweep", "point"} <= set(old.columns):
-            return 0
-        stale = (old["sweep"].astype(str) == sweep) & old["point"].notna() & ~old["point"].astype(str).isin(keep)
+        stale = _stale(old, sweep, points)
         if stale.any():
             frame = old[~stale]
             atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
@@ -330,12 +327,15 @@ def drop_stale_points(path: str | Path, sweep: str, points: Iterable[str]) -> in
 
 def count_stale_rows(path: str | Path, sweep: str, points: Iterable[str]) -> int:
     """How many rows of ``sweep`` have a ``point`` not in ``points`` (kept unless the sweep is pruned)."""
-    old = _read_existing(Path(path))
+    return int(_stale(_read_existing(Path(path)), sweep, points).sum())
+
+
+def _stale(old: pd.DataFrame | None, sweep: str, points: Iterable[str]) -> pd.Series:
+    """Which rows of ``old`` belong to ``sweep`` but to none of ``points`` (rows without a point never do)."""
     if old is None or not {"sweep", "point"} <= set(old.columns):
-        return 0
+        return pd.Series(False, index=[] if old is None else old.index)
     keep = {str(p) for p in points}
-    return int(((old["sweep"].astype(str) == sweep) & old["point"].notna()
-                & ~old["point"].astype(str).isin(keep)).sum())
+    return (old["sweep"].astype(str) == sweep) & old["point"].notna() & ~old["point"].astype(str).isin(keep)
 
 
 def read_point_rows(path: str | Path) -> pd.DataFrame | None:

@@ -118,7 +118,8 @@ def paired_p_value(diff) -> float:
 def equivalence(diff, bound: float, level: float = 0.90) -> dict:
     """Two one-sided t tests (TOST) of ``|mean diff| < bound``: equivalent when the ``level`` (90%: each
     one-sided test at 5%) t-interval lies inside ``(-bound, bound)``. Returns the interval, the TOST
-    p-value (the larger of the two one-sided p-values) and ``equivalent``."""
+    p-value (the larger of the two one-sided p-values), ``equivalent`` and the ``verdict``: level, not
+    level (the whole interval outside the bound) or not resolved."""
     diff = np.asarray(diff, dtype=float)
     mean, low, high = t_interval(diff, level)
     if len(diff) < 2:
@@ -127,8 +128,10 @@ def equivalence(diff, bound: float, level: float = 0.90) -> dict:
         lower = stats.ttest_1samp(diff, -bound, alternative="greater").pvalue
         upper = stats.ttest_1samp(diff, bound, alternative="less").pvalue
         p = float(max(lower, upper))
-    return {"mean": mean, "low": low, "high": high, "bound": bound, "p_tost": p,
-            "equivalent": bool(low > -bound and high < bound)}
+    equivalent = bool(low > -bound and high < bound)
+    outside = bool(low > bound or high < -bound)
+    return {"mean": mean, "low": low, "high": high, "bound": bound, "p_tost": p, "equivalent": equivalent,
+            "verdict": "level" if equivalent else "not level" if outside else "not resolved"}
 
 
 def trend_per_doubling(k, diff_by_seed: pd.DataFrame, level: float = 0.95) -> dict:

@@ -20,7 +20,7 @@ import pandas as pd
 from study.figures.common import paired_cell, save_figure, subplots
 from study.utils.io import atomic_write_text
 from study.evaluation.results import read_results
-from study.evaluation.statistics import equivalence, holm, paired_p_value, t_interval, trend_per_doubling
+from study.evaluation.statistics import decoders, equivalence, holm, paired_p_value, t_interval, trend_per_doubling
 
 __all__ = ["k_axis_rows", "swap_rows", "k_axis_figure", "k_axis_markdown", "write_k_axis", "DATASETS"]
 
@@ -42,8 +42,8 @@ def _variant_rows(table: pd.DataFrame, select: str, block: str) -> tuple[pd.Data
     """(cIMLE rows of ``select`` with the noise at ``block``, the LS rows on the same decoder)."""
     table = table.assign(noise_block=table.noise_block.astype(str))
     cimle = table[(table.objective == "cimle") & (table.cimle_select == select) & (table.noise_block == block)]
-    ls_block = table.noise_block.where(table.noise_block == "head", "0")  # z = 0 at a block adds exactly 0
-    return cimle, table[(table.objective == "ls") & (ls_block == block)]
+    decoder = "head" if block == "head" else "plain"  # z = 0 at a block adds exactly 0: MAE's decoder
+    return cimle, table[(table.objective == "ls") & (decoders(table) == decoder)]
 
 
 def _paired_by_k(cimle: pd.DataFrame, ls: pd.DataFrame, scale: float) -> list[dict]:
@@ -127,10 +127,8 @@ def k_axis_markdown(probe: pd.DataFrame, swap: pd.DataFrame) -> str:
     for r in probe[probe.k == 1].itertuples():
         digits = 1 if r.measure.endswith("%") else 3
         eq = equivalence(list(r.per_seed.values()), LEVEL_BOUND[r.measure])
-        verdict = "level" if eq["equivalent"] else ("not level" if eq["low"] > eq["bound"] or eq["high"] < -eq["bound"]
-                                                    else "not resolved")
         lines.append(f"| {r.data} | {r.variant} | {paired_cell(eq['mean'], eq['low'], eq['high'], digits, bold=False)} "
-                     f"| ±{eq['bound']:g} | {verdict} |")
+                     f"| ±{eq['bound']:g} | {eq['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
