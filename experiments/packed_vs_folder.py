@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 last = pretrain(cfg, run, progress=False)
                 seconds = time.perf_counter() - t0
-                for r in evaluate(run / "checkpoint.pt", "knn", results=None, pool="mean", progress=False,
+                for r in evaluate(run / "checkpoint.pt", "knn", results=None, pool="mean", knn_ks=(20,), progress=False,
                                   verbose=False, random_baseline=pipeline == "folder"):
                     rows.append({"pipeline": pipeline if r["encoder"] == "pretrained" else "random init",
                                  "seed": seed, "metric": r["metric"], "value": r["value"],

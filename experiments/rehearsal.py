@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 IN100 = ROOT / "experiments" / "configs" / "in100-vit-t.yaml"
 # CPU-sized: the poster's model, a handful of images, two accumulation steps, few epochs
 CPU = ["device=cpu", "precision=fp32", "data.subset=32", "data.num_workers=2", "optim.batch_size=8",
-       "optim.effective_batch=16", "optim.warmup_epochs=1", "checkpoint_every=1", "cimle.k=2"]
+       "optim.effective_batch=16", "optim.warmup_epochs=1", "checkpoint_every=1", "cimle.k=2",
+       "monitor.train_images=64", "monitor.val_images=32"]
 
 
 class StepFailed(RuntimeError):
@@ -108,7 +109,9 @@ class Rehearsal:
         for objective in ("ls", "cimle", "mvae"):
             run = self.work / "runs" / objective
             self.study("pretrain", "--config", IN100, *self.sets(f"objective={objective}", "epochs=1"), "--out", run)
-            assert (run / "checkpoint.pt").is_file()
+            assert (run / "checkpoint.pt").is_file() and (run / "provenance.jsonl").is_file()
+            if "monitor_knn_top1" not in (run / "metrics.jsonl").read_text():
+                raise StepFailed(f"the {objective} run logged no k-NN monitor reading (monitor.knn_every)")
 
     def torchrun(self) -> None:
         torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
@@ -143,14 +146,23 @@ class Rehearsal:
 
     def evaluate(self) -> None:
         results = self.work / "results" / "evaluate.csv"
+        # the GPU presets at the rehearsal's scale: 2 probe epochs must reach 8 steps (MAE's 90 reach 7,000)
         self.study("evaluate", "--checkpoint", self.work / "runs" / "ls" / "checkpoint.pt",
-                   "--protocols", "knn,linear,finetune,samples", "--preset", "gpu",
-                   "--finetune-epochs", "1", "--linear-epochs", "2", "--results", results,
-                   "--figures", self.work / "figures", "--quiet")
-        protocols = {row["metric"].split("_")[0] for row in csv.DictReader(open(results))}
-        missing = {"knn", "linear", "finetune"} - protocols
+                   "--protocols", "knn,linear,finetune,samples", "--preset", "gpu", "--finetune-epochs", "1",
+                   "--finetune-seeds", "0,1", "--linear-epochs", "2", "--linear-min-steps", "8",
+                   "--results", results, "--figures", self.work / "figures")
+        rows = list(csv.DictReader(open(results)))
+        missing = {"knn", "linear", "finetune"} - {row["metric"].split("_")[0] for row in rows}
         if missing:
-            raise StepFailed(f"evaluate wrote no rows of {sorted(missing)} (rows: {sorted(protocols)})")
+            raise StepFailed(f"evaluate wrote no rows of {sorted(missing)}")
+        knn_ks = {r["knn_k"] for r in rows if r["metric"] == "knn_top1"}
+        pools = {r["pool"] for r in rows if r["metric"] in ("knn_top1", "linear_top1")}
+        steps = {int(r["linear_steps"]) for r in rows if r["metric"] == "linear_top1"}
+        ft_seeds = {r["finetune_seed"] for r in rows if r["metric"] == "finetune_top1"}
+        if len(knn_ks) < 2 or pools != {"cls"} or min(steps) < 8 or ft_seeds != {"0", "1"} or "git_commit" not in rows[0]:
+            raise StepFailed(f"evaluate rows: k-NN at k {knn_ks} (want several), pools {pools} (want cls, MAE's "
+                             f"and DINO's), probe steps {steps} (want >= 8), finetune seeds {ft_seeds} (want 0, 1), "
+                             f"commit {rows[0]['git_commit']!r}")
 
     def sweeps(self) -> None:
         for name, fixed in (("mask_strength_in100", {}),
@@ -171,6 +183,8 @@ class Rehearsal:
             rows = list(csv.DictReader(open(self.work / "results" / f"{name}.csv")))
             points = {r["point"] for r in rows}
             wanted = {"knn", "linear"} | ({"finetune"} if "finetune" in src["protocols"] else set())
+            if {r["pool"] for r in rows if r["metric"] == "knn_top1"} != {"cls", "mean"}:
+                raise StepFailed(f"sweep {name} did not compute both pools")
             for point in points:
                 have = {r["metric"].split("_")[0] for r in rows if r["point"] == point and r["encoder"] == "pretrained"}
                 if not wanted <= have:

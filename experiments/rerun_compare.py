@@ -8,9 +8,10 @@ selection flips; docs/reproducibility.md), so a single row may move by seed nois
 not move is the comparison: for each study setting and objective, the per-seed difference
 ``(objective - LS)`` is formed before and after, and their change, ``after - before``, gets a
 two-sided 95% t-interval over seeds. An interval that excludes 0 says the comparison moved
-beyond seed noise. Studies without LS rows (the noise-block study) compare the objective's
-own value per seed. The tables before are read from git (``git show REV:results/NAME.csv``),
-the tables after from ``--results``.
+beyond seed noise. Only a comparison whose rows were rerun (some seed's difference changed)
+can move; the counts and the chance expectation cover those alone. Studies without LS rows
+(the noise-block study) compare the objective's own value per seed. The tables before are read
+from git (``git show REV:results/NAME.csv``), the tables after from ``--results``.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ import pandas as pd  # noqa: E402
 from study.utils.errors import UserError, run_command  # noqa: E402
 from study.figures.common import paired_cell  # noqa: E402
 from study.utils.io import atomic_write_text  # noqa: E402
+from study.evaluation.results import knn_at  # noqa: E402
 from study.evaluation.statistics import PAIR_KEYS, objective_variants, t_interval  # noqa: E402
 
 STUDIES = ("mask_strength_cpu", "efficiency_cpu", "noise_block_cpu", "synthetic_cpu", "k_axis_cpu",
            "k_axis_synthetic_cpu", "training_length_cpu")
 SETTING_KEYS = PAIR_KEYS + ("synthetic_mean_shift", "synthetic_distractor", "decoder_depth")
 METRICS = {"knn_top1": "k-NN", "linear_top1": "linear"}
-# a 95% interval excludes 0 by chance alone in 5% of comparisons that did not move
+# a 95% interval excludes 0 by chance alone in 5% of rerun comparisons that did not move
 CHANCE = 0.05
+UNCHANGED = 1e-9  # a per-seed difference that moved less than this was not rerun (rows read back from the table)
 
 
 def _table_at(revision: str, path: str) -> pd.DataFrame:
@@ -43,7 +46,7 @@ def _table_at(revision: str, path: str) -> pd.DataFrame:
         text = subprocess.run(["git", "show", f"{revision}:{path}"], check=True, capture_output=True, text=True).stdout
     except subprocess.CalledProcessError as exc:
         raise UserError(f"cannot read {path} at {revision!r}: {exc.stderr.strip()}") from None
-    return pd.read_csv(io.StringIO(text))
+    return knn_at(pd.read_csv(io.StringIO(text)))
 
 
 def _wide(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, set[str]]:
@@ -51,8 +54,9 @@ def _wide(table: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, set[str]]
     and the variants whose noise enters in the head."""
     rows = table[(table.encoder == "pretrained") & table.metric.isin(list(METRICS))]
     variant = objective_variants(rows)
-    if rows.objective.eq("cimle").all() and rows.noise_block.nunique() > 1:  # the noise-block study
-        variant = variant + "@" + rows.noise_block.astype(str)
+    cimle = rows.objective == "cimle"
+    if rows[cimle].noise_block.astype(str).nunique() > 2:  # the noise-block study: a variant per block
+        variant = variant.where(~cimle, variant + "@" + rows.noise_block.astype(str))
     if rows.k.nunique() > 1:  # the k axis: a variant per k, and LS on the head's decoder apart from the plain one
         variant = variant.where(rows.objective != "cimle", variant + " k=" + rows.k.astype(str))
         variant = variant.where((rows.objective != "ls") | (rows.noise_block.astype(str) != "head"), "ls-head")
@@ -88,7 +92,8 @@ def compare(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
                                  ("change", group.after - group.before)):
                 mean, low, high = t_interval(100 * values.to_numpy())
                 row.update({f"{name}": mean, f"{name}_low": low, f"{name}_high": high})
-            row["moved"] = bool(row["change_low"] > 0 or row["change_high"] < 0)
+            row["rerun"] = bool(((group.after - group.before).abs() > UNCHANGED).any())
+            row["moved"] = row["rerun"] and bool(row["change_low"] > 0 or row["change_high"] < 0)
             out.append(row)
     return pd.DataFrame(out)
 
@@ -106,23 +111,25 @@ def markdown(study: str, frame: pd.DataFrame) -> str:
                   paired_cell(r.after, r.after_low, r.after_high, 1, bold=differences),
                   paired_cell(r.change, r.change_low, r.change_high, 1)]
         lines.append("| " + " | ".join(cells) + " |")
-    moved = int(frame.moved.sum())
-    lines += ["", f"{moved} of {len(frame)} comparisons moved beyond seed noise (change interval excludes 0; "
-              f"at 95%, about {CHANCE * len(frame):.0f} would by chance alone).", ""]
+    moved, rerun = int(frame.moved.sum()), int(frame.rerun.sum())
+    lines += ["", f"{moved} of the {rerun} rerun comparisons moved beyond seed noise (change interval excludes 0; "
+              f"at 95%, about {CHANCE * rerun:.1f} would by chance alone); {len(frame) - rerun} were not rerun.", ""]
     return "\n".join(lines)
 
 
 def summary(frames: dict[str, pd.DataFrame]) -> str:
-    """One row per study: its comparisons, those that moved beyond seed noise (their changes), the largest change."""
-    lines = ["| study | comparisons | moved beyond seed noise | by chance alone (95%) | largest change of a mean |",
-             "|---|---|---|---|---|"]
+    """One row per study: its comparisons, those rerun (only they can move), those that moved beyond seed noise
+    (their changes), how many chance alone moves among the rerun ones, the largest change."""
+    lines = ["| study | comparisons | rerun | moved beyond seed noise | by chance alone (5% of rerun) | "
+             "largest change of a mean |", "|---|---|---|---|---|---|"]
     for study, frame in frames.items():
-        moved = frame[frame.moved]
+        moved, rerun = frame[frame.moved], int(frame.rerun.sum())
         changes = ", ".join(f"{c:+.1f}" for c in moved.change)
-        lines.append(f"| {study} | {len(frame)} | {len(moved)}{f' ({changes})' if changes else ''} | "
-                     f"{CHANCE * len(frame):.0f} | {frame.change.abs().max():.1f} |")
+        lines.append(f"| {study} | {len(frame)} | {rerun} | {len(moved)}{f' ({changes})' if changes else ''} | "
+                     f"{CHANCE * rerun:.1f} | {frame.change.abs().max():.1f} |")
     every = pd.concat(frames.values())
-    lines.append(f"| all | {len(every)} | {int(every.moved.sum())} | {CHANCE * len(every):.0f} | |")
+    rerun = int(every.rerun.sum())
+    lines.append(f"| all | {len(every)} | {rerun} | {int(every.moved.sum())} | {CHANCE * rerun:.1f} | |")
     return "\n".join(lines + [""])
 
 
@@ -144,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             after_path = args.results / f"{study}.csv"
             if not after_path.is_file():
                 raise UserError(f"no table at {after_path}: run the study first, or pass --results")
-            frames[study] = compare(_table_at(args.before, f"results/{study}.csv"), pd.read_csv(after_path))
+            frames[study] = compare(_table_at(args.before, f"results/{study}.csv"),
+                                    knn_at(pd.read_csv(after_path)))
         parts += [summary(frames)] + [markdown(study, frame) for study, frame in frames.items()]
         text = "\n".join(parts)
         if args.out:

@@ -35,7 +35,10 @@ random_baseline_objectives = "ls,cimle,mvae"
 # True / False: evaluate / skip the random-init encoder at this point whatever its objective (a sweep
 # with random_baseline: once_per_seed passes it); None: the objective rule above
 random_baseline = None
-finetune_epochs = None  # None: the finetune preset's (cpu: 10, gpu: 100); fewer for a quick sweep
+finetune_epochs = None  # None: the finetune preset's (cpu: 10; gpu: 300 ViT-T, 100 ViT-B); fewer for a quick sweep
+# one finetune per seed, a row each with its finetune_seed: e.g. [0, 1] or "0,1"; None: the preset's (one,
+# seeded with the pretraining seed)
+finetune_seeds = None
 sweep = ""
 point = ""
 
@@ -46,6 +49,7 @@ import pandas as pd
 
 from study.config import load_config
 from study.evaluation.finetune import finetune_settings
+from study.evaluation.monitor import monitor_hooks
 from study.evaluation.run import DECODER_PROTOCOLS, ProtocolFailed, evaluate, parse_protocols
 from study.evaluation.setup import eval_device, require_labels
 from study.evaluation.results import append_rows
@@ -53,7 +57,7 @@ from study.train.loop import pretrain
 
 cfg = load_config(config, overrides)
 require_labels(cfg, parse_protocols(protocols))  # before training: the evaluation would refuse it after
-pretrain(cfg, out, resume=True, progress=False)
+pretrain(cfg, out, resume=True, progress=False, epoch_hooks=monitor_hooks(cfg))
 metrics = pd.read_json(Path(out) / "metrics.jsonl", lines=True)
 metrics[["epoch", "loss", "images_per_sec", "train_seconds"]].tail()
 
@@ -68,8 +72,13 @@ POOL_FREE = ("finetune", *DECODER_PROTOCOLS)
 if random_baseline is None:
     random_baseline = cfg.objective in random_baseline_objectives.split(",")
 finetune = None
-if finetune_epochs is not None:
-    finetune = finetune_settings("gpu" if eval_device(None, cfg).type == "cuda" else "cpu", epochs=finetune_epochs)
+if isinstance(finetune_seeds, str):  # papermill's -p passes text
+    finetune_seeds = [int(seed) for seed in finetune_seeds.split(",")]
+finetune_changes = {name: value for name, value in (("epochs", finetune_epochs), ("seeds", finetune_seeds))
+                    if value is not None}
+if finetune_changes:
+    finetune = finetune_settings("gpu" if eval_device(None, cfg).type == "cuda" else "cpu",
+                                 embed_dim=cfg.model.embed_dim, **finetune_changes)
 rows = []
 
 

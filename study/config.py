@@ -36,6 +36,7 @@ __all__ = [
     "DataConfig",
     "OptimConfig",
     "LoggingConfig",
+    "MonitorConfig",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -175,6 +176,16 @@ class LoggingConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # k-NN on fixed labelled subsets every this many epochs and after the last (0: off); rank 0 only
+    knn_every: int = 0
+    train_images: int = 10000  # the k-NN's reference set, drawn once from the training split
+    val_images: int = 2000  # its queries, from the validation split (both kept decoded in memory on rank 0)
+    k: int = 20
+    pool: Literal["cls", "mean"] | None = None  # None: the evaluation's default for the data set
+
+
+@dataclass
 class Config:
     objective: str = "ls"  # a name registered in study.methods: "ls", "cimle", "mvae"
     epochs: int = 10
@@ -194,6 +205,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -227,6 +239,12 @@ def validate(cfg: Config) -> Config:
     _check(cfg.epochs >= 1, "epochs", f"must be >= 1, got {cfg.epochs}")
     _check(0 <= cfg.seed <= 2**32 - 1, "seed", f"must be in [0, {2**32 - 1}] (numpy's seed range), got {cfg.seed}")
     _check(cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1 (epochs), got {cfg.checkpoint_every}")
+    mon = cfg.monitor
+    _check(mon.knn_every >= 0, "monitor.knn_every", f"must be >= 0 (0: off), got {mon.knn_every}")
+    for name in ("train_images", "val_images", "k"):
+        _check(getattr(mon, name) >= 1, f"monitor.{name}", f"must be >= 1, got {getattr(mon, name)}")
+    _check(mon.knn_every == 0 or cfg.data.labels == "folders", "monitor.knn_every",
+           "needs labelled data (data.labels=folders); set monitor.knn_every=0")
     bad = [e for e in cfg.snapshot_epochs if not 1 <= e <= cfg.epochs]
     _check(not bad, "snapshot_epochs", f"must lie in [1, epochs={cfg.epochs}], got {bad}")
     for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",

@@ -1,7 +1,8 @@
 """Counting host syncs: a ``TorchFunctionMode`` that records every tensor call forcing a host-device sync on CUDA.
 
 It records ``.item()``, ``bool()``, ``int()``, ``float()``, ``.tolist()``,
-``.numpy()``, ``.nonzero()``, ``.cpu()`` and boolean-mask indexing, each with
+``.numpy()``, ``.nonzero()``, ``.cpu()``, boolean-mask indexing and copies of
+CPU tensors to another device that are blocking or from pageable memory, each with
 the innermost line of code outside torch's dispatch glue and outside the
 tests that made it, so that a failing test points at the study code to fix.
 """
@@ -45,6 +46,22 @@ def _caller() -> str:
     return "?"
 
 
+def _blocking_upload(name: str, src, args: tuple, kwargs: dict) -> bool:
+    """``src.to(...)`` / ``src.cuda()`` of a CPU tensor to another device that waits for the copy: always from
+    pageable memory (CUDA stages it), and from pinned memory unless ``non_blocking``."""
+    if not isinstance(src, Tensor) or src.device.type != "cpu":
+        return False
+    dest = kwargs.get("device", "cuda" if name == "cuda" else None)
+    for a in args:
+        if isinstance(a, (torch.device, str)):
+            dest = a
+        elif isinstance(a, Tensor):
+            dest = a.device
+    if dest is None or torch.device(dest).type == "cpu":
+        return False
+    return not (src.is_pinned() and kwargs.get("non_blocking", False))
+
+
 class SyncCounter(torch.overrides.TorchFunctionMode):
     """Records the tensor calls that force a host-device sync on CUDA, with the study line that made them."""
 
@@ -60,6 +77,8 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
             idx = args[1] if isinstance(args[1], tuple) else (args[1],)
             hit = any(isinstance(i, Tensor) and i.dtype == torch.bool for i in idx)
             name = "bool-mask indexing" if hit else name
+        if name in ("to", "cuda") and args and _blocking_upload(name, args[0], args[1:], kwargs):
+            hit, name = True, "host-to-device copy"
         if hit:
             self.hits[f"{name} @ {_caller()}"] += 1
         return func(*args, **kwargs)

@@ -265,10 +265,15 @@ def test_evaluate_appends_rows_with_random_baseline(tmp_path):
         assert set(sub.encoder) == {"pretrained", "random"}
         assert sub.value.between(0, 1).all()
     assert (table.epochs == 5).all() and (table.checkpoint == str(ckpt)).all()
-    assert (table[table.protocol == "knn"].knn_k == 20).all()
+    # one k-NN row per default k the 48 training images hold, and one time row, per encoder
+    knn = table[table.protocol == "knn"]
+    assert sorted(knn[knn.metric == "knn_top1"].knn_k) == [10, 10, 20, 20] and knn[knn.metric == "knn_seconds"].knn_k.isna().all()
+    assert (table.pool == "mean").all()  # every row names its pool; synthetic data reads the mean by default
+    linear = table[table.protocol == "linear"]
+    assert (linear.linear_batch == 48).all() and (linear.linear_steps == 50).all()
     # a second evaluation appends
     evaluate(ckpt, "knn", results, progress=False, verbose=False)
-    assert len(pd.read_csv(results)) == len(rows) + 4
+    assert len(pd.read_csv(results)) == len(rows) + 6
 
 
 def test_random_baseline_is_the_seeded_init_and_differs_from_pretrained(tmp_path):
@@ -337,7 +342,7 @@ def test_blank_results_file_takes_the_rows(tmp_path):
     results = tmp_path / "blank.csv"
     results.write_text("\n\n")
     rows = evaluate(ckpt, "knn", results, progress=False, verbose=False)
-    assert len(pd.read_csv(results)) == len(rows) == 4
+    assert len(pd.read_csv(results)) == len(rows) == 6
 
 
 def test_rows_survive_a_failed_write_in_a_side_file(tmp_path, monkeypatch):
@@ -356,7 +361,7 @@ def test_rows_survive_a_failed_write_in_a_side_file(tmp_path, monkeypatch):
     side = [p for p in tmp_path.glob("results.unsaved-*.csv")]
     assert len(side) == 1 and str(side[0]) in message
     table = pd.read_csv(side[0])
-    assert len(table) == 4 and set(table.metric) == {"knn_top1", "knn_seconds"}
+    assert len(table) == 6 and set(table.metric) == {"knn_top1", "knn_seconds"}
 
 
 def test_evaluate_log_is_one_line_per_protocol_without_bars(tmp_path, capsys):
@@ -365,9 +370,11 @@ def test_evaluate_log_is_one_line_per_protocol_without_bars(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "\r" not in captured.out + captured.err
     lines = captured.out.splitlines()
-    for protocol in ("knn", "linear", "finetune"):
+    for protocol in ("knn", "linear", "finetune", "linear-probe"):
         assert len([line for line in lines if line.strip().startswith(protocol + " ")]) == 1, captured.out
-    assert len(lines) == 5, captured.out  # header, three protocols, where the rows went
+    assert "linear-probe batch 48 (lr 0.005625): 50 steps, 50 epochs of 1 on 48 images" in captured.out
+    assert "knn_top1 k=10/20 " in captured.out and "(k 100, 200 left out: 48 training images)" in captured.out
+    assert len(lines) == 6, captured.out  # header, the probe's steps, three protocols, where the rows went
 
 
 # --------------------------------------------------------------------------- a protocol that fails
@@ -389,7 +396,7 @@ def test_a_crashed_protocol_keeps_the_others_rows_and_is_named(tmp_path, monkeyp
     table = pd.read_csv(results)
     assert set(table.protocol) == {"knn", "linear"}
     for metric in ("knn_top1", "linear_top1"):
-        assert sorted(table[table.metric == metric].encoder) == ["pretrained", "random"]
+        assert sorted(set(table[table.metric == metric].encoder)) == ["pretrained", "random"]
     error = info.value
     assert isinstance(error, evaluation_run.ProtocolFailed)
     assert not isinstance(error, UserError)  # a crash keeps its traceback in the command

@@ -249,9 +249,13 @@ def test_export_pools_as_evaluate_does_by_default(study_checkpoint, tmp_path, ca
     for name, add in (("export", export_arguments), ("evaluate", evaluate_arguments)):
         parsers[name] = argparse.ArgumentParser()
         add(parsers[name])
-    pool = parsers["evaluate"].parse_args(["--checkpoint", "x"]).pool
-    assert parsers["export"].parse_args(["--checkpoint", "x", "--format", "timm", "--out", "y"]).pool == pool == "mean"
-    assert "mean of the patch tokens (default" in " ".join(parsers["export"].format_help().split())
+    from study.evaluation.features import default_pool
+
+    # both leave the pool to the data: default_pool of the checkpoint's config
+    assert parsers["evaluate"].parse_args(["--checkpoint", "x"]).pool is None
+    assert parsers["export"].parse_args(["--checkpoint", "x", "--format", "timm", "--out", "y"]).pool is None
+    assert default_pool(load_config(None, TINY).data.name) == "mean" and default_pool("imagenet100") == "cls"
+    assert "(default: evaluate's" in " ".join(parsers["export"].format_help().split())
     encoder, ckpt = study_checkpoint
     assert main(["export", "--checkpoint", str(ckpt), "--format", "timm", "--out", str(tmp_path / "timm")]) == 0
     assert json.loads((tmp_path / "timm" / "config.json").read_text())["model_args"]["global_pool"] == "avg"

@@ -14,6 +14,7 @@ from conftest import tiny_overrides
 from host_sync import SyncCounter
 from study.config import load_config
 from study.data.masking import build_mask_generator
+from study.data.packed import DeviceCrops
 from study.methods.model import build_model
 from study.losses import cimle
 from study.train.optim import adamw
@@ -46,6 +47,27 @@ def test_a_step_off_the_cpu_makes_the_expected_host_syncs(objective):
         out = model(imgs, mask, num_masked=make_mask.num_masked)  # as study.train.loop passes it
         out.loss.backward()
     assert sum(counter.hits.values()) == EXPECTED_SYNCS_PER_STEP[objective], dict(counter.hits)
+
+
+def test_the_pack_s_crops_on_the_device_make_no_host_sync():
+    """The augmentation of a packed batch, after its first call (which copies the normalisation once)."""
+    crops = DeviceCrops(16)
+    pixels = torch.zeros(4, 24, 24, 3, dtype=torch.uint8, device="meta")  # [B, S, S, 3]
+    sizes = torch.tensor([[24, 24], [20, 24], [24, 18], [12, 12]]).to("meta")  # [B, 2]
+    crops((pixels, sizes))
+    counter = SyncCounter()
+    with counter:
+        out = crops((pixels, sizes))
+    assert out.shape == (4, 3, 16, 16) and sum(counter.hits.values()) == 0, dict(counter.hits)
+
+
+def test_the_counter_sees_blocking_uploads_and_not_asynchronous_ones():
+    pageable, counter = torch.ones(3), SyncCounter()
+    with counter:
+        pageable.to("meta")
+        pageable.to(device="meta", non_blocking=True)  # pageable memory: the copy waits anyway
+        pageable.to(torch.float64)  # no device change
+    assert sum(counter.hits.values()) == 2, dict(counter.hits)
 
 
 def test_the_counter_sees_the_syncs_it_should():

@@ -34,7 +34,7 @@ def test_run_notebook_evaluates_finetune_and_decoder_protocols_once_and_pooled_o
         rows = table[table.protocol == protocol]
         assert len(rows) > 0 and not rows.duplicated(["encoder", "metric"]).any(), protocol
         assert set(rows.encoder) == {"pretrained", "random"}, protocol
-    knn = table[table.metric == "knn_top1"]
+    knn = table[(table.metric == "knn_top1") & (table.knn_k == 20)]  # one row per k: the headline k's
     assert sorted(zip(knn.encoder, knn["pool"])) == [("pretrained", "cls"), ("pretrained", "mean"),
                                                       ("random", "cls"), ("random", "mean")]
     assert table[table.protocol == "completion"]["pool"].isna().all()
@@ -52,7 +52,7 @@ def test_rows_of_each_evaluation_are_kept_when_a_later_one_fails(tmp_path):
              random_baseline=False)
     table = pd.read_csv(results)
     mine = table[table.point == "ls_s0"]
-    assert sorted(mine.metric) == ["knn_seconds", "knn_top1"]
+    assert sorted(set(mine.metric)) == ["knn_seconds", "knn_top1"]
     assert set(mine.encoder) == {"pretrained"} and set(mine["pool"]) == {"cls"}
     assert len(table[table.point == "other"]) == 1
 
@@ -79,7 +79,7 @@ def test_a_failed_protocol_keeps_the_others_rows_and_fails_the_point(tmp_path):
         _run(tmp_path, protocols="knn,linear", pools="cls", snapshots=True)
     table = pd.read_csv(results)
     mine = table[table.point == "ls_s0"]
-    assert sorted(mine.metric) == ["knn_seconds", "knn_top1"] and set(mine.protocol) == {"knn"}
+    assert sorted(set(mine.metric)) == ["knn_seconds", "knn_top1"] and set(mine.protocol) == {"knn"}
     assert all(Path(c).name == "epoch_0001.pt" for c in mine.checkpoint)
     assert len(table[table.point == "other"]) == 1
     assert "protocol linear failed" in str(info.value)

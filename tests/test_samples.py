@@ -344,5 +344,5 @@ def test_mnist_completions_keeps_weights_only_copies_of_every_variant(tmp_path, 
     for name in variants:
         cfg, state, models = load_models(tmp_path / "ck" / f"mnist_{name}.pt")
         _, run_state, _ = load_models(runs / name / "run" / "checkpoint.pt", which=())
-        assert script.variant(cfg) == name and set(state) <= {"model", "config", "epoch", "train_seconds"}
+        assert script.variant(cfg) == name and set(state) <= {"model", "config", "epoch", "train_seconds", "provenance"}
         assert all(torch.equal(state["model"][k], run_state["model"][k]) for k in run_state["model"])

@@ -2,10 +2,8 @@
 
     python -m experiments.bench --config experiments/configs/cpu-small.yaml --k 1,8 --out /tmp/bench.json
 
-Every step is :func:`study.train.step.train_step` on a fixed synthetic batch, timed round-robin (one step of
-each variant, then the next round) at each ``--precision``; what the JSON holds is in docs/performance.md.
-Modules: ``settings`` (arguments, plans), ``variants`` (what is timed), ``memory`` (peak memory), ``run``
-(the stages, FLOPs, the matmul peak, the timing) and ``report`` (the JSON and the printed table).
+Every variant runs the training loop's own step on a fixed synthetic batch, timed round-robin so that load from
+other processes hits all variants alike; what the JSON holds is in docs/performance.md.
 """
 
 from experiments.bench.run import main, run_bench

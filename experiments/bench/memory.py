@@ -1,8 +1,7 @@
 """Peak memory of one call (a training step, one cIMLE selection), the device sync and the progress log.
 
-CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak of PyTorch's CPU allocator during the call
-(``torch.profiler``, ``profile_memory=True``) above its start, plus the weights, buffers, optimizer state and
-inputs that exist before it; memory allocated outside PyTorch's allocator (oneDNN, MKL) is not counted."""
+CPU has no allocator peak counter, so the CPU figure is torch.profiler's allocator peak above the start plus the
+tensors that exist before the call; memory allocated outside PyTorch's allocator (oneDNN, MKL) is not counted."""
 
 from __future__ import annotations
 
@@ -23,14 +22,14 @@ def log(msg: str) -> None:
 
 
 def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work, so that a timer or a memory reading sees it done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
 def quiet_stderr_fd():
-    """Silence C-level writes to fd 2 (the profiler's start/stop chatter); Python exceptions still propagate."""
+    """Silence C-level writes to fd 2: the profiler's start/stop chatter (and, without a GPU, a CUDA probe's
+    ``ERROR:`` line) would read as failures in the progress log."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -48,9 +47,8 @@ def quiet_stderr_fd():
 
 
 def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
-    """Peak bytes live in PyTorch's CPU allocator during ``fn()``, above the level at its start: every allocation
-    and free event carries the allocator's running total. Frees of memory allocated before profiling are not
-    seen, so the figure can only overstate the true peak."""
+    """Peak bytes live in PyTorch's CPU allocator during ``fn()`` above its start, from the running total that each
+    allocation event carries; unseen frees of earlier memory can only make it overstate."""
     from torch._C._profiler import _EventType  # private API: measure_memory reports its absence
 
     def walk(events):
@@ -70,22 +68,15 @@ def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> int:
 
 
 def _state_bytes(*objs: Any) -> int:
-    """Bytes of the tensors held by modules (parameters, buffers), optimizers (state) and plain tensors."""
-    tensors: list = []
-    for obj in objs:
-        if isinstance(obj, nn.Module):
-            tensors += [*obj.parameters(), *obj.buffers()]
-        elif isinstance(obj, torch.optim.Optimizer):
-            tensors += [t for state in obj.state.values() for t in state.values()]
-        else:
-            tensors.append(obj)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tensors if isinstance(t, Tensor) and t.device.type != "meta"}
-    return sum(storages.values())
+    """Bytes of modules' parameters and buffers, optimizers' state and plain tensors, each storage once."""
+    tensors = [t for o in objs for t in ([*o.parameters(), *o.buffers()] if isinstance(o, nn.Module) else
+               [v for st in o.state.values() for v in st.values()] if isinstance(o, torch.optim.Optimizer) else [o])]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if isinstance(t, Tensor) and t.device.type != "meta"}.values())
 
 
 def measure_memory(fn: Callable[[], Any], device: torch.device, *static: Any) -> tuple[dict, Any]:
-    """Peak memory of one call of ``fn`` and what ``fn`` returned; ``static``: what exists before the call (CPU)."""
+    """Peak memory of one call and what it returned; ``static``: what exists before the call (CPU)."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)

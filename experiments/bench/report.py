@@ -1,4 +1,4 @@
-"""The JSON report (arithmetic on what a run measured; nothing here is timed) and the table printed from it."""
+"""The JSON report and the printed table: arithmetic on what a run measured, nothing timed here."""
 
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from experiments.bench.variants import HF_VARIANT, Trainer, Variant, import_tran
 from study.config import config_to_dict
 from study.utils.device import host_cpu
 
-ROBUST_NOTE = ("paired_wall: median over rounds of the ratio within each round (variants of a round run "
-               "back to back, so slow load changes cancel); cpu_time: ratio of the median process CPU "
-               "seconds (all threads, includes OpenMP spin-waiting), less sensitive to time slicing")
+PAIRED_NOTE = ("paired_wall: median over rounds of the ratio within each round (variants of a round run "
+               "back to back, so slow load changes cancel)")
+GIB = 2**30
 _GROUPS = {"encoder.": "encoder", "decoder.decoder_noise": "noise input", "decoder.": "decoder",
            "variational_encoder.": "variational encoder", "hf.vit.": "encoder", "hf.decoder.": "decoder"}
 
 
 @dataclass
 class Measured:
-    """What a run measured at one precision; timings per round by task name (cost-model parts in brackets)."""
+    """What a run measured at one precision; wall seconds per round by task (cost-model parts in brackets)."""
 
     plan: Plan
     variants: dict[str, Variant]
@@ -35,8 +35,7 @@ class Measured:
     tasks: dict[str, Callable[[], Any]]  # the cost-model parts
     selection: Callable[[int, int], Callable[[], None]]  # one selection call at (k, chunk), the config's block
     memos: dict[str, tuple[dict, float]]  # per variant: the memory step's peak memory and loss
-    times: dict[str, list[float]] = field(default_factory=dict)  # wall seconds
-    cpu_times: dict[str, list[float]] = field(default_factory=dict)  # process CPU seconds, all threads
+    times: dict[str, list[float]] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
     matmul_peak: dict = field(default_factory=dict)
     selection_rows: list[dict] = field(default_factory=list)
@@ -48,53 +47,55 @@ def median(xs: list[float]) -> float:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    """``a / b``, or None where either is missing or ``b`` is not positive."""
     return None if a is None or b is None or not b > 0 else float(a / b)
 
 
 def _paired(num: list[float], den: list[float]) -> float | None:
-    """The median over rounds of the ratio within each round."""
     paired = [n / d for n, d in zip(num, den) if d > 0]
     return median(paired) if paired else None
 
 
-def _ratio_set(src: dict[str, list[float]], m: Measured, agg) -> dict:
-    """The report's ratios from per-round timings ``src``; ``agg(numerator rounds, denominator rounds)``."""
-    r, blk, ks = {name.strip("[]"): v for name, v in src.items()}, m.plan.cfg.noise.block, m.plan.args.k
+def _paired_ratios(m: Measured) -> dict:
+    r, blk, ks = {name.strip("[]"): v for name, v in m.times.items()}, m.plan.cfg.noise.block, m.plan.args.k
+    model = {k: [e + d + k * f for e, d, f in zip(r["E_fb"], r[f"D_fb@{blk}"], r[f"D_f@{blk}"])] for k in ks}
+    out = {"cimle_vs_cost_model": {str(k): _paired(r[f"cimle k={k}"], model[k]) for k in ks},
+           "cimle_vs_ls": {str(k): _paired(r[f"cimle k={k}"], r["ls"]) for k in ks},
+           "late_noise_vs_ls": {str(b): _paired(r[name], r["ls"]) for b, name in m.late_spec},
+           "mvae_vs_ls": _paired(r["mvae"], r["ls"])}
+    return out | ({"ours_vs_transformers": _paired(r["ls"], r[HF_VARIANT])} if HF_VARIANT in r else {})
 
-    def model(k: int) -> list[float]:  # the cost model within each round
-        return [e + d + k * f for e, d, f in zip(r["E_fb"], r[f"D_fb@{blk}"], r[f"D_f@{blk}"])]
 
-    out = {"cimle_vs_cost_model": {str(k): agg(r[f"cimle k={k}"], model(k)) for k in ks},
-           "cimle_vs_ls": {str(k): agg(r[f"cimle k={k}"], r["ls"]) for k in ks},
-           "late_noise_vs_ls": {str(b): agg(r[name], r["ls"]) for b, name in m.late_spec},
-           "mvae_vs_ls": agg(r["mvae"], r["ls"])}
-    return out | ({"ours_vs_transformers": agg(r["ls"], r[HF_VARIANT])} if HF_VARIANT in r else {})
+def _at_batch_512(m: Measured) -> dict:
+    """Whether the config's selection would fit a 40 or 80 GB card at batch 512: computed, not run."""
+    c = m.plan.cfg.cimle
+    want = (c.k, min(c.chunk or c.k, c.k))  # chunk None: all k samples in one call
+    at = [r["peak_bytes"] for r in m.selection_rows if (r["k"], r["effective_chunk"]) == want]
+    est = at[0] / m.plan.batch * 512 if at and at[0] is not None else None
+    fits = {f"fits_{n}GB": None if est is None else est <= n * GIB for n in (40, 80)}
+    return {"k": c.k, "chunk": c.chunk, "bytes": est, **fits,
+            "note": "the grid's measured bytes per image at the config's k and chunk, times 512 (scaled linearly "
+            "with the batch); the selection's activations alone, not the weights, optimizer state or the rest of "
+            "the step; a card holds 40 or 80 GiB; null: the grid lacks the config's k and chunk"}
 
 
 def _rows(m: Measured, comp: dict[str, float]) -> list[dict]:
-    """One row per variant; the cIMLE rows (at each k, and the late-noise rows) against their cost model."""
+    """One row per variant, the cIMLE rows also against their cost model."""
     peak, rows = m.matmul_peak["flop_per_s"], []
     for name, v in m.variants.items():
-        (memo, loss), t, flops = m.memos[name], m.times[name], m.flops[name]
-        rows.append({"name": name, **v.row, "step_s": median(t), "step_s_min": min(t),
-                     "step_cpu_s": median(m.cpu_times[name]), "step_s_all": t, "images_per_s": m.plan.batch / median(t),
+        (memo, loss), t, flops, b = m.memos[name], m.times[name], m.flops[name], v.row["noise_block"]
+        rows.append({"name": name, **v.row, "step_s": median(t), "step_s_min": min(t), "step_s_all": t,
+                     "images_per_s": m.plan.batch / median(t), "vs_ls": ratio(median(t), median(m.times["ls"])),
                      "flops": flops, "achieved_flop_per_s": flops / median(t), "peak_share": flops / median(t) / peak,
                      "peak_bytes": memo["peak_bytes"], "peak_extra_bytes": memo["extra_bytes"],
                      "static_bytes": memo["static_bytes"], "memory_method": memo["method"],
                      "loss": loss, "loss_finite": bool(math.isfinite(loss))})
-        if v.row["objective"] == "cimle":  # the cost model E_fb + D_fb + k * D_f at the row's noise block
-            b = v.row["noise_block"]
-            rows[-1]["cost_model_s"] = comp["E_fb"] + comp[f"D_fb@{b}"] + v.row["k"] * comp[f"D_f@{b}"]
-    for r in rows:  # rows[0] is LS
-        r["vs_ls"] = ratio(r["step_s"], rows[0]["step_s"])
-        if "cost_model_s" in r:
-            r["vs_cost_model"] = ratio(r["step_s"], r["cost_model_s"])
+        if v.row["objective"] == "cimle":
+            model = comp["E_fb"] + comp[f"D_fb@{b}"] + v.row["k"] * comp[f"D_f@{b}"]
+            rows[-1] |= {"cost_model_s": model, "vs_cost_model": ratio(median(t), model)}
     return rows
 
 
 def _count(model: torch.nn.Module) -> dict:
-    """Total, trainable and frozen parameters, and per group (encoder, noise input, decoder, ...)."""
     out: dict = {"total": 0, "trainable": 0, "frozen": 0, "groups": {}}
     for name, p in model.named_parameters():
         label = next((lab for pre, lab in _GROUPS.items() if name.startswith(pre)), name.split(".")[0])
@@ -115,7 +116,6 @@ def _environment(m: Measured) -> dict:
 
 
 def build_report(m: Measured, wall_seconds: float) -> dict:
-    """One precision's JSON-ready report."""
     plan, block, kmax, ks = m.plan, m.plan.cfg.noise.block, m.plan.args.k[-1], m.plan.args.k
     comp = {n: median(m.times[f"[{n}]"]) for n in m.tasks}
     rows = _rows(m, comp)
@@ -140,13 +140,11 @@ def build_report(m: Measured, wall_seconds: float) -> dict:
         "cost_model": "E_fb + D_fb + k * D_f (no optimizer step, mask or target)",
         "ls_vs_cost_model": ratio(by_name["ls"]["step_s"], comp["E_fb"] + comp[f"D_fb@{block}"]),
         "ours_vs_transformers": ratio(by_name["ls"]["step_s"], hf and by_name[HF_VARIANT]["step_s"]),
-        "cimle_vs_cost_model": {str(k): by_name[f"cimle k={k}"]["vs_cost_model"] for k in ks},
-        "cimle_vs_ls": {str(k): by_name[f"cimle k={k}"]["vs_ls"] for k in ks}, "mvae_vs_ls": by_name["mvae"]["vs_ls"],
-        "robust_ratios": {"paired_wall": _ratio_set(m.times, m, _paired), "note": ROBUST_NOTE,
-                          "cpu_time": _ratio_set(m.cpu_times, m, lambda a, b: ratio(median(a), median(b)))},
+        "robust_ratios": {"paired_wall": _paired_ratios(m), "note": PAIRED_NOTE},
         "selection_memory": {"noise_block": block, "batch": plan.batch, "rows": m.selection_rows, "method": "peak "
                              "bytes during the call above the level at its start (CUDA allocator; CPU: torch.profiler)",
-                             "what": "one study.losses.cimle call under torch.no_grad on a fixed decoder prefix"},
+                             "what": "one study.losses.cimle call under torch.no_grad on a fixed decoder prefix",
+                             "at_batch_512": _at_batch_512(m)},
         "parameters": params | ({} if hf is None else {"transformers": _count(hf.trainer.model)}),
         "transformers": {"used": False} if hf is None else {
             "used": True, "version": import_transformers().__version__, "step_s": by_name[HF_VARIANT]["step_s"],
@@ -158,8 +156,7 @@ def build_report(m: Measured, wall_seconds: float) -> dict:
 
 
 def combine_precisions(reports: dict[str, dict], config_path: str | None, wall_seconds: float) -> dict:
-    """Every precision's report, and its speed-ups over fp32 (else the first): all were timed in the same rounds,
-    so a speed-up is paired per round like the ratios within one precision."""
+    """Every precision's report and its speed-ups over fp32 (else the first), paired per round too."""
     reference = "fp32" if "fp32" in reports else next(iter(reports))
     ref = {r["name"]: r for r in reports[reference]["rows"]}
     across = {p: {r["name"]: {"speedup": ratio(ref[r["name"]]["step_s"], r["step_s"]),
@@ -185,22 +182,22 @@ def _precision_lines(p: str, rep: dict) -> list[str]:
     lines += [f"{r['name']:<28} {1e3 * r['step_s']:9.2f} {r['images_per_s']:8.1f} "
               f"{_num(r['peak_bytes'], '.1f', 2**-20):>9} {r['vs_ls']:6.2f} {_num(r.get('vs_cost_model'), '.2f'):>8} "
               f"{r['flops'] / 1e9:8.2f} {100 * r['peak_share']:6.1f}%" for r in rep["rows"]]
-    for label, rr in (("paired per round", rep["robust_ratios"]["paired_wall"]),
-                      ("CPU time", rep["robust_ratios"]["cpu_time"])):
-        vs_ls = {**{f"cimle k={k}": v for k, v in rr["cimle_vs_ls"].items()}, "mvae": rr["mvae_vs_ls"],
-                 **{f"late noise at {b}": v for b, v in rr["late_noise_vs_ls"].items()}}
-        lines.append(f"{label}: / LS " + ", ".join(f"{n} {_num(v)}" for n, v in vs_ls.items()) + "; cimle / cost model "
-                     + ", ".join(f"k={k} {_num(v)}" for k, v in rr["cimle_vs_cost_model"].items())
-                     + f"; ours / transformers {_num(rr.get('ours_vs_transformers'))}")
+    rr = rep["robust_ratios"]["paired_wall"]
+    vs_ls = {**{f"cimle k={k}": v for k, v in rr["cimle_vs_ls"].items()}, "mvae": rr["mvae_vs_ls"],
+             **{f"late noise at {b}": v for b, v in rr["late_noise_vs_ls"].items()}}
+    lines.append("paired per round: / LS " + ", ".join(f"{n} {_num(v)}" for n, v in vs_ls.items()) + "; cimle / cost "
+                 "model " + ", ".join(f"k={k} {_num(v)}" for k, v in rr["cimle_vs_cost_model"].items())
+                 + f"; ours / transformers {_num(rr.get('ours_vs_transformers'))}")
     if (s := rep["components"]["selection"]) is not None:
         lines.append(f"selection k={s['k']} alone: {1e3 * s['seconds']:.2f} ms = {_num(s['vs_model'])} x (k+1) D_f")
-    return lines + [f"selection k={r['k']} chunk={r['chunk']}: peak {_num(r['peak_bytes'], '.1f', 2**-20)} MiB"
-                    for r in rep["selection_memory"]["rows"]]
+    lines += [f"selection k={r['k']} chunk={r['chunk']}: peak {_num(r['peak_bytes'], '.1f', 2**-20)} MiB"
+              for r in rep["selection_memory"]["rows"]]
+    e = rep["selection_memory"]["at_batch_512"]
+    return lines + [f"selection k={e['k']} chunk={e['chunk']} at batch 512 (computed): "
+                    f"{_num(e['bytes'], '.3f', 1 / GIB)} GiB; fits 40 GB {e['fits_40GB']}, 80 GB {e['fits_80GB']}"]
 
 
 def format_table(res: dict) -> str:
-    """The printed summary: per precision the rows (ms, MiB, FLOPs), the ratios and the selection; then the
-    speed-ups across precisions."""
     lines = [line for p, rep in res["precisions"].items() for line in _precision_lines(p, rep)]
     for p, rows in res["across_precisions"]["speedup"].items():
         lines.append(f"{p} speed-up over {res['across_precisions']['reference']} (paired per round): " + ", ".join(

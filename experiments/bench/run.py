@@ -1,7 +1,6 @@
-"""The run, in a fixed order that the results depend on: per precision the models (each seeds the global
-generators), the cost-model parts (which draw from them) and a memory step per variant; then one FLOP-counting
-step per variant, the matmul peak per precision, the round-robin timing of every precision's steps in the same
-rounds, and per precision the selection memory; then the report, printed and written."""
+"""The run. Its order is fixed because the results depend on it: the models seed the global generators and the
+cost-model parts draw from them; then FLOPs, the matmul peak, one round-robin over every precision's steps (so
+that speed-ups across precisions are paired per round) and the selection memory."""
 
 from __future__ import annotations
 
@@ -28,9 +27,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def step_flops(step: Callable[[], object]) -> int:
-    """FLOPs of one call of ``step``, counted by ``FlopCounterMode``: matmuls, convolutions and attention, forward
-    and backward, 2 per multiply-add (elementwise work counts 0, as in MFU). PyTorch's CPU attention kernel is
-    missing from the counter's table; it is counted with the formula of the other attention kernels."""
+    """FLOPs of one call, forward and backward, 2 per multiply-add, elementwise work 0 (as in MFU). The counter's
+    table lacks PyTorch's CPU attention kernel; it gets the formula of the other attention kernels."""
     aten = torch.ops.aten
     formulas = {aten._scaled_dot_product_flash_attention_for_cpu:
                 lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
@@ -43,8 +41,7 @@ def step_flops(step: Callable[[], object]) -> int:
 
 
 def matmul_peak(precision: str, device: torch.device, shapes=PEAK_SHAPES, min_seconds: float = 0.5) -> dict:
-    """The best matmul throughput (FLOP/s) at ``precision`` on ``device`` over ``shapes`` (M, K, N), each timed
-    for at least ``min_seconds`` after one warm-up call: what this machine's matrix units reach."""
+    """The best matmul FLOP/s over ``shapes`` (M, K, N): what this machine's matrix units reach, the MFU base."""
     dtype, gen, per_shape = _DTYPES[precision], torch.Generator().manual_seed(0), []
     for m, k, n in shapes:
         a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
@@ -64,33 +61,25 @@ def matmul_peak(precision: str, device: torch.device, shapes=PEAK_SHAPES, min_se
 
 
 def time_round_robin(tasks: dict[str, Callable[[], Any]], steps: int, warmup: int,
-                     device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Warm every task up, then ``steps`` rounds of one call of each, so that load from other processes hits
-    all of them alike. Returns wall-clock seconds and process CPU seconds (all threads) per call."""
-    for name, fn in tasks.items():
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        sync(device)
-        log(f"  warmed {name} ({time.perf_counter() - t0:.2f} s)")
+                     device: torch.device) -> dict[str, list[float]]:
+    """Wall seconds per call in rounds of one call of each task, so that load from other processes hits all tasks
+    alike; the first ``warmup`` rounds are not kept."""
     wall: dict[str, list[float]] = {name: [] for name in tasks}
-    cpu: dict[str, list[float]] = {name: [] for name in tasks}
-    for r in range(steps):
+    for r in range(warmup + steps):
         t_round = time.perf_counter()
         for name, fn in tasks.items():
             sync(device)
-            c0, t0 = time.process_time(), time.perf_counter()
+            t0 = time.perf_counter()
             fn()
             sync(device)
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-        log(f"  round {r + 1}/{steps} ({time.perf_counter() - t_round:.2f} s)")
-    return wall, cpu
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - t0)
+        log(f"  round {r + 1}/{warmup + steps}{' (warm-up)' * (r < warmup)} ({time.perf_counter() - t_round:.2f} s)")
+    return wall
 
 
 def _prepare(plan: Plan) -> Measured:
-    """One precision's variants and cost-model parts, and one memory step per variant (steady: the optimizers are
-    primed; untimed, as the CPU profiler slows it)."""
+    """One precision's variants, cost-model parts and a memory step per variant (untimed: the profiler slows it)."""
     m = plan.cfg.model
     imgs = torch.randn(plan.batch, m.in_chans, m.img_size, m.img_size,  # [B, C, H, W]
                        generator=torch.Generator().manual_seed(plan.cfg.seed)).to(plan.device)
@@ -105,28 +94,25 @@ def _prepare(plan: Plan) -> Measured:
 
 
 def run_bench(plans: list[Plan]) -> dict:
-    """Run the benchmark (see :mod:`experiments.bench`) at each plan's precision; the JSON-ready result."""
+    """The JSON-ready result of every plan's precision."""
     t_start, args, device = time.perf_counter(), plans[0].args, plans[0].device
     if not args.no_transformers:
         import_transformers()  # fail before any work when the bench extra is missing
     runs = [_prepare(plan) for plan in plans]
     log("bench: FLOPs, one step per variant")  # the same operations at every precision: counted once
     flops = {name: step_flops(v.step) for name, v in runs[0].variants.items()}
-    flops |= {f"[{n}]": step_flops(fn) for n, fn in runs[0].tasks.items()}
     for m in runs:
         log(f"bench: matmul peak at {m.plan.cfg.precision}")
         m.flops, m.matmul_peak = flops, matmul_peak(m.plan.cfg.precision, device, PEAK_SHAPES)
-    # every precision's variants and parts in the same rounds, so that speed-ups across precisions are paired too
     tasks = {f"{m.plan.cfg.precision}/{name}": v.step for m in runs for name, v in m.variants.items()}
     tasks |= {f"{m.plan.cfg.precision}/[{n}]": fn for m in runs for n, fn in m.tasks.items()}
     log(f"bench: {len(tasks)} tasks, batch {plans[0].batch}, {args.steps} rounds after {args.warmup} warm-up")
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    wall, cpu = time_round_robin(tasks, args.steps, args.warmup, device)
+    wall = time_round_robin(tasks, args.steps, args.warmup, device)
     reports = {}
     for m in runs:
         prefix = f"{m.plan.cfg.precision}/"
         m.times = {key.removeprefix(prefix): v for key, v in wall.items() if key.startswith(prefix)}
-        m.cpu_times = {key.removeprefix(prefix): v for key, v in cpu.items() if key.startswith(prefix)}
         m.load_before = load_before
         log(f"bench: selection memory, k {args.selection_k} x chunk {args.selection_chunk}")
         m.selection_rows = [{"k": k, "chunk": c, "effective_chunk": min(c, k), "peak_bytes": measure_memory(

@@ -1,4 +1,4 @@
-"""The command's arguments and the checked settings of a run at one precision (:class:`Plan`)."""
+"""The command's arguments and the settings of a run at one precision, checked before any work."""
 
 from __future__ import annotations
 
@@ -16,12 +16,7 @@ from study.utils.errors import UserError
 Block = int | str  # a decoder block index, or "head": the token-wise head after the last attention
 
 
-class BenchSettingsError(UserError, ValueError):
-    """Bench settings that cannot run (reported as one ``error:`` line)."""
-
-
 def int_list(text: str) -> list[int]:
-    """Comma-separated integers >= 1, returned sorted and distinct (an argparse type)."""
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
@@ -46,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int_list, default=[1, 2, 4, 8, 16], help="cIMLE k values (default 1,2,4,8,16)")
     p.add_argument("--batch", type=positive_int, help="images per step (default: optim.batch_size)")
     p.add_argument("--steps", type=positive_int, default=20, help="timed rounds (one step of every variant each)")
-    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per variant first")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed rounds first")
     p.add_argument("--out", help="JSON file to write (atomically)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' ViTMAEForPreTraining")
     p.add_argument("--late-blocks", type=_names, help="noise blocks of the late-noise rows (cIMLE at the largest k): "
@@ -60,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class Plan:
-    """A run at one precision: its config (the bench's batch, no accumulation), device, late-noise blocks, and
-    the command's arguments (``args.k`` sorted; its largest is the k of the late-noise rows)."""
+    """A run at one precision; ``args.k`` is sorted, its largest the k of the late-noise rows."""
 
     cfg: Config
     device: torch.device
@@ -74,25 +68,23 @@ class Plan:
 
 
 def with_changes(cfg: Config, **sections) -> Config:
-    """A copy of ``cfg`` with fields replaced: ``with_changes(cfg, objective="ls", noise={"block": 3})``."""
+    """``with_changes(cfg, objective="ls", noise={"block": 3})``: a copy with those fields replaced."""
     top = {k: v for k, v in sections.items() if not isinstance(v, dict)}
     nested = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items() if isinstance(v, dict)}
     return dataclasses.replace(cfg, **top, **nested)
 
 
 def block_order(block: Block) -> tuple[int, int]:
-    """Sort key: block indices in order, the head after them."""
     return (1, 0) if block == "head" else (0, int(block))
 
 
 def make_plans(cfg: Config, args: argparse.Namespace) -> list[Plan]:
-    """One plan per precision of ``--precision`` (default: the config's), checked before any work."""
     device = resolve_device(cfg.device)
     precisions = list(dict.fromkeys(args.precision or [cfg.precision]))
     if set(precisions) - {"fp32", "bf16", "fp16"}:
-        raise BenchSettingsError(f"--precision must list some of fp32, bf16, fp16, got {','.join(precisions)}")
+        raise UserError(f"--precision must list some of fp32, bf16, fp16, got {','.join(precisions)}")
     if "fp16" in precisions and device.type != "cuda":
-        raise BenchSettingsError("--precision fp16 needs CUDA; use fp32 and/or bf16 on CPU")
+        raise UserError("--precision fp16 needs CUDA; use fp32 and/or bf16 on CPU")
     # every step is a whole optimizer step at the bench's batch, whatever accumulation the config asks for
     cfg = with_changes(cfg, compile=False, optim={"batch_size": args.batch or cfg.optim.batch_size,
                                                   "accum_steps": 1, "effective_batch": None})
@@ -100,7 +92,7 @@ def make_plans(cfg: Config, args: argparse.Namespace) -> list[Plan]:
     for text in [] if args.no_late_noise else args.late_blocks or ["0", str(depth - 1), "head"]:
         block = text if text == "head" else int(text) if text.isdigit() else -1
         if block != "head" and not 0 <= block <= depth:
-            raise BenchSettingsError(f"late noise blocks must be 'head' or in [0, decoder_depth={depth}], got {text}")
+            raise UserError(f"late noise blocks must be 'head' or in [0, decoder_depth={depth}], got {text}")
         if block not in late:
             late.append(block)
     return [Plan(with_changes(cfg, precision=p), device, sorted(late, key=block_order), args) for p in precisions]

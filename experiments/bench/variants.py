@@ -1,5 +1,5 @@
-"""What the benchmark times: models with the training loop's step (ours, and transformers' ViTMAE behind our
-model's call), the timed rows, and the parts of the cIMLE cost model ``E_fb + D_fb + k * D_f``."""
+"""What the benchmark times: the training loop's own step of each model (transformers' ViTMAE behind our model's
+call, so that the comparison runs the same step) and the parts of the cIMLE cost model ``E_fb + D_fb + k * D_f``."""
 
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from experiments.bench.settings import BenchSettingsError, Block, Plan, block_order, with_changes
+from experiments.bench.settings import Block, Plan, block_order, with_changes
 from study.config import Config
 from study.data.masking import mask_indices
 from study.losses import cimle, least_squares, per_example_squared_error
 from study.methods.model import build_model
 from study.train.step import train_step, training_state
 from study.utils.device import autocast, seed_everything
+from study.utils.errors import UserError
 
 HF_VARIANT = "transformers ViTMAE"  # the row name of transformers' model
 
 
 class Trainer:
-    """A model with the training loop's state (``cfg``: the bench's batch, no accumulation) on a fixed batch;
-    ``build``: our model of ``cfg`` (default) or transformers' (:func:`transformers_mae`)."""
+    """A model with the training loop's state on a fixed batch; ``build``: ours or :func:`transformers_mae`."""
 
     def __init__(self, cfg: Config, device: torch.device, imgs: Tensor, compile_model: bool = False,
                  build: Callable[[Config], nn.Module] = build_model) -> None:
@@ -35,36 +35,33 @@ class Trainer:
         self.model.train()
         if compile_model:
             self.state.net = torch.compile(self.model)
-        for p in self.model.parameters():  # create the optimizer state, so that the first timed step is steady
+        for p in self.model.parameters():  # create the optimizer state: the first timed step is then steady
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def step_fn(self, k: int | None = None) -> Callable[[], Tensor]:
-        """One training step with ``k`` cIMLE samples (None: the config's; the other objectives ignore it)."""
         return lambda: train_step(self.state, self.imgs, k=k).loss.detach()
 
 
 def import_transformers():
-    """The ``transformers`` module, or a one-line error that says how to install it."""
     try:  # here, not at the top: transformers is optional (the bench extra) and slow to import
         import transformers
     except ImportError as exc:
-        raise BenchSettingsError("the comparison with Hugging Face needs transformers: pip install -e '.[bench]' "
+        raise UserError("the comparison with Hugging Face needs transformers: pip install -e '.[bench]' "
                                  f"(or pass --no-transformers) [{exc}]") from exc
     return transformers
 
 
 class _HFModel(nn.Module):
-    """transformers' model behind our model's call, so that :func:`study.train.step.train_step` steps it (LS; it
-    masks with its own noise, so the step's mask goes unused); no weight decay on its tokens and embeddings."""
+    """transformers' model behind our model's call (it masks with its own noise: the step's mask goes unused)."""
 
     def __init__(self, hf: nn.Module) -> None:
         super().__init__()
         self.hf = hf
 
-    def no_weight_decay(self) -> set[str]:
+    def no_weight_decay(self) -> set[str]:  # our decay rule: none on tokens and embeddings
         skip = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed")
         return {name for name, _ in self.named_parameters() if name.endswith(skip)}
 
@@ -73,7 +70,6 @@ class _HFModel(nn.Module):
 
 
 def transformers_mae(cfg: Config) -> nn.Module:
-    """ViTMAEForPreTraining at our config's sizes, mask ratio and norm_pix_loss; SDPA, LayerNorm eps 1e-6."""
     tf, m = import_transformers(), cfg.model
     hf_cfg = tf.ViTMAEConfig(
         hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
@@ -89,16 +85,14 @@ def transformers_mae(cfg: Config) -> nn.Module:
 
 @dataclass
 class Variant:
-    """One timed row: the step it times, the row's fixed fields and the trainer it steps."""
-
     step: Callable[[], Tensor]
     row: dict
     trainer: Trainer
 
 
 def define_variants(plan: Plan, imgs: Tensor) -> tuple[dict[str, Variant], dict[Block, Trainer], list]:
-    """The timed rows by name, our cIMLE trainer per noise block, and (noise block, row name) of the late-noise rows:
-    LS, cIMLE at each k (one model), the Masked VAE, cIMLE at the largest k at each late-noise block, transformers."""
+    """The timed rows by name, our cIMLE trainer per noise block, and (noise block, row name) of the late-noise rows
+    (cIMLE at the largest k; the row at the config's block is the cIMLE row at that k)."""
     cfg, block, kmax = plan.cfg, plan.cfg.noise.block, plan.args.k[-1]
 
     def ours(objective: str, **changes) -> Trainer:
@@ -109,9 +103,7 @@ def define_variants(plan: Plan, imgs: Tensor) -> tuple[dict[str, Variant], dict[
         return Variant(tr.step_fn(k), {"objective": objective, "k": k, "noise_block": b, **extra}, tr)
 
     ls, cimles, mvae = ours("ls"), {block: ours("cimle")}, ours("mvae")
-    for b in plan.late:
-        if b not in cimles:
-            cimles[b] = ours("cimle", noise={"block": b})
+    cimles |= {b: ours("cimle", noise={"block": b}) for b in plan.late if b not in cimles}
     variants = {"ls": row(ls, "ls")} | {f"cimle k={k}": row(cimles[block], "cimle", k, block) for k in plan.args.k}
     variants["mvae"] = row(mvae, "mvae", b=block)
     late_spec = [(b, f"cimle k={kmax}" if b == block else f"cimle k={kmax} block={b}") for b in plan.late]
@@ -122,8 +114,7 @@ def define_variants(plan: Plan, imgs: Tensor) -> tuple[dict[str, Variant], dict[
 
 
 class Components:
-    """The cost model's parts on one cIMLE model (fixed mask, fixed noise), through the objective's own decode:
-    ``decoder.masked_sampler``, the masked patches only."""
+    """The cost model's parts on one cIMLE model (fixed mask and noise) through the objective's own decode."""
 
     def __init__(self, tr: Trainer) -> None:
         self.tr, model, imgs, device = tr, tr.model, tr.imgs, tr.device
@@ -161,7 +152,6 @@ class Components:
             per_example_squared_error(self.decode(self.z), self.target)
 
     def selection(self, k: int, chunk: int | None) -> Callable[[], None]:
-        """One ``study.losses.cimle`` call under no_grad (selection + one no-grad decode of the choice)."""
         gen, shape = torch.Generator().manual_seed(5), self.tr.model.noise_shape(self.ids.num_masked)
 
         def run() -> None:
@@ -173,8 +163,7 @@ class Components:
 
 
 def cost_components(plan: Plan, cimles: dict[Block, Trainer]) -> tuple[dict[str, Callable[[], Any]], Components]:
-    """The cost-model tasks by name (E_fb and the selection alone at the largest k on the main cIMLE model; D_fb
-    and D_f at each noise block), and the components at the config's block (its selection-memory grid)."""
+    """The cost-model tasks by name, and the components at the config's block (for the selection-memory grid)."""
     block, kmax = plan.cfg.noise.block, plan.args.k[-1]
     comps = {b: Components(cimles[b]) for b in sorted(cimles, key=block_order)}
     tasks: dict[str, Callable[[], Any]] = {"E_fb": comps[block].encoder_fb}

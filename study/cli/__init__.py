@@ -29,21 +29,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from study.evaluation.monitor import monitor_hooks
     from study.train.loop import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet, epoch_hooks=monitor_hooks(cfg))
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from study.cli.submit import slurm_available, submit
+    from study.evaluation.monitor import monitor_hooks
     from study.train.loop import pretrain
 
     cfg = load_config(args.config, args.overrides)
     if args.local:
         # exactly one process, in the foreground: what each SLURM task would run, without DDP
-        pretrain(cfg, args.out, resume=True, progress=True)
+        pretrain(cfg, args.out, resume=True, progress=True, epoch_hooks=monitor_hooks(cfg))
         return 0
     if not slurm_available():
         raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; to train here run "

@@ -2,7 +2,7 @@
 
 The evaluation itself is :func:`study.evaluation.run.evaluate`; this module
 adds what only the command needs: parsing, the presets chosen by
-``--linear-epochs`` / ``--finetune-epochs``, and drawing the ``samples``
+``--linear-epochs`` / ``--linear-augment`` / ``--finetune-epochs``, and drawing the ``samples``
 protocol's figure into ``--figures`` (evaluation hands over the data and never
 imports the figures).
 """
@@ -13,9 +13,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from study.utils.args import positive_float, positive_int
+from study.utils.args import positive_float, positive_int, seed_list
 from study.utils.errors import run_command
 from study.evaluation.features import POOLS
+from study.evaluation.knn import DEFAULT_KS
 from study.evaluation.finetune import finetune_settings
 from study.evaluation.linear_probe import linear_probe_settings
 from study.evaluation.run import DEFAULT_RESULTS, PROTOCOLS, evaluate, parse_protocols
@@ -41,19 +42,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config; only for checkpoints without one (facebookresearch format)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.root=/data/in100 (repeatable)")
-    parser.add_argument("--pool", choices=POOLS, default="mean",
-                        help="frozen features for k-NN / linear: mean of patch tokens (default, as the reported "
-                             "headline numbers) or the cls token")
-    parser.add_argument("--knn-k", type=positive_int, default=20,
-                        help="neighbours that vote in the k-NN protocol, at most the training images (default 20)")
+    parser.add_argument("--pool", choices=POOLS, default=None,
+                        help="frozen features for k-NN / linear: the cls token or the mean of patch tokens (default: "
+                             "cls for data.name=imagenet100, as MAE and DINO; mean elsewhere, as the committed "
+                             "MNIST and synthetic results)")
+    parser.add_argument("--knn-k", "--knn-ks", dest="knn_ks", type=_ks, default=None, metavar="K[,K...]",
+                        help="neighbours that vote in the k-NN protocol, comma-separated, each at most the training "
+                             f"images; all from one pass, a row each (default {','.join(map(str, DEFAULT_KS))}, "
+                             "those the training set has; figures read k = 20)")
     parser.add_argument("--knn-temperature", type=positive_float, default=0.07,
                         help="each neighbour votes exp(cosine similarity / T) (default 0.07, as DINO)")
     parser.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="linear-probe and finetune settings (auto: gpu on CUDA, else cpu)")
+                        help="linear-probe and finetune settings (auto: gpu on CUDA, else cpu); the gpu finetune is "
+                             "MAE-Lite's ViT-Tiny recipe up to ViT-T's width (192), else MAE's ViT-B one")
     parser.add_argument("--finetune-epochs", type=positive_int, default=None,
                         help="override the preset's finetune epochs")
+    parser.add_argument("--finetune-seeds", type=seed_list, default=None, metavar="S[,S...]",
+                        help="one finetune per seed, a finetune_top1 row each with its finetune_seed, e.g. 0,1,2 "
+                             "(default: one, seeded with the checkpoint's pretraining seed)")
     parser.add_argument("--linear-epochs", type=positive_int, default=None,
                         help="override the preset's linear-probe epochs")
+    parser.add_argument("--linear-min-steps", type=positive_int, default=None,
+                        help="the optimizer steps the probe's batch is chosen to reach (default: the preset's; gpu: "
+                             "MAE's 7000)")
+    parser.add_argument("--linear-augment", action="store_true",
+                        help="train the linear probe on new RandomResizedCrop + flip views every epoch, as MAE, "
+                             "instead of features extracted once (an encoder pass per epoch: for GPU runs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="default: the config's device")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="feature-extraction batch size")
@@ -84,21 +98,39 @@ def _run(args: argparse.Namespace) -> int:
                                   f"{exc.strerror or exc}") from None
     preset = args.preset
     linear = finetune = None
-    if args.linear_epochs is not None or args.finetune_epochs is not None:
+    probe = {name: value for name, value in (("epochs", args.linear_epochs), ("augment", args.linear_augment or None),
+                                             ("min_steps", args.linear_min_steps)) if value is not None}
+    if probe or args.finetune_epochs is not None or args.finetune_seeds is not None:
         if preset == "auto":
             cfg, _, _ = load_for_evaluation(args.checkpoint, args.config, args.overrides)
             preset = "gpu" if eval_device(args.device, cfg).type == "cuda" else "cpu"
-        if args.linear_epochs is not None:
-            linear = linear_probe_settings(preset, epochs=args.linear_epochs)
-        if args.finetune_epochs is not None:
-            finetune = finetune_settings(preset, epochs=args.finetune_epochs)
+        if probe:
+            linear = linear_probe_settings(preset, **probe)
+        if args.finetune_epochs is not None or args.finetune_seeds is not None:
+            finetune = _finetune_settings(args, preset)
     evaluate(args.checkpoint, protocols, args.results, config=args.config, overrides=args.overrides,
              feature_cache=args.feature_cache, threads=args.threads,
              on_samples=lambda drawing: _draw_samples(drawing, args.checkpoint, figures),
-             pool=args.pool, knn_k=args.knn_k, knn_temperature=args.knn_temperature, preset=preset,
+             pool=args.pool, knn_ks=args.knn_ks, knn_temperature=args.knn_temperature, preset=preset,
              linear=linear, finetune=finetune, random_baseline=not args.no_random_baseline,
              device=args.device, batch_size=args.batch_size, progress=not args.quiet, verbose=not args.quiet)
     return 0
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers >= 1, e.g. ``10,20,100,200``."""
+    return tuple(positive_int(part) for part in text.split(","))
+
+
+def _finetune_settings(args: argparse.Namespace, preset: str):
+    """The preset's finetune settings with the --finetune-* flags; gpu picks its recipe by the encoder's width."""
+    changes = {name: value for name, value in (("epochs", args.finetune_epochs), ("seeds", args.finetune_seeds))
+               if value is not None}
+    width = None
+    if preset == "gpu":
+        cfg, _, _ = load_for_evaluation(args.checkpoint, args.config, args.overrides)
+        width = cfg.model.embed_dim
+    return finetune_settings(preset, embed_dim=width, **changes)
 
 
 def _draw_samples(drawing, checkpoint: str, figures: Path) -> None:

@@ -20,6 +20,7 @@ from study.config import Config, save_config
 from study.utils.errors import UserError
 from study.train.run_folder import check_run_folder
 from study.train.loop import pretrain
+from study.evaluation.monitor import monitor_hooks
 
 __all__ = ["submit", "slurm_available", "PretrainJob"]
 
@@ -34,7 +35,7 @@ class PretrainJob:
 
         # exports RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun would
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return pretrain(self.cfg, self.out, resume=True, progress=False)
+        return pretrain(self.cfg, self.out, resume=True, progress=False, epoch_hooks=monitor_hooks(self.cfg))
 
     def checkpoint(self):
         import submitit

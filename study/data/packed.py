@@ -263,6 +263,13 @@ class DeviceCrops:
         self.hflip = hflip
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std on ``device``, copied once: a copy from pageable host memory each step would block it."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
 
     def __call__(self, batch, generator: torch.Generator | None = None) -> torch.Tensor:
         pixels, sizes = batch
@@ -272,7 +279,8 @@ class DeviceCrops:
         boxes = crop_boxes(sizes[:, 0], sizes[:, 1], b, self.scale, self.ratio, generator, device=device)
         flip = torch.rand(b, generator=generator, device=device) < 0.5 if self.hflip else None
         out = resample(x, boxes, self.img_size, flip).clamp_(0, 1)
-        return (out - self.mean.to(device)) / self.std.to(device)
+        mean, std = self._stats(device)
+        return (out - mean) / std
 
 
 def packed_train_set(cfg: "Config", folder: RobustImageFolder) -> PackedImages:

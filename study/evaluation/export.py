@@ -31,6 +31,7 @@ from torch import Tensor
 from study.config import ConfigError
 from study.data.datasets import IMAGENET_MEAN, IMAGENET_STD, build_eval_datasets
 from study.evaluation.setup import EvaluationError, load_for_evaluation, resolve_checkpoint
+from study.evaluation.features import POOLS, default_pool
 from study.data.image_folders import eval_resize_size
 from study.utils.io import atomic_write, atomic_write_text
 from study.models.encoder import ViTEncoder, load_pretrained_encoder
@@ -39,7 +40,7 @@ __all__ = ["FORMATS", "ExportError", "load_encoder", "timm_files", "transformers
            "verify_export", "add_arguments", "run_from_args"]
 
 FORMATS = ("timm", "transformers")
-POOLS = ("cls", "mean")
+
 WEIGHTS = "model.safetensors"
 TOLERANCE = 1e-4
 # timm names of the standard ViT sizes, by (width, depth, heads)
@@ -248,7 +249,7 @@ def verify_export(encoder: ViTEncoder, fmt: str, folder: str | Path, pool: str =
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, *, config: str | Path | None = None,
-           overrides: Sequence[str] = (), pool: str = "mean", verify: bool = True,
+           overrides: Sequence[str] = (), pool: str | None = None, verify: bool = True,
            overwrite: bool = False) -> dict[str, float]:
     """Write the export folder ``out``; returns the read-back feature differences ({} without ``verify``).
 
@@ -256,7 +257,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, config: str | P
     is ever replaced)."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if pool not in POOLS:
+    if pool is not None and pool not in POOLS:
         raise ExportError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     out = Path(out)
     _check_out(out, overwrite)
@@ -268,6 +269,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, config: str | P
             raise ExportError("checking a transformers export needs transformers: pip install -e '.[bench]' "
                               "(or pass --no-verify)") from None
     encoder, cfg = load_encoder(checkpoint, config, overrides)
+    pool = pool or default_pool(cfg.data.name)
     if fmt == "timm":
         meta, tensors = timm_files(encoder, cfg, pool)
         extra = None
@@ -317,10 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors)")
     # the same default as evaluate's --pool, so an export gives the features the reported numbers were measured on
-    parser.add_argument("--pool", choices=POOLS, default="mean",
-                        help="timm: what model(x) returns, the mean of the patch tokens (default, as evaluate's "
-                             "--pool and the reported headline numbers) or the class token; transformers gives "
-                             "both from last_hidden_state")
+    parser.add_argument("--pool", choices=POOLS, default=None,
+                        help="timm: what model(x) returns, the class token or the mean of the patch tokens (default: "
+                             "evaluate's, cls on ImageNet-100 and mean elsewhere); transformers gives both from "
+                             "last_hidden_state")
     parser.add_argument("--config", default=None,
                         help="YAML config; only for checkpoints without one (facebookresearch format)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -8,6 +8,8 @@ identity (resolved path, size, modification time), the encoder kind
 pool and the images themselves (:func:`dataset_identity`: an image folder's
 files with their sizes and modification times, and the transform), so a
 rewritten checkpoint or an image folder changed in place never hits a stale entry.
+:func:`crop_features` gives the linear probe MAE's random crops of the training set
+instead (one epoch's worth, not cached).
 """
 
 from __future__ import annotations
@@ -27,9 +29,17 @@ from study.evaluation.setup import EvaluationError, NonFiniteFeatures
 from study.utils.io import atomic_write
 from study.utils.device import autocast
 
-__all__ = ["POOLS", "FeatureCache", "extract_features", "feature_key", "checkpoint_identity", "dataset_identity"]
+__all__ = ["POOLS", "FeatureCache", "crop_features", "crop_views", "default_pool", "extract_features", "feature_key",
+           "checkpoint_identity", "dataset_identity"]
 
 POOLS = ("cls", "mean")
+PROBE_CROP_SCALE = (0.08, 1.0)  # MAE's main_linprobe.py: torchvision's RandomResizedCrop default
+
+
+def default_pool(data_name: str) -> str:
+    """The pool when none is given: the cls token on ImageNet-100, as MAE and DINO read theirs; the mean of
+    the patch tokens elsewhere, as the committed MNIST and synthetic results were read."""
+    return "cls" if data_name == "imagenet100" else "mean"
 
 
 @torch.no_grad()
@@ -177,3 +187,41 @@ class FeatureCache:
                        "features": value[0], "labels": value[1]}
             atomic_write(path, lambda tmp: torch.save(payload, tmp))
         return value
+
+
+class _Views(Dataset):
+    """``dataset``'s items through a random transform of the image tensor (one crop per item)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        img, y = self.dataset[i]
+        return self.transform(img), y
+
+
+def crop_views(dataset: Dataset, img_size: int) -> Dataset:
+    """``dataset`` (eval transform) as MAE's linear probe trains on it: RandomResizedCrop(img_size, bicubic,
+    scale 0.08-1) and a horizontal flip, drawn at every access. An image folder crops the decoded image, as MAE;
+    in-memory data crops its eval tensor, which there is the whole image resized."""
+    from torchvision.transforms import v2
+
+    crop = [v2.RandomResizedCrop(img_size, scale=PROBE_CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True), v2.RandomHorizontalFlip()]
+    if hasattr(dataset, "with_transform"):
+        tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(dataset.mean), list(dataset.std)), v2.ToPureTensor()]
+        return dataset.with_transform(v2.Compose(crop + tail))
+    return _Views(dataset, v2.Compose(crop))
+
+
+def crop_features(encoder: torch.nn.Module, views: Dataset, *, seed: int, epoch: int,
+                  **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` of one epoch's crops of ``views`` (:func:`crop_views`); the crops depend on
+    ``seed`` and ``epoch`` only, and torch's global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + epoch)  # the DataLoader's workers seed from it too
+        return extract_features(encoder, views, **kwargs)

@@ -4,10 +4,11 @@ The pieces come from timm rather than being rewritten: layer-wise lr decay
 (``create_optimizer_v2(layer_decay=...)`` with :meth:`ViTClassifier.group_matcher`),
 drop path on the encoder's blocks, mixup / cutmix with soft-target cross-entropy,
 RandAugment and random erasing, label smoothing. :data:`FINETUNE_PRESETS` holds
-MAE's ViT-B/16 recipe (``gpu``) and a short one for the small configs (``cpu``).
-The classifier reads ``encoder.features(imgs, pool)``, so with ``pool="mean"`` it
-pools after the encoder's final norm (MAE adds a separate ``fc_norm``): the
-finetuned encoder stays the pretrained one.
+MAE's ViT-B/16 recipe (``vit-b``), MAE-Lite's ViT-Tiny one (``vit-t``) and a short
+one for the small configs (``cpu``); ``gpu`` picks ``vit-t`` or ``vit-b`` by the
+encoder's width. The classifier reads ``encoder.features(imgs, pool)``, so with
+``pool="mean"`` it pools after the encoder's final norm (MAE adds a separate
+``fc_norm``): the finetuned encoder stays the pretrained one.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from tqdm.auto import tqdm
 
 from study.utils.console import interactive
 from study.data.datasets import RobustImageFolder, build_datasets, build_eval_datasets
+from study.evaluation.setup import EvaluationError
 from study.utils.device import autocast, grad_scaler, seed_everything
 from study.train.optim import linear_scaled_lr, warmup_cosine
 
 __all__ = ["FinetuneSettings", "FINETUNE_PRESETS", "FinetuneResult", "ViTClassifier", "finetune",
-           "finetune_settings", "set_drop_path", "build_finetune_datasets", "finetune_train_transform"]
+           "finetune_settings", "set_drop_path", "set_pos_embed_training", "finetune_optimizer",
+           "build_finetune_datasets", "finetune_train_transform"]
 
 
 @dataclass(frozen=True)
@@ -57,34 +60,68 @@ class FinetuneSettings:
     pool: Literal["cls", "mean"] | None = "mean"  # None: the evaluation's pool
     # in-memory data only: train on the pretraining random-resized crops (True) or the eval images (False)
     crop_augment: bool = False
+    # MAE's finetune trains the position embedding even where pretraining held it fixed (sin-cos)
+    train_pos_embed: bool = True
+    # one finetune per seed; empty: one, seeded with the checkpoint's pretraining seed
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "blr"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"finetune {name} must be > 0, got {getattr(self, name)}")
+                raise EvaluationError(f"finetune {name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"finetune layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise EvaluationError(f"finetune layer_decay must be in (0, 1], got {self.layer_decay}; 1 turns "
+                                  "layer decay off")
         if not 0 <= self.drop_path < 1:
-            raise ValueError(f"finetune drop_path must be in [0, 1), got {self.drop_path}")
+            raise EvaluationError(f"finetune drop_path must be in [0, 1), got {self.drop_path}")
+        object.__setattr__(self, "seeds", _checked_seeds(self.seeds))
 
 
-# gpu: MAE's ViT-B/16 finetune (He et al. 2022, appendix A.1 table 9, and the official FINETUNE.md command),
-# used unchanged for ViT-T on ImageNet-100 (the poster gives no ViT-T recipe); batch_size is per process, so
-# 8 GPUs use 128. cpu: the same recipe shortened for the small configs. In-memory data trains on the eval
-# images without crops: on cpu-small MNIST the pretraining crops (scale 0.35-1) held a 3-epoch finetune at 0.48
-# top-1 against 0.72 without; a 20-epoch-pretrained encoder reaches ~0.87 (linear probe 0.72) in ~25 s.
+def _checked_seeds(seeds) -> tuple[int, ...]:
+    """``seeds`` as a tuple of distinct integers >= 0 (a list or a single integer is accepted)."""
+    items = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+    bad = [s for s in items if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise EvaluationError(f"finetune seeds must be integers >= 0, got {bad}; give e.g. seeds=(0, 1)")
+    if len(set(items)) != len(items):
+        raise EvaluationError(f"finetune seeds {list(items)} repeat a seed: a repeat gives the same finetune "
+                              "again; list each seed once")
+    return items
+
+
+# Finetuning runs in one process: batch_size is the whole batch.
+# vit-b: MAE's ViT-B/16 finetune (He et al. 2022, appendix A.1 table 9, and the official FINETUNE.md command).
+# vit-t: MAE-Lite's ViT-Tiny finetune (Wang et al., "A Closer Look at Self-Supervised Lightweight Vision
+#   Transformers", ICML 2023), github.com/wangsr126/MAE-Lite projects/eval_tools/finetuning_exp.py (the
+#   README's ViT-Tiny command: -b 1024 -e 300) over its base finetuning_mae_exp.py: layer decay 0.85, blr 1e-3
+#   per 256 images, AdamW (0.9, 0.999), weight decay 0.05, 5 warm-up epochs, min lr 1e-6, mean pooling;
+#   lighter regularisation than MAE's, which that paper finds suits a small ViT: RandAugment m10, mixup 0.2,
+#   no cutmix, no label smoothing, no random erasing, no drop path. Its colour jitter (0.3) is not a setting
+#   here: timm drops colour jitter whenever RandAugment is on, there as here.
+# gpu (finetune_settings): vit-t for an encoder of ViT-T width (192) or narrower, else vit-b.
+# cpu: the same recipe shortened for the small configs. In-memory data trains on the eval images without
+# crops: on cpu-small MNIST the pretraining crops (scale 0.35-1) held a 3-epoch finetune at 0.48 top-1
+# against 0.72 without; a 20-epoch-pretrained encoder reaches ~0.87 (linear probe 0.72) in ~25 s.
 FINETUNE_PRESETS: dict[str, FinetuneSettings] = {
     "cpu": FinetuneSettings(epochs=10, batch_size=64, blr=1e-2),
-    "gpu": FinetuneSettings(epochs=100, batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=5,
-                            weight_decay=0.05, crop_augment=True, layer_decay=0.65, drop_path=0.1, mixup=0.8,
-                            cutmix=1.0, label_smoothing=0.1,
-                            rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25),
+    "vit-b": FinetuneSettings(epochs=100, batch_size=1024, blr=5e-4, min_lr=1e-6, warmup_epochs=5,
+                              weight_decay=0.05, crop_augment=True, layer_decay=0.65, drop_path=0.1, mixup=0.8,
+                              cutmix=1.0, label_smoothing=0.1,
+                              rand_augment="rand-m9-mstd0.5-inc1", reprob=0.25),
+    "vit-t": FinetuneSettings(epochs=300, batch_size=1024, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
+                              weight_decay=0.05, betas=(0.9, 0.999), crop_augment=True, layer_decay=0.85,
+                              drop_path=0.0, mixup=0.2, cutmix=0.0, label_smoothing=0.0,
+                              rand_augment="rand-m10-mstd0.5-inc1", reprob=0.0, pool="mean"),
 }
+VIT_T_WIDTH = 192  # the widest encoder the gpu preset gives the ViT-T recipe
 
 
-def finetune_settings(preset: str = "cpu", **changes) -> FinetuneSettings:
+def finetune_settings(preset: str = "cpu", *, embed_dim: int | None = None, **changes) -> FinetuneSettings:
+    """A preset with ``changes``; ``gpu`` is ``vit-t`` for ``embed_dim`` <= 192, else (or unknown) ``vit-b``."""
+    if preset == "gpu":
+        preset = "vit-t" if embed_dim is not None and embed_dim <= VIT_T_WIDTH else "vit-b"
     if preset not in FINETUNE_PRESETS:
-        raise ValueError(f"unknown finetune preset {preset!r}; valid: {sorted(FINETUNE_PRESETS)}")
+        raise EvaluationError(f"unknown finetune preset {preset!r}; valid: {sorted([*FINETUNE_PRESETS, 'gpu'])}")
     return dataclasses.replace(FINETUNE_PRESETS[preset], **changes)
 
 
@@ -98,6 +135,17 @@ def set_drop_path(encoder: nn.Module, rate: float) -> None:
         for name in ("drop_path1", "drop_path2", "drop_path"):
             if hasattr(blk, name):
                 setattr(blk, name, DropPath(r) if r > 0 else nn.Identity())
+
+
+def set_pos_embed_training(encoder: nn.Module, train: bool) -> None:
+    """Make the encoder's ``pos_embed`` trainable (``train``) or fixed.
+
+    A change puts a copy in place of the parameter rather than flipping its flag: the tensor the
+    encoder held (a pretrained model's, a fixed sin-cos table) is never trained.
+    """
+    table = getattr(encoder, "pos_embed", None)
+    if isinstance(table, nn.Parameter) and table.requires_grad != train:
+        encoder.pos_embed = nn.Parameter(table.detach().clone(), requires_grad=train)
 
 
 class ViTClassifier(nn.Module):
@@ -239,12 +287,20 @@ def _mixup_and_loss(s: FinetuneSettings, num_classes: int) -> tuple[Mixup | None
     return None, nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
 
 
+def finetune_optimizer(model: ViTClassifier, s: FinetuneSettings, batch: int) -> torch.optim.Optimizer:
+    """timm's AdamW with layer-wise lr decay; each group's ``lr_scale`` multiplies the scheduled lr."""
+    return create_optimizer_v2(model, "adamw", lr=linear_scaled_lr(s.blr, batch), weight_decay=s.weight_decay,
+                               layer_decay=s.layer_decay, betas=s.betas)
+
+
 def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
              settings: FinetuneSettings | None = None, *, pool: str = "mean", device: str | torch.device = "cpu",
              seed: int = 0, num_workers: int = 0, precision: str = "fp32", progress: bool = True,
              max_steps: int | None = None) -> FinetuneResult:
-    """Finetune ``encoder`` (modified in place) with a new head; return val top-1 after the last epoch.
+    """Finetune ``encoder`` with a new head; return val top-1 after the last epoch.
 
+    ``encoder`` is modified in place (drop path, weights); a position embedding that
+    ``settings.train_pos_embed`` makes trainable (or fixed) is a copy, the old tensor left as it was.
     ``max_steps`` stops early (tests, smoke runs); the lr schedule still spans ``settings.epochs``.
     """
     s = settings or FINETUNE_PRESETS["cpu"]
@@ -253,12 +309,12 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
     t0 = time.perf_counter()
     seed_everything(seed)  # numpy too: timm's mixup draws its lambdas from it
     set_drop_path(encoder, s.drop_path)
+    set_pos_embed_training(encoder, s.train_pos_embed)
     model = ViTClassifier(encoder, num_classes, pool=pool).to(device)
 
     batch = _batch_size(s, len(train_set))
     base_lr = linear_scaled_lr(s.blr, batch)
-    optimizer = create_optimizer_v2(model, "adamw", lr=base_lr, weight_decay=s.weight_decay,
-                                    layer_decay=s.layer_decay, betas=s.betas)
+    optimizer = finetune_optimizer(model, s, batch)
     mixup, criterion = _mixup_and_loss(s, num_classes)
     scaler = grad_scaler(precision, device)
     loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,

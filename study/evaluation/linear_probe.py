@@ -1,12 +1,13 @@
 """Linear probe on frozen features (the MAE protocol): BatchNorm1d(affine=False) + Linear.
 
-Features are extracted once (:mod:`study.evaluation.features`) and the probe trains
-on the cached matrix, so a probe costs seconds on CPU; the price is one deviation
-from MAE, which re-crops every epoch. :data:`LINEAR_PRESETS` holds MAE's published
-settings (``gpu``) and a fast one for the small configs (``cpu``). The batch is
-capped at the training-set size and the lr scaled by the batch actually used. On
-CPU the probe runs single-threaded: its ops are too small to gain from threads,
-and on a shared 2-core machine two threads ran 10-20x slower.
+By default the probe trains on features extracted once (:mod:`study.evaluation.features`),
+so a probe costs seconds on CPU; ``augment`` instead takes each epoch's features from
+new random crops, as MAE does, at an encoder pass over the training set per epoch.
+:data:`LINEAR_PRESETS` holds MAE's published settings (``gpu``) and a fast one for
+the small configs (``cpu``). ``min_steps`` sizes the batch (:func:`probe_batch`) so a
+set smaller than ImageNet still gets MAE's number of optimizer steps; the lr is scaled
+by the batch actually used. On CPU the probe runs single-threaded: its ops are too
+small to gain from threads, and on a shared 2-core machine two threads ran 10-20x slower.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -26,8 +27,12 @@ from study.utils.console import interactive
 from study.utils.device import cpu_threads
 from study.train.optim import linear_scaled_lr, warmup_cosine
 
-__all__ = ["LARS", "LinearProbeSettings", "LINEAR_PRESETS", "LinearProbeResult", "linear_probe_settings",
-           "train_linear_probe"]
+__all__ = ["LARS", "LinearProbeSettings", "LINEAR_PRESETS", "LinearProbeResult", "MAE_PROBE_STEPS",
+           "linear_probe_settings", "probe_batch", "probe_plan", "train_linear_probe"]
+
+# MAE's ImageNet-1k probe: 1,281,167 images at batch 16384 is 78 steps an epoch, 90 epochs
+MAE_PROBE_STEPS = 7000
+MIN_PROBE_BATCH = 8  # the smallest batch the step goal may ask for: BatchNorm needs a few samples a step
 
 
 class LARS(torch.optim.Optimizer):
@@ -90,6 +95,8 @@ class LinearProbeSettings:
     momentum: float = 0.9  # lars / sgd
     min_lr: float = 0.0
     head_init_std: float = 0.01
+    min_steps: int | None = None  # None: batch_size as given; else the batch that reaches it (probe_batch)
+    augment: bool = False  # each epoch's features from random resized crops + flips, not the cached ones
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("lars", "sgd", "adam", "adamw"):
@@ -97,16 +104,19 @@ class LinearProbeSettings:
         for name in ("blr", "batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"linear probe {name} must be > 0, got {getattr(self, name)}")
+        if self.min_steps is not None and self.min_steps <= 0:
+            raise ValueError(f"linear probe min_steps must be > 0 or None, got {self.min_steps}")
 
 
 # gpu: MAE's linear probe (He et al. 2022, appendix A.2, and main_linprobe.py's defaults), LARS, head init std
-# 0.01, on features of the eval transform extracted once instead of MAE's crops every epoch. cpu: tuned on the
+# 0.01; batch_size is the cap of the batch that gives MAE's 7,000 steps on a smaller set, and MAE's crops every
+# epoch are opt-in (augment): they cost an encoder pass per epoch. cpu: tuned on the
 # cpu-small MNIST features (random-init encoder 0.67; lr 1e-3 for 30 epochs underfit at 0.51), about a second on
 # 4,000 cached 64-d features.
 LINEAR_PRESETS: dict[str, LinearProbeSettings] = {
     "cpu": LinearProbeSettings(),
     "gpu": LinearProbeSettings(optimizer="lars", blr=0.1, batch_size=16384, epochs=90, warmup_epochs=10,
-                               weight_decay=0.0, momentum=0.9),
+                               weight_decay=0.0, momentum=0.9, min_steps=MAE_PROBE_STEPS),
 }
 
 
@@ -114,6 +124,32 @@ def linear_probe_settings(preset: str = "cpu", **changes) -> LinearProbeSettings
     if preset not in LINEAR_PRESETS:
         raise ValueError(f"unknown linear probe preset {preset!r}; valid: {sorted(LINEAR_PRESETS)}")
     return dataclasses.replace(LINEAR_PRESETS[preset], **changes)
+
+
+def probe_batch(n: int, s: LinearProbeSettings) -> int:
+    """The batch the probe trains ``n`` features with: ``s.batch_size`` capped at ``n``; with ``s.min_steps``,
+    the largest power of two (at most ``batch_size``, at least ``MIN_PROBE_BATCH``) whose
+    ``epochs * (n // batch)`` steps
+    (the last partial batch is dropped) reach ``min_steps``. ImageNet-1k at 90 epochs gives MAE's 16384."""
+    batch = s.batch_size
+    if s.min_steps is not None:
+        per_epoch = math.ceil(s.min_steps / s.epochs)  # the steps an epoch needs
+        fits = max(n // per_epoch, 1)
+        batch = min(batch, max(1 << (fits.bit_length() - 1), MIN_PROBE_BATCH))
+    return max(min(batch, n), 1)
+
+
+def probe_plan(n: int, s: LinearProbeSettings) -> str:
+    """One log line: the batch, optimizer steps and lr the probe will train ``n`` features with."""
+    batch = probe_batch(n, s)
+    per_epoch = n // batch
+    goal = ""
+    if s.min_steps:
+        goal = (f" (MAE's probe: {s.min_steps})" if per_epoch * s.epochs >= s.min_steps else
+                f", fewer than MAE's {s.min_steps}: too few images for a batch of {MIN_PROBE_BATCH}")
+    crops = "; new crops every epoch" if s.augment else ""
+    return (f"  linear-probe batch {batch} (lr {linear_scaled_lr(s.blr, batch):.4g}): {per_epoch * s.epochs} steps, "
+            f"{s.epochs} epochs of {per_epoch} on {n} images{goal}{crops}")
 
 
 @dataclass
@@ -124,6 +160,8 @@ class LinearProbeResult:
     losses: list[float]  # mean loss per epoch
     seconds: float
     head: nn.Module
+    batch: int = 0  # the batch trained with (probe_batch)
+    steps: int = 0  # optimizer steps taken
 
 
 def _make_optimizer(head: nn.Module, s: LinearProbeSettings, lr: float) -> torch.optim.Optimizer:
@@ -150,18 +188,23 @@ def _accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor, device, batch: 
 def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
                        val_labels: torch.Tensor, settings: LinearProbeSettings | None = None, *,
                        num_classes: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
-                       progress: bool = True, threads: int | None = 1) -> LinearProbeResult:
+                       progress: bool = True, threads: int | None = 1,
+                       epoch_features: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+                       ) -> LinearProbeResult:
     """Train BatchNorm1d(affine=False) + Linear on cached features; report val top-1.
 
+    ``epoch_features(epoch)``, if given, returns the ``(features, labels)`` epoch ``epoch`` trains on (new
+    crops of the same images, in their order); ``train_features`` then serve the train top-1 only.
     ``threads``: CPU intra-op threads while training (default 1; None leaves torch's setting).
     """
     with cpu_threads(threads, device):
         return _train_linear_probe(train_features, train_labels, val_features, val_labels, settings,
-                                   num_classes=num_classes, device=device, seed=seed, progress=progress)
+                                   num_classes=num_classes, device=device, seed=seed, progress=progress,
+                                   epoch_features=epoch_features)
 
 
 def _train_linear_probe(train_features, train_labels, val_features, val_labels, settings, *, num_classes,
-                        device, seed, progress) -> LinearProbeResult:
+                        device, seed, progress, epoch_features) -> LinearProbeResult:
     s = settings or LINEAR_PRESETS["cpu"]
     device = torch.device(device)
     t0 = time.perf_counter()
@@ -176,7 +219,7 @@ def _train_linear_probe(train_features, train_labels, val_features, val_labels, 
         nn.init.trunc_normal_(w, std=s.head_init_std, a=-2 * s.head_init_std, b=2 * s.head_init_std, generator=gen)
         head[1].weight.copy_(w)
         head[1].bias.zero_()
-    batch = min(s.batch_size, n)
+    batch = probe_batch(n, s)
     base_lr = linear_scaled_lr(s.blr, batch)
     opt = _make_optimizer(head, s, base_lr)
     x = train_features.to(device, torch.float32)
@@ -186,6 +229,8 @@ def _train_linear_probe(train_features, train_labels, val_features, val_labels, 
     bar = tqdm(range(s.epochs), desc="linear probe", disable=not (progress and interactive()), leave=False, dynamic_ncols=True)
     for epoch in bar:
         head.train()
+        if epoch_features is not None:
+            x, y = _epoch_features(epoch_features, epoch, n, device)
         order = torch.randperm(n, generator=gen).to(device)
         total = torch.zeros((), device=device)
         for step in range(steps):
@@ -205,4 +250,12 @@ def _train_linear_probe(train_features, train_labels, val_features, val_labels, 
     top1 = _accuracy(head, val_features, val_labels, device)
     train_top1 = _accuracy(head, train_features, train_labels, device)
     return LinearProbeResult(top1=top1, train_top1=train_top1, train_loss=losses[-1], losses=losses,
-                             seconds=time.perf_counter() - t0, head=head.cpu())
+                             seconds=time.perf_counter() - t0, head=head.cpu(), batch=batch, steps=steps * s.epochs)
+
+
+def _epoch_features(source: Callable[[int], tuple[torch.Tensor, torch.Tensor]], epoch: int, n: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = source(epoch)
+    if x.shape[0] != n:
+        raise ValueError(f"linear probe: epoch {epoch + 1} has {x.shape[0]} training features, not {n}")
+    return x.to(device, torch.float32), y.to(device, torch.int64)

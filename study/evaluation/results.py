@@ -9,7 +9,8 @@ than the one that failed, and the :class:`study.utils.errors.WriteError` names i
 :func:`check_table` refuses before any work a path rows could not be appended to.
 Every read checks the table and names the ``path:line`` a hand edit broke (a row of
 the wrong length, text in a :data:`NUMERIC` column), and a rewrite keeps integer
-columns integers, so no good row is padded, dropped or changed silently.
+columns integers, so no good row is padded, dropped or changed silently. k-NN writes a
+row per k (``knn_k``); :func:`read_results` keeps the k = 20 ones (:func:`knn_at`).
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ import pandas as pd
 from study.utils.errors import WRITE_ERRNOS, UserError, WriteError, write_error
 from study.utils.io import atomic_write
 
-__all__ = ["append_rows", "check_table", "count_stale_rows", "drop_stale_points", "point_seconds", "read_point_rows",
-           "read_results", "save_rows_aside", "write_results", "ResultsTableError"]
+__all__ = ["HEADLINE_KNN_K", "append_rows", "check_table", "count_stale_rows", "drop_stale_points", "knn_at",
+           "point_seconds", "read_point_rows", "read_results", "save_rows_aside", "write_results", "ResultsTableError"]
+
+# the k of every k-NN number the study reports, and of every knn_top1 row written before rows named their k
+HEADLINE_KNN_K = 20
 
 REQUIRED = ("metric", "value")
 # columns that hold numbers in every table the study writes: text there is a hand edit, not a result
 NUMERIC = ("value", "seed", "epochs", "config_epochs", "train_seconds", "k", "mask_ratio", "mask_strength",
            "noise_dim", "mvae_beta", "knn_k", "knn_temperature", "img_size", "patch_size", "embed_dim", "depth",
            "decoder_dim", "decoder_depth", "synthetic_mean_shift", "sign_flip_p", "probe_blr", "probe_batch_size",
-           "probe_epochs", "steps")
+           "probe_epochs", "probe_min_steps", "steps", "linear_steps", "linear_batch")
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 
@@ -367,12 +371,31 @@ def point_seconds(path: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in total.items()}
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """The table at ``path``, checked (:class:`ResultsTableError` names the line a hand edit broke)."""
+def read_results(path: str | Path, knn_k: int | None = HEADLINE_KNN_K) -> pd.DataFrame:
+    """The table at ``path``, checked (:class:`ResultsTableError` names the line a hand edit broke), with
+    its ``knn_top1`` rows at ``knn_k`` neighbours only (:func:`knn_at`; None: every k)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results table at {path}")
     parsed = _parse(path)
     if parsed is None:
         raise ResultsTableError(f"{path} is empty: it has no header line; rerun what writes it or restore it")
-    return parsed[0]
+    return knn_at(parsed[0], knn_k)
+
+
+def knn_at(table: pd.DataFrame, k: int | None = HEADLINE_KNN_K) -> pd.DataFrame:
+    """``table`` with a ``knn_k`` on every ``knn_top1`` row (20 where it has none: such a row predates the
+    rows per k, and 20 was the only k then) and, unless ``k`` is None, only the ``knn_top1`` rows at ``k``,
+    so that a figure or statistic never averages accuracies of different k. Other rows are kept."""
+    if "metric" not in table.columns:
+        return table
+    knn = table["metric"].astype(str) == "knn_top1"
+    if not knn.any():
+        return table
+    table = table.copy()
+    if "knn_k" not in table.columns:
+        table["knn_k"] = pd.Series(pd.NA, index=table.index, dtype="Int64")
+    table.loc[knn & table["knn_k"].isna(), "knn_k"] = HEADLINE_KNN_K
+    if k is None:
+        return table
+    return table[~knn | (pd.to_numeric(table["knn_k"], errors="coerce") == k)].reset_index(drop=True)

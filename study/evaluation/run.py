@@ -29,12 +29,14 @@ import torch
 
 from study.config import Config
 from study.data.datasets import build_eval_datasets
+from study.utils.provenance import provenance
 from study.utils.errors import USER_ERRORS, UserError, WriteError, one_line
 from study.evaluation.context_completion import check_synthetic, completion_protocol
-from study.evaluation.features import POOLS, FeatureCache, extract_features, feature_key
+from study.evaluation.features import (POOLS, FeatureCache, crop_features, crop_views, default_pool, extract_features,
+                                       feature_key)
 from study.evaluation.finetune import FinetuneSettings, build_finetune_datasets, finetune, finetune_settings
-from study.evaluation.knn import knn_accuracy
-from study.evaluation.linear_probe import LinearProbeSettings, linear_probe_settings, train_linear_probe
+from study.evaluation.knn import checked_ks, knn_accuracy, resolve_ks
+from study.evaluation.linear_probe import LinearProbeSettings, linear_probe_settings, probe_plan, train_linear_probe
 from study.evaluation.samples import SamplesDrawing, samples_protocol
 from study.evaluation.setup import (ENCODERS, EvaluationError, NonFiniteFeatures, build_encoders, build_models,
                                     eval_device, load_for_evaluation, require_labels, require_study_format,
@@ -71,8 +73,9 @@ class EvaluateSettings:
     """How to evaluate (what :func:`evaluate` takes as keywords), checked on creation."""
 
     protocols: tuple[str, ...] = ("knn", "linear")
-    pool: str = "mean"  # frozen features: mean of patch tokens (the headline numbers in docs/results.md) or cls token
-    knn_k: int = 20
+    pool: str | None = None  # frozen features: "cls" token or "mean" of patch tokens; None: default_pool(data.name)
+    knn_ks: tuple[int, ...] | None = None  # None: DEFAULT_KS (10, 20, 100, 200) up to the training-set size
+    knn_k: int | None = None  # one k, the same as knn_ks=(knn_k,), for callers that name one
     knn_temperature: float = 0.07
     preset: str = "auto"  # linear-probe and finetune settings: cpu, gpu, or auto (gpu on CUDA)
     linear: LinearProbeSettings | None = None  # replaces the preset's
@@ -86,10 +89,9 @@ class EvaluateSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(parse_protocols(self.protocols)))
-        if self.pool not in POOLS:
+        if self.pool is not None and self.pool not in POOLS:
             raise EvaluationError(f"pool must be one of {list(POOLS)}, got {self.pool!r}")
-        if not (isinstance(self.knn_k, int) and self.knn_k >= 1):
-            raise EvaluationError(f"knn_k must be an integer >= 1, got {self.knn_k!r}")
+        object.__setattr__(self, "knn_ks", checked_ks(self.knn_k, self.knn_ks))
         if not self.knn_temperature > 0:
             raise EvaluationError(f"knn_temperature must be > 0, got {self.knn_temperature!r}")
         if self.batch_size is not None and not self.batch_size >= 1:
@@ -133,7 +135,15 @@ def run_params(cfg, state: dict, fmt: str, checkpoint: str | Path) -> dict:
         "decoder_depth": cfg.model.decoder_depth,
         "checkpoint": str(checkpoint),
         "checkpoint_format": fmt,
+        **code_columns(state),
     }
+
+
+def code_columns(state: dict) -> dict:
+    """The code and versions that evaluated a row, and the commit that pretrained its checkpoint (if it says)."""
+    now, then = provenance(), state.get("provenance") or {}
+    return {"git_commit": now["git_commit"], "git_dirty": now["git_dirty"], "torch_version": now["torch"],
+            "timm_version": now["timm"], "pretrain_git_commit": then.get("git_commit")}
 
 
 def _num_classes(dataset, labels: torch.Tensor | None = None) -> int:
@@ -156,11 +166,12 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
     """Evaluate ``checkpoint`` with ``protocols``; append and return the result rows.
 
     ``results=None`` returns the rows without writing. ``settings`` are the
-    fields of :class:`EvaluateSettings` (``pool``, ``preset``, ``linear``,
+    fields of :class:`EvaluateSettings` (``pool``: by default cls on ImageNet-100,
+    mean elsewhere; ``knn_ks``, ``preset``, ``linear``,
     ``finetune``, ``random_baseline``: the random-init rows are on by default,
     turn them off only to save a GPU finetune of a baseline already in the
     table, ...). ``threads`` sets torch's CPU threads for the call (the linear
-    probe always trains on one CPU thread). ``on_samples`` receives the
+    probe trains on one CPU thread unless it crops every epoch). ``on_samples`` receives the
     ``samples`` protocol's drawing of the pretrained model (the command draws it).
     A failed protocol raises :class:`ProtocolFailed` after the other protocols'
     rows are saved; they are also on its ``rows`` (for ``results=None``).
@@ -213,16 +224,20 @@ class _Evaluation:
 
     def __init__(self, checkpoint, cfg: Config, state: dict, fmt: str, s: EvaluateSettings,
                  cache: FeatureCache) -> None:
+        if s.pool is None:  # resolved once: every protocol, finetune's default pool included, reads this one
+            s = dataclasses.replace(s, pool=default_pool(cfg.data.name))
         self.checkpoint, self.cfg, self.state, self.fmt, self.s, self.cache = checkpoint, cfg, state, fmt, s, cache
         self.device = eval_device(s.device, cfg)
         self.preset = s.preset if s.preset != "auto" else ("gpu" if self.device.type == "cuda" else "cpu")
         self.linear = s.linear or linear_probe_settings(self.preset)
-        self.finetune = s.finetune or finetune_settings(self.preset)
+        self.finetune = s.finetune or finetune_settings(self.preset, embed_dim=cfg.model.embed_dim)
         self.base = run_params(cfg, state, fmt, checkpoint)
         self.base.update(evaluated_at=_dt.datetime.now().isoformat(timespec="seconds"),
                          eval_device=self.device.type, preset=self.preset)
         self.rows: list[dict] = []
         self.failed: dict[str, Exception] = {}  # protocol -> what stopped it
+        self.notes: dict[str, str] = {}  # protocol -> said after its line
+        self.extract_batch = s.batch_size or (256 if self.device.type == "cpu" else 512)
 
     @contextmanager
     def attempt(self, *protocols: str):
@@ -249,20 +264,21 @@ class _Evaluation:
 
     def done(self, protocol: str) -> None:
         if self.s.verbose:
-            print(_protocol_line(protocol, [r for r in self.rows if r["protocol"] == protocol]), flush=True)
+            print(_protocol_line(protocol, [r for r in self.rows if r["protocol"] == protocol])
+                  + self.notes.get(protocol, ""), flush=True)
 
     def _features(self, enc_name: str, encoder: torch.nn.Module, datasets: dict) -> dict:
         """``{split: (features, labels)}``, extracted once per encoder, split and pool (cached)."""
         s, cfg = self.s, self.cfg
-        batch = s.batch_size or (256 if self.device.type == "cpu" else 512)
         cfg_dict = dataclasses.asdict(cfg)
         feats = {}
         for split, ds in datasets.items():
             key = feature_key(checkpoint=self.checkpoint, encoder=enc_name, split=split, pool=s.pool,
                               config=cfg_dict, dataset=ds)
             feats[split] = self.cache.get(key, lambda ds=ds, split=split: extract_features(
-                encoder, ds, pool=s.pool, batch_size=batch, device=self.device, num_workers=cfg.data.num_workers,
-                precision=cfg.precision, progress=s.progress, desc=f"features {enc_name}/{split}"))
+                encoder, ds, pool=s.pool, batch_size=self.extract_batch, device=self.device,
+                num_workers=cfg.data.num_workers, precision=cfg.precision, progress=s.progress,
+                desc=f"features {enc_name}/{split}"))
         return feats
 
     def frozen_protocols(self) -> None:
@@ -271,9 +287,9 @@ class _Evaluation:
         if not frozen:
             return
         train_set, val_set = build_eval_datasets(self.cfg)
-        if "knn" in frozen and self.s.knn_k > len(train_set):
-            raise EvaluationError(f"--knn-k {self.s.knn_k} is more neighbours than the {len(train_set)} training "
-                                  "images; give at most that (20 is the usual choice)")
+        ks = ()
+        if "knn" in frozen:  # a k the training set cannot give is refused before any feature is computed
+            ks, self.notes["knn"] = resolve_ks(self.s.knn_ks, len(train_set))
         with self.attempt(*frozen):
             for enc_name, encoder in build_encoders(self.cfg, self.state, self.fmt, self.s.encoders).items():
                 if not self.running(frozen):
@@ -285,33 +301,49 @@ class _Evaluation:
                 c = _num_classes(train_set, torch.cat([feats["train"][1], feats["val"][1]]))
                 if "knn" in self.running(frozen):
                     with self.attempt("knn"):
-                        self._knn(enc_name, feats, c, feat_seconds)
+                        self._knn(enc_name, feats, c, feat_seconds, ks)
                 if "linear" in self.running(frozen):
                     with self.attempt("linear"):
-                        self._linear(enc_name, feats, c, feat_seconds)
+                        self._linear(enc_name, feats, c, feat_seconds, encoder, train_set)
                 encoder.cpu()
         for protocol in self.running(frozen):
             self.done(protocol)
 
-    def _knn(self, enc_name: str, feats: dict, num_classes: int, feat_seconds: float) -> None:
+    def _knn(self, enc_name: str, feats: dict, num_classes: int, feat_seconds: float, ks: tuple[int, ...]) -> None:
         s = self.s
         (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
         t0 = time.perf_counter()
-        acc = knn_accuracy(xtr, ytr, xva, yva, k=s.knn_k, temperature=s.knn_temperature, num_classes=num_classes,
-                           device=self.device)
-        extra = {"knn_k": s.knn_k, "knn_temperature": s.knn_temperature}
-        self.row("knn", enc_name, "knn_top1", acc, s.pool, extra)
-        self.row("knn", enc_name, "knn_seconds", time.perf_counter() - t0 + feat_seconds, s.pool, extra)
+        accs = knn_accuracy(xtr, ytr, xva, yva, ks=ks, temperature=s.knn_temperature, num_classes=num_classes,
+                            device=self.device)
+        for k, acc in accs.items():
+            self.row("knn", enc_name, "knn_top1", acc, s.pool, {"knn_k": k, "knn_temperature": s.knn_temperature})
+        # one pass answers every k: one time row, of no single k
+        self.row("knn", enc_name, "knn_seconds", time.perf_counter() - t0 + feat_seconds, s.pool,
+                 {"knn_k": None, "knn_temperature": s.knn_temperature})
 
-    def _linear(self, enc_name: str, feats: dict, num_classes: int, feat_seconds: float) -> None:
-        s = self.s
+    def _linear(self, enc_name: str, feats: dict, num_classes: int, feat_seconds: float, encoder: torch.nn.Module,
+                train_set) -> None:
+        s, lin = self.s, self.linear
         (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
-        res = train_linear_probe(xtr, ytr, xva, yva, self.linear, num_classes=num_classes, device=self.device,
-                                 seed=self.cfg.seed, progress=s.progress)
-        extra = {f"probe_{f.name}": getattr(self.linear, f.name) for f in dataclasses.fields(self.linear)}
+        if s.verbose and enc_name == s.encoders[0]:
+            print(probe_plan(len(xtr), lin), flush=True)
+        crops = self._crops(encoder, train_set) if lin.augment else None
+        # the crops' encoder passes need torch's threads; the probe alone is faster on one
+        res = train_linear_probe(xtr, ytr, xva, yva, lin, num_classes=num_classes, device=self.device,
+                                 seed=self.cfg.seed, progress=s.progress, threads=None if crops else 1,
+                                 epoch_features=crops)
+        extra = {f"probe_{f.name}": getattr(lin, f.name) for f in dataclasses.fields(lin)}
+        extra.update(linear_steps=res.steps, linear_batch=res.batch)
         self.row("linear", enc_name, "linear_top1", res.top1, s.pool, extra)
         self.row("linear", enc_name, "linear_train_top1", res.train_top1, s.pool, extra)
         self.row("linear", enc_name, "linear_seconds", res.seconds + feat_seconds, s.pool, extra)
+
+    def _crops(self, encoder: torch.nn.Module, train_set) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+        """Each probe epoch's features of new random crops of the training images (``augment``)."""
+        views, cfg = crop_views(train_set, self.cfg.model.img_size), self.cfg
+        return lambda epoch: crop_features(
+            encoder, views, seed=cfg.seed, epoch=epoch, pool=self.s.pool, batch_size=self.extract_batch,
+            device=self.device, num_workers=cfg.data.num_workers, precision=cfg.precision, progress=False)
 
     def finetune_protocol(self) -> None:
         with self.attempt("finetune"):
@@ -324,17 +356,22 @@ class _Evaluation:
         ft_train, ft_val = build_finetune_datasets(self.cfg, ft)
         c = _num_classes(ft_train)
         ft_pool = ft.pool or s.pool
+        # no ft_seeds column: a seed's rows should not differ by which other seeds ran beside it
+        extra = {f"ft_{f.name}": (str(v) if isinstance(v, tuple) else v)
+                 for f in dataclasses.fields(ft) if f.name != "seeds" for v in [getattr(ft, f.name)]}
+        extra["ft_max_steps"] = s.finetune_max_steps
         for enc_name in s.encoders:
-            # a fresh copy: finetuning changes the encoder in place
-            encoder = build_encoders(self.cfg, self.state, self.fmt, (enc_name,))[enc_name]
-            res = finetune(encoder, ft_train, ft_val, c, ft, pool=ft_pool, device=self.device, seed=self.cfg.seed,
-                           num_workers=self.cfg.data.num_workers, precision=self.cfg.precision,
-                           progress=s.progress, max_steps=s.finetune_max_steps)
-            extra = {f"ft_{f.name}": (str(v) if isinstance(v, tuple) else v)
-                     for f in dataclasses.fields(ft) for v in [getattr(ft, f.name)]}
-            extra["ft_max_steps"] = s.finetune_max_steps
-            self.row("finetune", enc_name, "finetune_top1", res.top1, ft_pool, extra)
-            self.row("finetune", enc_name, "finetune_seconds", res.seconds, ft_pool, extra)
+            # "seed" stays the pretraining seed (it also draws the random-init encoder); "finetune_seed"
+            # draws the head, the batches and the augmentation
+            for ft_seed in ft.seeds or (self.cfg.seed,):
+                # a fresh copy each time: finetuning changes the encoder in place
+                encoder = build_encoders(self.cfg, self.state, self.fmt, (enc_name,))[enc_name]
+                res = finetune(encoder, ft_train, ft_val, c, ft, pool=ft_pool, device=self.device, seed=ft_seed,
+                               num_workers=self.cfg.data.num_workers, precision=self.cfg.precision,
+                               progress=s.progress, max_steps=s.finetune_max_steps)
+                row_extra = {**extra, "finetune_seed": ft_seed}
+                self.row("finetune", enc_name, "finetune_top1", res.top1, ft_pool, row_extra)
+                self.row("finetune", enc_name, "finetune_seconds", res.seconds, ft_pool, row_extra)
 
     def decoder_protocols(self, protocols: Sequence[str], on_samples) -> None:
         """``samples`` and ``completion``: they need the whole model, decoder included."""
@@ -428,13 +465,19 @@ _HEADLINE = {"knn": ("knn_top1",), "linear": ("linear_top1",), "finetune": ("fin
 
 
 def _protocol_line(protocol: str, rows: list[dict]) -> str:
-    """One line per protocol: its headline metric per encoder and its time."""
+    """One line per protocol: its headline metric per encoder (k-NN: at each k) and its time."""
     parts = []
     for metric in _HEADLINE[protocol]:
-        vals = {r["encoder"]: r["value"] for r in rows if r["metric"] == metric}
-        shown = "  ".join(f"{enc} {v:.4g}" if metric == "sample_diversity" else f"{enc} {100 * v:.2f}%"
-                          for enc, v in vals.items())
-        parts.append(f"{metric} {shown}")
+        vals: dict[str, list[float]] = {}
+        for r in (r for r in rows if r["metric"] == metric):
+            vals.setdefault(r["encoder"], []).append(r["value"])
+        if metric == "sample_diversity":
+            shown = "  ".join(f"{enc} {'/'.join(f'{v:.4g}' for v in vs)}" for enc, vs in vals.items())
+        else:
+            shown = "  ".join(f"{enc} {'/'.join(f'{100 * v:.2f}' for v in vs)}%" for enc, vs in vals.items())
+        ks = list(dict.fromkeys(r["knn_k"] for r in rows if r["metric"] == metric and r.get("knn_k") is not None))
+        label = f"{metric} k={'/'.join(map(str, ks))}" if len(ks) > 1 else metric
+        parts.append(f"{label} {shown}")
     seconds = sum(r["value"] for r in rows if r["metric"] == f"{protocol}_seconds")
     timing = f"  ({seconds:.1f} s)" if seconds else ""
     return f"  {protocol:<10} " + " | ".join(parts) + timing

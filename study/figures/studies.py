@@ -68,7 +68,8 @@ def mask_strength_table(table: pd.DataFrame) -> pd.DataFrame:
     # the random-init encoder depends only on the seed: count it once per seed and show it at every
     # mask setting, whichever points evaluated it (all of a seed's, or one: random_baseline: once_per_seed)
     baseline = rows[rows.encoder == "random"].assign(objective="random init")
-    baseline = baseline.drop_duplicates([c for c in ("dataset", "seed", "metric", "pool") if c in baseline.columns])
+    baseline = baseline.drop_duplicates([c for c in ("dataset", "seed", "metric", "pool", "knn_k", "finetune_seed")
+                                         if c in baseline.columns])
     settings = pretrained[["dataset", "mask_kind", "mask_ratio"]].drop_duplicates()
     baseline = baseline.drop(columns=["mask_kind", "mask_ratio"]).merge(settings, on="dataset")
     return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_kind", "mask_ratio"])
@@ -149,7 +150,8 @@ def _mean_curve_over_seeds(data: pd.DataFrame, ax) -> None:
 def noise_block_table(table: pd.DataFrame) -> pd.DataFrame:
     rows = _accuracy_rows(table)
     pretrained = rows[rows.encoder == "pretrained"]
-    baseline = rows[rows.encoder == "random"].drop_duplicates([c for c in ("seed", "metric", "pool") if c in rows.columns]).assign(
+    baseline = rows[rows.encoder == "random"].drop_duplicates(
+        [c for c in ("seed", "metric", "pool", "knn_k", "finetune_seed") if c in rows.columns]).assign(
         objective="random init", noise_block="-")
     return _mean_std(pd.concat([pretrained, baseline]), ["dataset", "mask_ratio", "noise_block"])
 

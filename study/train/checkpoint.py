@@ -7,6 +7,7 @@ every key, dtype, shape, tensor byte and plain value under the reserved key
 ``"integrity"``, and ``load_checkpoint`` checks and drops it, because torch's zip
 reader does not check the records' CRCs and damaged tensor bytes would otherwise load
 as weights. Checkpoints without the record (a facebookresearch ``.pth``) load unchecked.
+Each checkpoint also names the code and package versions that wrote it (``"provenance"``).
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from study.config import Config, ConfigError, config_from_dict, config_to_dict
 from study.utils.errors import UserError, one_line
 from study.utils.io import atomic_write
 from study.utils.device import Dist
+from study.utils.provenance import provenance
 
-__all__ = ["CHECKPOINT", "INTEGRITY", "CheckpointError", "save_checkpoint", "save_weights_only", "load_checkpoint", "state_digest",
-           "require_finite", "config_diff", "resume_diffs", "rng_state", "set_rng_state", "gathered_rng_states"]
+__all__ = ["CHECKPOINT", "INTEGRITY", "PROVENANCE", "CheckpointError", "save_checkpoint", "save_weights_only",
+           "load_checkpoint", "state_digest", "require_finite", "config_diff", "resume_diffs", "rng_state",
+           "set_rng_state", "gathered_rng_states"]
 
 CHECKPOINT = "checkpoint.pt"
 INTEGRITY = "integrity"  # reserved top-level key: the state_digest of everything else
+PROVENANCE = "provenance"  # the code and package versions that wrote it (study.utils.provenance); old ones lack it
 
 # numpy's global RNG state in its tuple form ("MT19937", uint32 array, pos, has_gauss, cached_gaussian),
 # which a checkpoint may hold, unpickles through these
@@ -44,18 +48,24 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write ``state`` with its integrity record, atomically: a reader sees the previous checkpoint or this one."""
+    """Write ``state`` with its integrity record, atomically: a reader sees the previous checkpoint or this one.
+
+    A ``state`` without a ``"provenance"`` entry gets this process's; one that has it (a copy of a loaded
+    checkpoint) keeps its own, since the weights were made by that code.
+    """
     body = {key: value for key, value in state.items() if key != INTEGRITY}
+    body.setdefault(PROVENANCE, provenance())
     record = {**body, INTEGRITY: state_digest(body)}
     atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 
-WEIGHTS_ONLY_KEYS = ("model", "config", "epoch", "train_seconds")
+WEIGHTS_ONLY_KEYS = ("model", "config", "epoch", "train_seconds", PROVENANCE)
 
 
 def save_weights_only(path: str | Path, state: dict) -> None:
-    """A small copy of a training checkpoint for evaluation and figures: its weights, config, epoch and
-    training time, without optimizer, scaler or RNG state (what ``results/checkpoints/`` holds)."""
+    """A small copy of a training checkpoint for evaluation and figures: its weights, config, epoch, training
+    time and provenance (None where the checkpoint predates it), without optimizer, scaler or RNG state (what
+    ``results/checkpoints/`` holds)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {key: state.get(key) for key in WEIGHTS_ONLY_KEYS})
 
@@ -202,7 +212,7 @@ def resume_diffs(saved: dict, cfg: Config) -> list[str]:
     except ConfigError:
         saved = dict(saved)
     now = config_to_dict(cfg)
-    for key in ("logging", "checkpoint_every"):  # what does not change the run (TensorBoard, how often it saves)
+    for key in ("logging", "checkpoint_every", "monitor"):  # what does not change the weights (logging, saving, k-NN)
         saved.pop(key, None)
         now.pop(key, None)
     if isinstance(saved.get("epochs"), int) and now["epochs"] > saved["epochs"]:

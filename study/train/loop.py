@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,14 @@ from study.utils.io import atomic_write_text, remove_stale_temps
 from study.utils.signals import Interrupted
 from study.data.loader import TrainLoader
 from study.methods.model import build_model
-from study.train.run_folder import METRICS, FolderAtStart, check_run_folder, failed_write
+from study.train.run_folder import METRICS, FolderAtStart, check_run_folder, failed_write, record_provenance
 from study.train.run_lock import RunLocked, hold_run_folder
 from study.utils.device import Dist, check_precision, describe_device, init_distributed, resolve_device, seed_everything
 from study.train.step import TrainingState, train_step, training_state
 from study.train.optim import lr_at, set_lr, with_effective_batch
 from study.train.tensorboard import open_tensorboard, require_tensorboard
+
+EpochHook = Callable[[int, torch.nn.Module, dict], dict]  # (epoch, model, the epoch's metrics) -> more metrics
 
 __all__ = ["pretrain", "TrainingDiverged", "RunExists", "ConfigMismatch", "CheckpointError", "load_checkpoint",
            "CHECKPOINT"]
@@ -123,8 +126,15 @@ class Progress:
     saved_epochs: int = 0  # epochs that the checkpoint on disk covers
 
 
-def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Pretrain ``cfg`` into ``out_dir``; returns the last epoch's metrics row."""
+def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+             epoch_hooks: Sequence[EpochHook] = ()) -> dict:
+    """Pretrain ``cfg`` into ``out_dir``; returns the last epoch's metrics row. Each of ``epoch_hooks`` is called
+    on rank 0 after every epoch as ``hook(epoch, model, row)`` and the metrics it returns join the epoch's row
+    (``study.evaluation.monitor.monitor_hooks(cfg)`` builds the k-NN monitor that ``cfg.monitor`` asks for)."""
+    if cfg.monitor.knn_every and not epoch_hooks:
+        raise ConfigError(f"monitor.knn_every={cfg.monitor.knn_every} asks for the k-NN monitor, and no epoch hook was "
+                          "given: pass epoch_hooks=study.evaluation.monitor.monitor_hooks(cfg), or set "
+                          "monitor.knn_every=0")
     out = Path(out_dir)
     require_tensorboard(cfg)  # a missing extra stops the run before its folder is made
     at_start = FolderAtStart.look(out)
@@ -132,7 +142,7 @@ def pretrain(cfg: Config, out_dir: str | Path, *, resume: bool = False, progress
     try:
         check_run_folder(out)
         with hold_run_folder(out, resume):
-            return _pretrain(cfg, out, resume, progress, done)
+            return _pretrain(cfg, out, resume, progress, done, epoch_hooks)
     except RunLocked:
         raise  # the folder is a live run's: nothing in it is this process's to take back
     except BaseException as exc:
@@ -154,7 +164,8 @@ def _resume_hint(out: Path, done: Progress) -> str:
     return "no epoch was saved; run the same command again to start"
 
 
-def _pretrain(cfg: Config, out: Path, resume: bool, progress: bool, done: Progress) -> dict:
+def _pretrain(cfg: Config, out: Path, resume: bool, progress: bool, done: Progress,
+              epoch_hooks: Sequence[EpochHook]) -> dict:
     """The run itself; ``done`` follows what the checkpoint on disk covers, for the error of a failed run."""
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not resume:
@@ -181,6 +192,8 @@ def _pretrain(cfg: Config, out: Path, resume: bool, progress: bool, done: Progre
             done.first_loss = _check_loss_growth(last_row, done.first_loss, cfg, epoch, done.saved_epochs)
             done.train_seconds += last_row["seconds"]
             last_row["train_seconds"] = done.train_seconds
+            if state.dist_info.main:
+                _run_hooks(epoch_hooks, epoch, state.model, last_row, progress)
             _end_epoch(state, out, epoch, last_row, done, tb)
     finally:
         if tb is not None:
@@ -189,6 +202,16 @@ def _pretrain(cfg: Config, out: Path, resume: bool, progress: bool, done: Progre
         print(f"done: checkpoint {ckpt_path}; evaluate it with: python -m study evaluate --checkpoint {out}",
               flush=True)
     return last_row
+
+
+def _run_hooks(hooks: Sequence[EpochHook], epoch: int, model: torch.nn.Module, row: dict, progress: bool) -> None:
+    """Each hook's metrics into the epoch's row (so into metrics.jsonl and TensorBoard), printed when there are any."""
+    added: dict = {}
+    for hook in hooks:
+        added.update(hook(epoch, model, row))
+    row.update(added)
+    if added and progress:
+        print("  " + "  ".join(f"{k} {v:.4g}" for k, v in added.items() if isinstance(v, (int, float))), flush=True)
 
 
 def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
@@ -252,6 +275,7 @@ def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:
     for folder in (out, out / "snapshots"):
         remove_stale_temps(folder)  # left by a killed run's half-done atomic writes
     save_config(cfg, out / "config.yaml")
+    record_provenance(out, start_epoch)
     _rewrite_metrics(out / METRICS, start_epoch)
 
 

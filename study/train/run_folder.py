@@ -6,11 +6,13 @@ work, so that a mistyped ``--out`` (``results/``, a home folder) never gets
 its files replaced; a path that cannot be written is refused as early. A run
 that fails before its first checkpoint takes back what it wrote there
 (:class:`FolderAtStart`), and a failed write says what is kept
-(:func:`failed_write`).
+(:func:`failed_write`). ``provenance.jsonl`` names the code and package versions
+that trained it (:func:`record_provenance`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,12 +23,15 @@ import yaml
 from study.train.checkpoint import CHECKPOINT
 from study.config import ConfigError, config_from_dict
 from study.utils.errors import UserError, WriteError, write_error
-from study.utils.io import writable_folder
+from study.utils.io import atomic_write_text, writable_folder
+from study.utils.provenance import provenance
 from study.train.tensorboard import TENSORBOARD_DIR
 
-__all__ = ["METRICS", "RunFolderError", "check_run_folder", "is_run_folder", "FolderAtStart", "failed_write"]
+__all__ = ["METRICS", "PROVENANCE", "RunFolderError", "check_run_folder", "is_run_folder", "record_provenance",
+           "FolderAtStart", "failed_write"]
 
 METRICS = "metrics.jsonl"
+PROVENANCE = "provenance.jsonl"
 
 
 class RunFolderError(UserError):
@@ -69,6 +74,31 @@ def check_run_folder(out: str | Path) -> Path:
     return out
 
 
+def record_provenance(out: Path, start_epoch: int) -> None:
+    """Add to ``out/provenance.jsonl`` a line ``{"start_epoch": n, **provenance()}``: the code that trains the run
+    from epoch ``n`` on.
+
+    One line per start, because a resumed run may go on under other code than it began with; the lines of
+    earlier starts at or after ``start_epoch`` go, as their epochs are trained again (as in ``metrics.jsonl``).
+    """
+    path = out / PROVENANCE
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    kept = [line for line in lines if _start_epoch(line) < start_epoch]
+    kept.append(json.dumps({"start_epoch": start_epoch, **provenance()}))
+    atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def _start_epoch(line: str) -> float:
+    """The ``start_epoch`` of a line of ``provenance.jsonl``; infinity for a damaged line, so that it is dropped."""
+    try:
+        return int(json.loads(line)["start_epoch"])
+    except (ValueError, TypeError, KeyError):
+        return float("inf")
+
+
 # --------------------------------------------------------------------------- a failed run: what it takes back
 
 
@@ -109,7 +139,7 @@ class FolderAtStart:
         return True
 
 
-_RUN_FILES = ("config.yaml", METRICS, TENSORBOARD_DIR, "snapshots")
+_RUN_FILES = ("config.yaml", METRICS, PROVENANCE, TENSORBOARD_DIR, "snapshots")
 
 
 def _holds_weights(out: Path) -> bool:
