@@ -9,12 +9,17 @@ Steps, each timed and written into one JSON file:
   2. a fake ImageNet tree -> build-in100 -> pack, then bench-data on the GPU: images/s into the GPU
   3. a few hundred steps of in100-vit-t (LS, then cIMLE) on the pack: images/s and peak memory
   4. a one-process NCCL DDP step of every objective (find_unused_parameters=False)
-and the projected cost of the poster's run (800 epochs of 126,689 images) from step 3's rates.
+  5. a step of every objective under torch.cuda.set_sync_debug_mode("error"): no host sync
+  6. torch.compile beside eager: compilation time and step time (LS, cIMLE)
+  7. a one-epoch finetune of step 3's LS run (gpu preset): finetune images/s
+and the projected cost of the poster's run (800 epochs of 126,689 images) from step 3's rates; the bench's
+rows include the cIMLE selection's memory at batch 512, computed, against 40 and 80 GB cards.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -28,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from experiments.device_steps import compile_vs_eager, sync_free_steps  # noqa: E402
 
 IN100 = "experiments/configs/in100-vit-t.yaml"
 POSTER_IMAGES = 126_689 * 800
@@ -80,6 +87,7 @@ def _bench_rows(data: dict) -> dict:
             "matmul_peak_flop_per_s": p["efficiency"]["matmul_peak"]["flop_per_s"],
             "rows": {r["name"]: {k: r.get(k) for k in ("step_s", "images_per_s", "achieved_flop_per_s",
                                                         "peak_share", "peak_bytes", "vs_ls")} for r in p["rows"]},
+            "selection_memory_at_batch_512": p["selection_memory"].get("at_batch_512"),
         }
     return out
 
@@ -160,6 +168,18 @@ def _ddp_step(tiny: bool) -> dict:
     return out
 
 
+def _finetune(tiny: bool, work: Path, log: Path, sets: list[str]) -> dict:
+    """One finetune epoch of the LS run on the in100 tree (the evaluation pass included), pretrained only."""
+    results = work / "finetune.csv"
+    seconds = _run(["-m", "study", "evaluate", "--checkpoint", str(work / "run_ls"), "--protocols", "finetune",
+                    "--preset", "cpu" if tiny else "gpu", "--finetune-epochs", "1", "--no-random-baseline",
+                    "--results", str(results), "--quiet", *sets], log, timeout=300)
+    rows = {r["metric"]: float(r["value"]) for r in csv.DictReader(open(results))}
+    images = sum(1 for _ in (work / "in100" / "train").glob("*/*"))
+    return {"seconds": seconds, "train_images": images, "finetune_seconds": rows["finetune_seconds"],
+            "images_per_s": images / rows["finetune_seconds"], "top1": rows["finetune_top1"]}
+
+
 def _gpu_slug() -> str:
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -187,10 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         steps = [("bench", lambda: _bench(args.tiny, work, log, device)),
                  ("data", lambda: _data(args.tiny, work, log, device)),
                  ("train", lambda: _train(args.tiny, work, log, result["steps"]["data"]["ok"]["sets"])),
-                 ("ddp", lambda: _ddp_step(args.tiny))]
+                 ("ddp", lambda: _ddp_step(args.tiny)),
+                 ("sync_free", lambda: sync_free_steps(torch.device(device), TINY_MODEL)),
+                 ("compile", lambda: compile_vs_eager(torch.device(device), TINY_MODEL, 2 if args.tiny else 20)),
+                 ("finetune", lambda: _finetune(args.tiny, work, log, result["steps"]["data"]["ok"]["sets"]))]
         for name, step in steps:
-            if name == "train" and "error" in result["steps"]["data"]:
-                result["steps"]["train"] = {"error": "skipped: no pack (the data step failed)", "seconds": 0.0}
+            needs = {"train": "data", "finetune": "train"}.get(name)
+            if needs and "error" in result["steps"][needs]:
+                result["steps"][name] = {"error": f"skipped: the {needs} step failed", "seconds": 0.0}
                 continue
             t0 = time.perf_counter()
             print(f"[device check] {name} ...", flush=True)

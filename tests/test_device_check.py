@@ -18,13 +18,16 @@ def test_device_check_runs_every_step_at_a_cpu_size(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["steps"]) == {"bench", "data", "train", "ddp"}
+    assert set(result["steps"]) == {"bench", "data", "train", "ddp", "sync_free", "compile", "finetune"}
     assert all("ok" in step for step in result["steps"].values()), result["steps"]
     bench = result["steps"]["bench"]["ok"]["image_noise"]["result"]["fp32"]
     assert bench["matmul_peak_flop_per_s"] > 0 and "ls" in bench["rows"]
     train = result["steps"]["train"]["ok"]
     assert train["ls"]["images_per_s"] > 0 and train["ls"]["poster_run_gpu_hours_one_gpu"] > 0
     assert result["steps"]["ddp"]["ok"]["backend"] == "gloo"
+    assert result["steps"]["compile"]["ok"]["ls"]["compile"]["step_s"] > 0
+    assert result["steps"]["finetune"]["ok"]["images_per_s"] > 0
+    assert set(result["steps"]["sync_free"]["ok"]) == {"ls", "cimle", "mvae"}
 
 
 def test_device_check_without_a_gpu_says_so():
