@@ -47,15 +47,16 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read, or whose weights do not fit the model."""
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
+def save_checkpoint(path: str | Path, state: dict, *, integrity: bool = True) -> None:
     """Write ``state`` with its integrity record, atomically: a reader sees the previous checkpoint or this one.
 
     A ``state`` without a ``"provenance"`` entry gets this process's; one that has it (a copy of a loaded
-    checkpoint) keeps its own, since the weights were made by that code.
+    checkpoint) keeps its own, since the weights were made by that code. ``integrity=False`` writes no
+    record (the file then loads unchecked), for a checkpoint that the next one soon replaces.
     """
     body = {key: value for key, value in state.items() if key != INTEGRITY}
     body.setdefault(PROVENANCE, provenance())
-    record = {**body, INTEGRITY: state_digest(body)}
+    record = {**body, INTEGRITY: state_digest(body)} if integrity else body
     atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 

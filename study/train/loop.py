@@ -96,8 +96,10 @@ def _rewrite_metrics(path: Path, before_epoch: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _append_metrics(path: Path, row: dict) -> None:
-    """Append one row; a failed write is cut off again, so the file never ends in half a row."""
+def _append_metrics(path: Path, row: dict, sync: bool = True) -> None:
+    """Append one row; a failed write is cut off again, so the file never ends in half a row. ``sync`` forces it
+    to disk: only rows that a checkpoint covers need to survive a crash, as a resume drops the later ones
+    (:func:`_rewrite_metrics`), so the other epochs skip the fsync."""
     data = (json.dumps(row) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
@@ -105,7 +107,8 @@ def _append_metrics(path: Path, row: dict) -> None:
         try:
             while data:
                 data = data[os.write(fd, data):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError:
             os.ftruncate(fd, size)
             raise
@@ -298,7 +301,7 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
     rng = gathered_rng_states(state.mask_noise_gen, state.dist_info) if due else None  # collective: every rank
     if not state.dist_info.main:
         return
-    _append_metrics(out / METRICS, row)
+    _append_metrics(out / METRICS, row, sync=due)
     if tb is not None:
         tb.log(row)
     if epoch + 1 in cfg.snapshot_epochs:
@@ -308,6 +311,10 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
         })
     if not due:
         return
+    # the sha256 over every tensor (about 1 s per GB on a CPU core) holds up every rank, so only the
+    # final checkpoint (the one evaluation and export read, kept for good) carries the record; the ones
+    # before it live until the next checkpoint replaces them and load unchecked on a resume, as any
+    # checkpoint without a record does (torch still refuses a truncated or malformed file)
     save_checkpoint(out / CHECKPOINT, {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -318,7 +325,7 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
         "metrics": row,
         "train_seconds": done.train_seconds,
         "first_loss": done.first_loss,
-    })
+    }, integrity=epoch + 1 == cfg.epochs)
     done.saved_epochs = epoch + 1
 
 
