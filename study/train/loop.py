@@ -5,7 +5,8 @@ The run folder holds ``config.yaml``, ``checkpoint.pt`` (written atomically ever
 ``metrics.jsonl`` (one row per epoch). A killed run resumed with ``--resume``
 restarts its interrupted epoch with every RNG restored, so it ends with the weights
 of an uninterrupted run (on deterministic CPU math); ``--set epochs=N`` with a larger
-N extends a run, and every other config change is refused. A non-finite loss, or an
+N extends a run, another process count may take it up at the same effective batch,
+and every other config change is refused. A non-finite loss, or an
 epoch loss above ``optim.max_loss_growth`` times the first, stops the run before the
 next checkpoint, so the last good one is kept; a failed write stops it with one
 :class:`study.utils.errors.WriteError` naming the file and the checkpoint kept. A run
@@ -26,8 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from study.train.checkpoint import (CHECKPOINT, CheckpointError, gathered_rng_states, load_checkpoint, resume_diffs,
-                              save_checkpoint, set_rng_state)
+from study.train.checkpoint import (CHECKPOINT, CheckpointError, batch_change, gathered_rng_states, load_checkpoint,
+                              resume_diffs, save_checkpoint, set_rng_state)
 from study.config import Config, ConfigError, config_to_dict, save_config
 from study.utils.console import duration, interactive
 from study.data.datasets import build_datasets, check_images
@@ -258,6 +259,10 @@ def _restore(state: TrainingState, ckpt_path: Path, out: Path, done: Progress) -
     """Load weights, optimiser, scaler and RNG from the checkpoint into ``state`` and ``done``; refuse a different
     config."""
     saved = load_checkpoint(ckpt_path)
+    saved_world = len(saved["rng"])  # one RNG state per process that wrote it
+    change = batch_change(saved["config"], saved_world, state.cfg, state.dist_info.world)
+    if change:
+        raise ConfigMismatch(f"--resume of {ckpt_path}: {change}")
     diffs = resume_diffs(saved["config"], state.cfg)
     if diffs:
         raise ConfigMismatch(f"--resume with a different config than {ckpt_path}: " + "; ".join(diffs)
@@ -266,11 +271,16 @@ def _restore(state: TrainingState, ckpt_path: Path, out: Path, done: Progress) -
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scaler.load_state_dict(saved["scaler"])
-    set_rng_state(saved["rng"][min(state.dist_info.rank, len(saved["rng"]) - 1)], state.mask_noise_gen)
+    if state.dist_info.rank < saved_world:
+        # a rank the checkpoint has no state for keeps the streams seeded for it, distinct from every other rank's
+        set_rng_state(saved["rng"][state.dist_info.rank], state.mask_noise_gen)
     done.start_epoch = done.saved_epochs = saved["epoch"] + 1
     done.train_seconds, done.first_loss = saved.get("train_seconds", 0.0), saved.get("first_loss")
     if state.dist_info.main:
         _print_resume(out, saved, state.cfg, done.start_epoch, state.base_lr)
+        if saved_world != state.dist_info.world:
+            print(f"the checkpoint was written by {saved_world} process(es), resumed on {state.dist_info.world}: "
+                  "same effective batch, other images per step, so not bit-exact to an uninterrupted run")
 
 
 def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:
