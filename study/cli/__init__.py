@@ -38,11 +38,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from study.cli.submit import slurm_available, submit
+    from study.cli.submit import slurm_available, slurm_options, submit
     from study.evaluation.monitor import monitor_hooks
     from study.train.loop import pretrain
 
     cfg = load_config(args.config, args.overrides)
+    options = slurm_options(args.slurm_option)  # a malformed one stops before anything runs
     if args.local:
         # exactly one process, in the foreground: what each SLURM task would run, without DDP
         pretrain(cfg, args.out, resume=True, progress=True, epoch_hooks=monitor_hooks(cfg))
@@ -53,7 +54,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                         f"--nproc_per_node N -m study pretrain --out {args.out} ...' (N GPUs), or "
                         "'submit --local' (one process, in the foreground)")
     job, folder = submit(cfg, args.out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                         partition=args.partition, timeout_min=args.timeout_min, slurm_folder=args.slurm_folder)
+                         partition=args.partition, timeout_min=args.timeout_min, slurm_folder=args.slurm_folder,
+                         account=args.account, qos=args.qos, constraint=args.constraint,
+                         cpus_per_task=args.cpus_per_task, options=options)
     logs = str(folder).replace("%j", str(job.job_id))
     print(f"submitted job {job.job_id}; logs in {logs} (rank 0's output: {job.paths.stdout.name}, "
           f"{job.paths.stderr.name})")
@@ -116,6 +119,29 @@ def _add_pack_parser(sub) -> None:
     p.set_defaults(func=_cmd_pack)
 
 
+def _add_submit_parser(sub) -> None:
+    p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder (as for pretrain)")
+    p.add_argument("--nodes", type=positive_int, default=1, help="SLURM nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs, one process each, per node (default 8)")
+    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--timeout-min", type=positive_int, default=72 * 60,
+                   help="job time limit in minutes (default 4320); a requeued job resumes from its checkpoint")
+    p.add_argument("--slurm-folder", default=None,
+                   help="submitit's logs, %%j = job id (default: OUT/slurm/%%j)")
+    p.add_argument("--account", default=None, help="SLURM account to charge (sbatch --account)")
+    p.add_argument("--qos", default=None, help="SLURM quality of service (sbatch --qos)")
+    p.add_argument("--constraint", default=None, help="SLURM node features, e.g. a100 (sbatch --constraint)")
+    p.add_argument("--cpus-per-task", type=positive_int, default=None,
+                   help="CPUs per task (default: data.num_workers + 1, the loader's workers and the trainer)")
+    p.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option by its long name, e.g. mail-type=END (repeatable)")
+    p.add_argument("--local", action="store_true",
+                   help="no SLURM: run the job here, as one process in the foreground (resumes a run in --out)")
+    p.set_defaults(func=_cmd_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m study", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,19 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p)
     p.set_defaults(func=evaluate_from_args)
 
-    p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="run folder (as for pretrain)")
-    p.add_argument("--nodes", type=positive_int, default=1, help="SLURM nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs, one process each, per node (default 8)")
-    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
-    p.add_argument("--timeout-min", type=positive_int, default=72 * 60,
-                   help="job time limit in minutes (default 4320); a requeued job resumes from its checkpoint")
-    p.add_argument("--slurm-folder", default=None,
-                   help="submitit's logs, %%j = job id (default: OUT/slurm/%%j)")
-    p.add_argument("--local", action="store_true",
-                   help="no SLURM: run the job here, as one process in the foreground (resumes a run in --out)")
-    p.set_defaults(func=_cmd_submit)
+    _add_submit_parser(sub)
 
     p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
     p.add_argument("sweep", nargs="+", help="sweep file(s), e.g. experiments/sweeps/mask_strength_cpu.yaml; the "

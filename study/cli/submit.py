@@ -22,7 +22,7 @@ from study.train.run_folder import check_run_folder
 from study.train.loop import pretrain
 from study.evaluation.monitor import monitor_hooks
 
-__all__ = ["submit", "slurm_available", "PretrainJob"]
+__all__ = ["submit", "slurm_available", "slurm_options", "PretrainJob"]
 
 
 class PretrainJob:
@@ -57,9 +57,26 @@ def _claim_run_folder(cfg: Config, out: Path) -> None:
         save_config(cfg, out / "config.yaml")
 
 
+def slurm_options(pairs: list[str]) -> dict[str, str]:
+    """``["mail-type=END", ...]`` as submitit's ``slurm_additional_parameters`` (sbatch's long option names)."""
+    options = {}
+    for pair in pairs:
+        key, found, value = pair.partition("=")
+        if not found or not key.strip():
+            raise UserError(f"--slurm-option takes KEY=VALUE (an sbatch long option without its dashes, e.g. "
+                            f"mail-type=END), got {pair!r}")
+        options[key.strip().lstrip("-")] = value
+    return options
+
+
 def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int = 8, partition: str | None = None,
-           timeout_min: int = 72 * 60, slurm_folder: str | Path | None = None):
-    """Submit the run to SLURM; returns ``(job, log folder)``. The logs go to ``out/slurm/%j`` by default."""
+           timeout_min: int = 72 * 60, slurm_folder: str | Path | None = None, account: str | None = None,
+           qos: str | None = None, constraint: str | None = None, cpus_per_task: int | None = None,
+           options: dict[str, str] | None = None):
+    """Submit the run to SLURM; returns ``(job, log folder)``. The logs go to ``out/slurm/%j`` by default.
+
+    Each task gets ``data.num_workers`` + 1 CPUs (its loader's workers and itself) unless ``cpus_per_task`` says;
+    ``options`` are further sbatch options, by long name without the dashes."""
     import submitit
 
     if not slurm_available():
@@ -69,8 +86,10 @@ def submit(cfg: Config, out: str | Path, *, nodes: int = 1, gpus_per_node: int =
     folder = Path(slurm_folder) if slurm_folder is not None else Path(out) / "slurm" / "%j"
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     params = dict(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=gpus_per_node,
-                  cpus_per_task=10, timeout_min=timeout_min, name=f"cimle-mae-{cfg.objective}")
-    if partition:
-        params["slurm_partition"] = partition
+                  cpus_per_task=cpus_per_task or cfg.data.num_workers + 1, timeout_min=timeout_min,
+                  name=f"cimle-mae-{cfg.objective}")
+    named = {"slurm_partition": partition, "slurm_account": account, "slurm_qos": qos,
+             "slurm_constraint": constraint, "slurm_additional_parameters": options or None}
+    params.update({key: value for key, value in named.items() if value})
     executor.update_parameters(**params)
     return executor.submit(PretrainJob(cfg, out)), folder
