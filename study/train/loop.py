@@ -36,6 +36,7 @@ from study.utils.errors import UserError, is_write_failure
 from study.utils.io import atomic_write_text, remove_stale_temps
 from study.utils.signals import Interrupted
 from study.data.loader import TrainLoader
+from study.data.shm import check_shared_memory
 from study.methods.model import build_model
 from study.train.run_folder import METRICS, FolderAtStart, check_run_folder, failed_write, record_provenance
 from study.train.run_lock import RunLocked, hold_run_folder
@@ -234,6 +235,9 @@ def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
     seed_everything(cfg.seed + dist_info.rank)
     train_set, val_set = build_datasets(cfg)
     _check_batches(cfg, len(train_set), dist_info.world)
+    # the processes of one node share its /dev/shm; torchrun says how many there are
+    check_shared_memory(train_set, cfg.optim.batch_size, cfg.data.num_workers,
+                        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if dist_info.main and check_data:
         check_images({"train": train_set, "val": val_set}, num_workers=cfg.data.num_workers)
     state = training_state(cfg, build_model(cfg).to(device), device, dist_info)
