@@ -38,11 +38,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from study.cli.submit import slurm_available, submit
+    from study.cli.submit import slurm_available, slurm_options, submit
     from study.evaluation.monitor import monitor_hooks
     from study.train.loop import pretrain
 
     cfg = load_config(args.config, args.overrides)
+    options = slurm_options(args.slurm_option)  # a malformed one stops before anything runs
     if args.local:
         # exactly one process, in the foreground: what each SLURM task would run, without DDP
         pretrain(cfg, args.out, resume=True, progress=True, epoch_hooks=monitor_hooks(cfg))
@@ -53,7 +54,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                         f"--nproc_per_node N -m study pretrain --out {args.out} ...' (N GPUs), or "
                         "'submit --local' (one process, in the foreground)")
     job, folder = submit(cfg, args.out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                         partition=args.partition, timeout_min=args.timeout_min, slurm_folder=args.slurm_folder)
+                         partition=args.partition, timeout_min=args.timeout_min, slurm_folder=args.slurm_folder,
+                         account=args.account, qos=args.qos, constraint=args.constraint,
+                         cpus_per_task=args.cpus_per_task, options=options)
     logs = str(folder).replace("%j", str(job.job_id))
     print(f"submitted job {job.job_id}; logs in {logs} (rank 0's output: {job.paths.stdout.name}, "
           f"{job.paths.stderr.name})")
@@ -66,6 +69,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     sweeps = [load_sweep(path, write_committed=args.write_committed, report_only=args.report_only)
               for path in args.sweep]
+    if args.submit:
+        return _submit_sweep(sweeps, args)
     if args.report_only:
         from study.studies.reports import build_report
 
@@ -76,6 +81,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         summaries = run_sweeps(sweeps, parallel=args.parallel, gpus=args.gpus, report=not args.no_report,
                                seeds=args.seeds, only=args.only, prune=args.prune)
     return 1 if any(s["failed"] or s.get("report_error") for s in summaries) else 0
+
+
+def _submit_sweep(sweeps: list, args: argparse.Namespace) -> int:
+    from study.cli.submit import slurm_options, submit_sweep
+    from study.studies.sweep import pending_points
+
+    options = slurm_options(args.slurm_option)
+    jobs = [(sweep, point) for sweep in sweeps for point in pending_points(sweep, args.seeds, args.only)]
+    if not jobs:
+        print("nothing to submit: every point picked is done")
+        return 0
+    submitted, folder = submit_sweep(jobs, gpus_per_point=args.gpus_per_point, cpus_per_task=args.cpus_per_task,
+                                     timeout_min=args.timeout_min, partition=args.partition, account=args.account,
+                                     qos=args.qos, constraint=args.constraint, options=options)
+    array = submitted[0].job_id.split("_")[0]
+    print(f"submitted array job {array}: {len(jobs)} task(s), one per point; logs in {folder} (%j = {array}_TASK); "
+          f"once they end, run 'python -m study sweep {' '.join(args.sweep)}' to merge their rows and build the report")
+    return 0
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -116,6 +139,64 @@ def _add_pack_parser(sub) -> None:
     p.set_defaults(func=_cmd_pack)
 
 
+def _add_slurm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--account", default=None, help="SLURM account to charge (sbatch --account)")
+    p.add_argument("--qos", default=None, help="SLURM quality of service (sbatch --qos)")
+    p.add_argument("--constraint", default=None, help="SLURM node features, e.g. a100 (sbatch --constraint)")
+    p.add_argument("--cpus-per-task", type=positive_int, default=None,
+                   help="CPUs per task (default: data.num_workers + 1, the loader's workers and the trainer)")
+    p.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option by its long name, e.g. mail-type=END (repeatable)")
+
+
+def _add_submit_parser(sub) -> None:
+    p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder (as for pretrain)")
+    p.add_argument("--nodes", type=positive_int, default=1, help="SLURM nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs, one process each, per node (default 8)")
+    p.add_argument("--timeout-min", type=positive_int, default=72 * 60,
+                   help="job time limit in minutes (default 4320); a requeued job resumes from its checkpoint")
+    p.add_argument("--slurm-folder", default=None,
+                   help="submitit's logs, %%j = job id (default: OUT/slurm/%%j)")
+    _add_slurm_args(p)
+    p.add_argument("--local", action="store_true",
+                   help="no SLURM: run the job here, as one process in the foreground (resumes a run in --out)")
+    p.set_defaults(func=_cmd_submit)
+
+
+def _add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
+    p.add_argument("sweep", nargs="+", help="sweep file(s), e.g. experiments/sweeps/mask_strength_cpu.yaml; the "
+                                            "points of several share one pool, the longest first")
+    p.add_argument("--parallel", type=positive_int, default=None, help="points run at once (default: the file's)")
+    p.add_argument("--gpus", default=None,
+                   help="GPUs for the points, one point per GPU: 'auto' (all visible) or indices such as 0,1,2,3 "
+                        "(default: the sweep file's gpus; none: CPU)")
+    p.add_argument("--no-report", action="store_true", help="skip the report notebook")
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="run only these of the file's seeds, e.g. 3,4 (the other seeds' rows are kept)")
+    p.add_argument("--only", type=config_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="run only the points whose config has this value, e.g. objective=cimle (repeat to "
+                        "narrow; the other points' rows are kept)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
+    p.add_argument("--prune", action="store_true",
+                   help="drop the table's rows of points that the grid no longer has (default: keep them)")
+    p.add_argument("--write-committed", action="store_true",
+                   help="let a sweep file that git does not track write the committed table, report and figures "
+                        "it names (default: it writes under runs/<name>/)")
+    p.add_argument("--submit", action="store_true",
+                   help="send the points to run to SLURM as one job array, a task per point; a later plain run "
+                        "merges their rows and builds the report")
+    p.add_argument("--gpus-per-point", type=nonnegative_int, default=0, help="with --submit: GPUs per task (default 0)")
+    p.add_argument("--timeout-min", type=positive_int, default=24 * 60,
+                   help="with --submit: each task's time limit in minutes (default 1440)")
+    _add_slurm_args(p)
+    p.set_defaults(func=_cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m study", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,41 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p)
     p.set_defaults(func=evaluate_from_args)
 
-    p = sub.add_parser("submit", help="pretrain on SLURM via submitit (torchrun-equivalent DDP)")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="run folder (as for pretrain)")
-    p.add_argument("--nodes", type=positive_int, default=1, help="SLURM nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs, one process each, per node (default 8)")
-    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
-    p.add_argument("--timeout-min", type=positive_int, default=72 * 60,
-                   help="job time limit in minutes (default 4320); a requeued job resumes from its checkpoint")
-    p.add_argument("--slurm-folder", default=None,
-                   help="submitit's logs, %%j = job id (default: OUT/slurm/%%j)")
-    p.add_argument("--local", action="store_true",
-                   help="no SLURM: run the job here, as one process in the foreground (resumes a run in --out)")
-    p.set_defaults(func=_cmd_submit)
+    _add_submit_parser(sub)
 
-    p = sub.add_parser("sweep", help="run a sweep's grid with papermill, then its report notebook")
-    p.add_argument("sweep", nargs="+", help="sweep file(s), e.g. experiments/sweeps/mask_strength_cpu.yaml; the "
-                                            "points of several share one pool, the longest first")
-    p.add_argument("--parallel", type=positive_int, default=None, help="points run at once (default: the file's)")
-    p.add_argument("--gpus", default=None,
-                   help="GPUs for the points, one point per GPU: 'auto' (all visible) or indices such as 0,1,2,3 "
-                        "(default: the sweep file's gpus; none: CPU)")
-    p.add_argument("--no-report", action="store_true", help="skip the report notebook")
-    p.add_argument("--seeds", type=seed_list, default=None,
-                   help="run only these of the file's seeds, e.g. 3,4 (the other seeds' rows are kept)")
-    p.add_argument("--only", type=config_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="run only the points whose config has this value, e.g. objective=cimle (repeat to "
-                        "narrow; the other points' rows are kept)")
-    p.add_argument("--report-only", action="store_true",
-                   help="run no points: rebuild reports/<sweep>.ipynb from the sweep's results table")
-    p.add_argument("--prune", action="store_true",
-                   help="drop the table's rows of points that the grid no longer has (default: keep them)")
-    p.add_argument("--write-committed", action="store_true",
-                   help="let a sweep file that git does not track write the committed table, report and figures "
-                        "it names (default: it writes under runs/<name>/)")
-    p.set_defaults(func=_cmd_sweep)
+    _add_sweep_parser(sub)
 
     from study.evaluation.export import add_arguments as add_export_arguments, run_from_args as export_from_args
 

@@ -37,7 +37,7 @@ from study.utils.signals import Interrupted, stop_descendants
 from study.studies.points import ROWS_FILE, done_config, error_cause, marker_config, merge_point, merged_into, run_point
 from study.studies.workers import check_gpus, gpu_queue, init_worker, resolve_gpus, worker_count
 
-__all__ = ["Sweep", "Point", "default_root", "load_sweep", "run_sweep", "run_sweeps", "error_cause"]
+__all__ = ["Sweep", "Point", "default_root", "load_sweep", "pending_points", "run_sweep", "run_sweeps", "error_cause"]
 
 
 RANDOM_BASELINE_RULES = ("once_per_seed",)
@@ -324,6 +324,11 @@ def run_sweeps(sweeps: list[Sweep], *, parallel: int | None = None, gpus: list[i
                           "last checkpoint)", name) from None
     bar.close()
     return [_finish(plan, failures[plan.sweep.name], seconds[plan.sweep.name], report, prune) for plan in plans]
+
+
+def pending_points(sweep: Sweep, seeds: list[int] | None = None, only: list[tuple[str, Any]] = ()) -> list[Point]:
+    """The points a run of the sweep would run now (rows of points that ended meanwhile are merged first)."""
+    return _plan(sweep, seeds, only, progress=True).todo
 
 
 def _run_pool(jobs: list[tuple[Sweep, Point]], workers: int, gpu_ids: list[str] | None, finished) -> None:

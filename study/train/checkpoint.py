@@ -30,7 +30,8 @@ from study.utils.device import Dist
 from study.utils.provenance import provenance
 
 __all__ = ["CHECKPOINT", "INTEGRITY", "PROVENANCE", "CheckpointError", "save_checkpoint", "save_weights_only",
-           "load_checkpoint", "state_digest", "require_finite", "config_diff", "resume_diffs", "rng_state",
+           "load_checkpoint", "state_digest", "require_finite", "config_diff", "resume_diffs", "batch_change",
+           "effective_batch", "rng_state",
            "set_rng_state", "gathered_rng_states"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,15 +48,16 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read, or whose weights do not fit the model."""
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
+def save_checkpoint(path: str | Path, state: dict, *, integrity: bool = True) -> None:
     """Write ``state`` with its integrity record, atomically: a reader sees the previous checkpoint or this one.
 
     A ``state`` without a ``"provenance"`` entry gets this process's; one that has it (a copy of a loaded
-    checkpoint) keeps its own, since the weights were made by that code.
+    checkpoint) keeps its own, since the weights were made by that code. ``integrity=False`` writes no
+    record (the file then loads unchecked), for a checkpoint that the next one soon replaces.
     """
     body = {key: value for key, value in state.items() if key != INTEGRITY}
     body.setdefault(PROVENANCE, provenance())
-    record = {**body, INTEGRITY: state_digest(body)}
+    record = {**body, INTEGRITY: state_digest(body)} if integrity else body
     atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 
@@ -206,7 +208,8 @@ def config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 
 def resume_diffs(saved: dict, cfg: Config) -> list[str]:
-    """Config differences that forbid a resume; a larger ``epochs`` extends the run and is allowed."""
+    """Config differences that forbid a resume; a larger ``epochs`` extends the run and is allowed. How the
+    effective batch is split (``optim.batch_size`` and ``optim.accum_steps``) is left to :func:`batch_change`."""
     try:  # fields added to Config since the checkpoint was written take their defaults
         saved = config_to_dict(config_from_dict(saved))
     except ConfigError:
@@ -215,9 +218,30 @@ def resume_diffs(saved: dict, cfg: Config) -> list[str]:
     for key in ("logging", "checkpoint_every", "monitor"):  # what does not change the weights (logging, saving, k-NN)
         saved.pop(key, None)
         now.pop(key, None)
+    for config in (saved, now):
+        if isinstance(config.get("optim"), dict):
+            config["optim"] = {k: v for k, v in config["optim"].items() if k not in ("batch_size", "accum_steps")}
     if isinstance(saved.get("epochs"), int) and now["epochs"] > saved["epochs"]:
         now["epochs"] = saved["epochs"]
     return config_diff(saved, now)
+
+
+def effective_batch(optim: Mapping, world: int) -> tuple[int, str]:
+    """The batch of one optimiser step and its factors, ``(8, "4 x 2 process(es) x 1 accumulation step(s)")``."""
+    b, a = optim.get("batch_size", 1), optim.get("accum_steps", 1)
+    return b * world * a, f"{b} x {world} process(es) x {a} accumulation step(s)"
+
+
+def batch_change(saved: dict, saved_world: int, cfg: Config, world: int) -> str | None:
+    """Why a resume on ``world`` processes changes the effective batch of a checkpoint written on ``saved_world``
+    (the lr and every step follow it), or None: the split over processes and accumulation may change."""
+    (before, how_before), (now, how_now) = effective_batch(saved.get("optim", {}), saved_world), \
+        effective_batch(config_to_dict(cfg)["optim"], world)
+    if before == now:
+        return None
+    return (f"the effective batch would change from {before} ({how_before}) in the checkpoint to {now} ({how_now}) "
+            f"now; keep it with --set optim.effective_batch={before} (or a matching optim.batch_size / "
+            "optim.accum_steps)")
 
 
 # --------------------------------------------------------------------------- RNG state

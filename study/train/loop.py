@@ -5,7 +5,8 @@ The run folder holds ``config.yaml``, ``checkpoint.pt`` (written atomically ever
 ``metrics.jsonl`` (one row per epoch). A killed run resumed with ``--resume``
 restarts its interrupted epoch with every RNG restored, so it ends with the weights
 of an uninterrupted run (on deterministic CPU math); ``--set epochs=N`` with a larger
-N extends a run, and every other config change is refused. A non-finite loss, or an
+N extends a run, another process count may take it up at the same effective batch,
+and every other config change is refused. A non-finite loss, or an
 epoch loss above ``optim.max_loss_growth`` times the first, stops the run before the
 next checkpoint, so the last good one is kept; a failed write stops it with one
 :class:`study.utils.errors.WriteError` naming the file and the checkpoint kept. A run
@@ -26,8 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from study.train.checkpoint import (CHECKPOINT, CheckpointError, gathered_rng_states, load_checkpoint, resume_diffs,
-                              save_checkpoint, set_rng_state)
+from study.train.checkpoint import (CHECKPOINT, CheckpointError, batch_change, gathered_rng_states, load_checkpoint,
+                              resume_diffs, save_checkpoint, set_rng_state)
 from study.config import Config, ConfigError, config_to_dict, save_config
 from study.utils.console import duration, interactive
 from study.data.datasets import build_datasets, check_images
@@ -35,6 +36,7 @@ from study.utils.errors import UserError, is_write_failure
 from study.utils.io import atomic_write_text, remove_stale_temps
 from study.utils.signals import Interrupted
 from study.data.loader import TrainLoader
+from study.data.shm import check_shared_memory
 from study.methods.model import build_model
 from study.train.run_folder import METRICS, FolderAtStart, check_run_folder, failed_write, record_provenance
 from study.train.run_lock import RunLocked, hold_run_folder
@@ -96,8 +98,10 @@ def _rewrite_metrics(path: Path, before_epoch: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _append_metrics(path: Path, row: dict) -> None:
-    """Append one row; a failed write is cut off again, so the file never ends in half a row."""
+def _append_metrics(path: Path, row: dict, sync: bool = True) -> None:
+    """Append one row; a failed write is cut off again, so the file never ends in half a row. ``sync`` forces it
+    to disk: only rows that a checkpoint covers need to survive a crash, as a resume drops the later ones
+    (:func:`_rewrite_metrics`), so the other epochs skip the fsync."""
     data = (json.dumps(row) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
@@ -105,7 +109,8 @@ def _append_metrics(path: Path, row: dict) -> None:
         try:
             while data:
                 data = data[os.write(fd, data):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError:
             os.ftruncate(fd, size)
             raise
@@ -230,6 +235,9 @@ def _build(cfg: Config, check_data: bool) -> tuple[TrainingState, Dataset]:
     seed_everything(cfg.seed + dist_info.rank)
     train_set, val_set = build_datasets(cfg)
     _check_batches(cfg, len(train_set), dist_info.world)
+    # the processes of one node share its /dev/shm; torchrun says how many there are
+    check_shared_memory(train_set, cfg.optim.batch_size, cfg.data.num_workers,
+                        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if dist_info.main and check_data:
         check_images({"train": train_set, "val": val_set}, num_workers=cfg.data.num_workers)
     state = training_state(cfg, build_model(cfg).to(device), device, dist_info)
@@ -255,6 +263,10 @@ def _restore(state: TrainingState, ckpt_path: Path, out: Path, done: Progress) -
     """Load weights, optimiser, scaler and RNG from the checkpoint into ``state`` and ``done``; refuse a different
     config."""
     saved = load_checkpoint(ckpt_path)
+    saved_world = len(saved["rng"])  # one RNG state per process that wrote it
+    change = batch_change(saved["config"], saved_world, state.cfg, state.dist_info.world)
+    if change:
+        raise ConfigMismatch(f"--resume of {ckpt_path}: {change}")
     diffs = resume_diffs(saved["config"], state.cfg)
     if diffs:
         raise ConfigMismatch(f"--resume with a different config than {ckpt_path}: " + "; ".join(diffs)
@@ -263,11 +275,16 @@ def _restore(state: TrainingState, ckpt_path: Path, out: Path, done: Progress) -
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scaler.load_state_dict(saved["scaler"])
-    set_rng_state(saved["rng"][min(state.dist_info.rank, len(saved["rng"]) - 1)], state.mask_noise_gen)
+    if state.dist_info.rank < saved_world:
+        # a rank the checkpoint has no state for keeps the streams seeded for it, distinct from every other rank's
+        set_rng_state(saved["rng"][state.dist_info.rank], state.mask_noise_gen)
     done.start_epoch = done.saved_epochs = saved["epoch"] + 1
     done.train_seconds, done.first_loss = saved.get("train_seconds", 0.0), saved.get("first_loss")
     if state.dist_info.main:
         _print_resume(out, saved, state.cfg, done.start_epoch, state.base_lr)
+        if saved_world != state.dist_info.world:
+            print(f"the checkpoint was written by {saved_world} process(es), resumed on {state.dist_info.world}: "
+                  "same effective batch, other images per step, so not bit-exact to an uninterrupted run")
 
 
 def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:
@@ -298,7 +315,7 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
     rng = gathered_rng_states(state.mask_noise_gen, state.dist_info) if due else None  # collective: every rank
     if not state.dist_info.main:
         return
-    _append_metrics(out / METRICS, row)
+    _append_metrics(out / METRICS, row, sync=due)
     if tb is not None:
         tb.log(row)
     if epoch + 1 in cfg.snapshot_epochs:
@@ -308,6 +325,10 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
         })
     if not due:
         return
+    # the sha256 over every tensor (about 1 s per GB on a CPU core) holds up every rank, so only the
+    # final checkpoint (the one evaluation and export read, kept for good) carries the record; the ones
+    # before it live until the next checkpoint replaces them and load unchecked on a resume, as any
+    # checkpoint without a record does (torch still refuses a truncated or malformed file)
     save_checkpoint(out / CHECKPOINT, {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -318,7 +339,7 @@ def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Pro
         "metrics": row,
         "train_seconds": done.train_seconds,
         "first_loss": done.first_loss,
-    })
+    }, integrity=epoch + 1 == cfg.epochs)
     done.saved_epochs = epoch + 1
 
 
