@@ -36,6 +36,10 @@ def _selection_stats(res) -> PretrainOutput:
 
 @register("cimle")
 class CIMLE(Objective):
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self._chunks: dict[tuple, int] = {}  # cimle.chunk "auto" per (batch, masked, k, device)
+
     def decoder_noise(self):
         return self.cfg.noise
 
@@ -43,10 +47,18 @@ class CIMLE(Objective):
         c = self.cfg.cimle
         k = c.k if k is None else int(k)
         chunk = c.chunk
-        if chunk == "auto":  # read here, before the step: the free memory is a host query a graph cannot hold
-            chunk = samples_that_fit(k, model.decoder.sample_bytes(batch, num_masked), device)
+        if chunk == "auto":
+            chunk = self._fitting_chunk(model, batch, num_masked, k, device)
         like = torch.empty((), device=device)  # float32: the targets' dtype, whatever autocast does
         return {"noise": cimle_noise(k, batch, model.noise_shape(num_masked), generator, like), "chunk": chunk}
+
+    def _fitting_chunk(self, model, batch: int, num_masked: int, k: int, device) -> int:
+        """``cimle.chunk: auto``, read before the step (the free memory is a host query a graph cannot hold) and
+        once per shape: a chunk that changed from step to step would recompile a compiled step."""
+        key = (batch, num_masked, k, str(device))
+        if key not in self._chunks:
+            self._chunks[key] = samples_that_fit(k, model.decoder.sample_bytes(batch, num_masked), device)
+        return self._chunks[key]
 
     def loss(self, model, ctx: Context) -> PretrainOutput:
         c = self.cfg.cimle
