@@ -84,7 +84,11 @@ class NoiseConfig:
 @dataclass
 class CIMLEConfig:
     k: int = 8
-    chunk: int | None = None  # samples decoded per batched call during selection (None: all k)
+    # samples decoded per call in selection (None: all k; "auto": what fits in half the free CUDA memory)
+    chunk: int | Literal["auto"] | None = None
+    # how the samples are decoded: "vmap" (torch.func.vmap), "batched" (folded into the batch: fused
+    # attention and autocast apply), "auto" (batched on CUDA and in a compiled step, vmap on CPU)
+    decode: Literal["auto", "vmap", "batched"] = "auto"
     # "image": the nearest of k samples per image; "token": per masked patch (factorised cIMLE,
     # needs per-token noise that enters after the decoder's last attention)
     select: Literal["image", "token"] = "image"
@@ -272,8 +276,8 @@ def validate(cfg: Config) -> Config:
                f"'token' needs noise.block 'head' or {m.decoder_depth} (after the decoder's last attention, "
                f"where selection is exact), got {cfg.noise.block!r}")
     _check(cfg.cimle.k >= 1, "cimle.k", f"must be >= 1, got {cfg.cimle.k}")
-    _check(cfg.cimle.chunk is None or cfg.cimle.chunk >= 1, "cimle.chunk",
-           f"must be null or >= 1, got {cfg.cimle.chunk}")
+    _check(cfg.cimle.chunk in (None, "auto") or cfg.cimle.chunk >= 1, "cimle.chunk",
+           f"must be null, 'auto' or >= 1, got {cfg.cimle.chunk}")
     _check(cfg.mvae.beta >= 0, "mvae.beta", f"must be >= 0, got {cfg.mvae.beta}")
     _check(cfg.mvae.lr_factor > 0, "mvae.lr_factor", f"must be > 0, got {cfg.mvae.lr_factor}")
     _check(cfg.mvae.depth is None or cfg.mvae.depth >= 1, "mvae.depth",
@@ -371,14 +375,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 return None
             raise ConfigError(f"{name} must not be null")
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, name)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
+                errors.append(str(exc).removeprefix(f"{name} must be ").rsplit(", got", 1)[0])
+        raise ConfigError(f"{name} must be {' or '.join(errors)}, got {value!r}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")

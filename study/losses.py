@@ -18,8 +18,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["least_squares", "per_example_squared_error", "cimle", "CIMLEResult", "nearest_of_k_amplitude",
-           "gaussian_kl"]
+__all__ = ["least_squares", "per_example_squared_error", "cimle", "cimle_noise", "CIMLEResult",
+           "nearest_of_k_amplitude", "gaussian_kl"]
 
 
 def _check_mask(target: Tensor, mask: Tensor | None, name: str = "target") -> None:
@@ -65,8 +65,9 @@ def least_squares(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> T
     weight = mask.to(err.dtype)
     total = weight.sum()
     # checked on CPU only: on CUDA the comparison would stall the host every step; an empty mask
-    # there gives a NaN loss, which the training loop stops on (TrainingDiverged)
-    if total.device.type == "cpu" and total <= 0:
+    # there gives a NaN loss, which the training loop stops on (TrainingDiverged). A compiled step
+    # skips it too: the branch on a tensor's value would break its graph
+    if total.device.type == "cpu" and not torch.compiler.is_compiling() and total <= 0:
         raise ValueError("mask selects no element: the loss is undefined")
     return (err * weight).sum() / total
 
@@ -137,13 +138,15 @@ def _check_cimle_args(target: Tensor, *, k, noise_shape, mask: Tensor | None, ch
 
 
 def _sample_distances(predict: Callable[[Tensor], Tensor], noise: Tensor, target: Tensor, mask: Tensor | None,
-                      chunk: int | None, vectorize: bool, select: str) -> Tensor:
+                      chunk: int | None, vectorize: bool, select: str,
+                      decode: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Squared error of every sample: ``[B, k]`` (image) or ``[B, k, *positions]`` (token).
 
     ``noise [k, B, *noise_shape]`` is decoded ``chunk`` samples at a time."""
     k, batch = noise.shape[:2]
     step = k if chunk is None else min(chunk, k)
-    decode = torch.func.vmap(predict, randomness="different") if vectorize else None
+    if decode is None and vectorize:
+        decode = torch.func.vmap(predict, randomness="different")
     parts = []
     for start in range(0, k, step):
         z = noise[start : start + step]  # [c, B, *noise_shape]
@@ -187,6 +190,8 @@ def cimle(
     generator: torch.Generator | None = None,
     vectorize: bool = True,
     select: str = "image",
+    noise: Tensor | None = None,
+    decode_samples: Callable[[Tensor], Tensor] | None = None,
 ) -> CIMLEResult:
     """Conditional IMLE: min over k noise samples of the squared error, per example.
 
@@ -199,7 +204,11 @@ def cimle(
     sample per call, for a ``predict`` that vmap cannot trace.
 
     The noise is drawn as one ``(k, B, *noise_shape)`` tensor from
-    ``generator``, so chunking changes the batching but not the samples.
+    ``generator``, so chunking changes the batching but not the samples;
+    ``noise`` passes that tensor in, drawn beforehand by :func:`cimle_noise`
+    (a compiled step draws outside its graph: a generator breaks it).
+    ``decode_samples(z [c, B, *noise_shape]) -> [c, B, ...]``: decodes c
+    samples in one call, in place of vmap (the model folds them into the batch).
 
     ``select="token"``: ``noise_shape`` is ``(*positions, dim)``, one noise
     vector per position, and ``positions`` are the dims of ``mask`` after the
@@ -211,17 +220,26 @@ def cimle(
     from the samples that were compared.
     """
     shape = _check_cimle_args(target, k=k, noise_shape=noise_shape, mask=mask, chunk=chunk, select=select)
-    gen_device = generator.device if generator is not None else target.device
-    noise = torch.randn((k, target.shape[0], *shape), generator=generator, device=gen_device, dtype=target.dtype)
-    noise = noise.to(target.device)  # [k, B, *noise_shape]
+    if noise is None:
+        noise = cimle_noise(k, target.shape[0], shape, generator, target)  # [k, B, *noise_shape]
+    elif tuple(noise.shape) != (k, target.shape[0], *shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(k, target.shape[0], *shape)}")
     with torch.no_grad():
-        distances = _sample_distances(predict, noise, target.detach(), mask, chunk, vectorize, select)
+        distances = _sample_distances(predict, noise, target.detach(), mask, chunk, vectorize, select, decode_samples)
         chosen, index = _nearest_noise(noise, distances, select)
 
     pred = predict(chosen)
     _check_pred(pred, target)
     loss = least_squares(pred, target, mask)
     return CIMLEResult(loss=loss, z=chosen, distances=distances, index=index, pred=pred)
+
+
+def cimle_noise(k: int, batch: int, noise_shape: int | Sequence[int], generator: torch.Generator | None,
+                like: Tensor) -> Tensor:
+    """cIMLE's noise ``[k, B, *noise_shape]``, drawn on the generator's device, moved to ``like``'s device and dtype."""
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn((k, batch, *_as_shape(noise_shape)), generator=generator, device=device, dtype=like.dtype)
+    return noise.to(like.device)
 
 
 def _per_position_error(preds: Tensor, target: Tensor, mask: Tensor | None, n_pos: int) -> Tensor:

@@ -169,3 +169,14 @@ def test_block_mask_needs_blocks_that_fit_what_is_masked():
     with pytest.raises(ConfigError, match=r"mask\.block_min_patches \(200\)"):
         load_config(None, ["mask.kind=block", "mask.block_min_patches=200"])
     assert load_config(None, ["mask.kind=random", "mask.block_min_patches=200"]).mask.kind == "random"  # unused
+
+
+def test_cimle_chunk_and_decode_settings():
+    assert load_config(None, ["cimle.chunk=auto"]).cimle.chunk == "auto"
+    assert load_config(None, ["cimle.decode=batched"]).cimle.decode == "batched"
+    for item, words in [("cimle.chunk=some", "cimle.chunk must be an integer or one of ['auto']"),
+                        ("cimle.chunk=0", "cimle.chunk must be null, 'auto' or >= 1"),
+                        ("cimle.decode=loop", "cimle.decode must be one of")]:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [item])
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)

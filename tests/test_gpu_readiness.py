@@ -125,3 +125,19 @@ def test_training_draws_masks_and_noise_with_a_generator_on_the_training_device(
 
     state, _ = _build(load_config(None, tiny_overrides("objective=cimle")), check_data=False)
     assert state.mask_noise_gen.device == state.device
+
+
+def test_cimle_chunk_auto_fits_half_the_free_cuda_memory(monkeypatch):
+    """``cimle.chunk: auto``: the free memory (here 100 samples' worth) halved, over the decoder's bytes per sample."""
+    from study.utils.device import samples_that_fit
+
+    cfg = load_config(None, tiny_overrides("objective=cimle", "cimle.chunk=auto", "cimle.k=64"))
+    model = build_model(cfg)
+    per_sample = model.decoder.sample_bytes(8, 2)
+    assert per_sample > 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * per_sample, 200 * per_sample))
+    assert samples_that_fit(64, per_sample, torch.device("cuda")) == 50
+    assert samples_that_fit(8, per_sample, torch.device("cuda")) == 8  # never more than k
+    assert samples_that_fit(64, 1000 * per_sample, torch.device("cuda")) == 1  # never fewer than one
+    assert samples_that_fit(64, per_sample, torch.device("cpu")) == 64  # off CUDA: all k
+    assert model.method.draw(model, 8, 2, None, None, torch.device("cpu"))["chunk"] == 64

@@ -504,14 +504,16 @@ def test_attention_explicit_path_matches_sdpa_and_runs_where_wanted(monkeypatch)
 @pytest.mark.parametrize("block,scope,injection,select", [
     ("head", "token", "add", "token"), ("head", "image", "add", "image"), ("head", "token", "add", "image"),
     (0, "image", "add", "image"), (1, "token", "adaln", "image"), (2, "image", "adaln", "image")])
-@pytest.mark.parametrize("chunk", [None, 1])  # all samples in one vmapped call; one at a time (SDPA)
-def test_cimle_selection_equals_the_reference_decode_of_every_token(block, scope, injection, select, chunk):
+@pytest.mark.parametrize("chunk", [None, 1, 3])  # all samples in one call; one at a time; 3 (the last call holds 2)
+@pytest.mark.parametrize("decode", ["vmap", "batched"])  # torch.func.vmap; the samples folded into the batch
+def test_cimle_selection_equals_the_reference_decode_of_every_token(block, scope, injection, select, chunk, decode,
+                                                                     monkeypatch):
     """The objective decodes only the masked patches and, with the noise in the head, reads the decoder
     features through the head's first layer once; the reference decodes every token per sample
     (``decoder.suffix``) and then picks the masked rows. Same noise: the same choices, the same loss."""
     k = 8
     cfg = tiny_cfg("cimle", block=block, scope=scope, injection=injection, k=k, chunk=chunk)
-    cfg = dataclasses.replace(cfg, cimle=dataclasses.replace(cfg.cimle, select=select))
+    cfg = dataclasses.replace(cfg, cimle=dataclasses.replace(cfg.cimle, select=select, decode=decode))
     model = make_model(cfg)
     imgs, mask = make_batch(batch=16)
     ids = mask_indices(mask, model.num_patches)
@@ -520,6 +522,8 @@ def test_cimle_selection_equals_the_reference_decode_of_every_token(block, scope
     target = model.target(imgs).gather(1, rows)  # [B, N_mask, p*p*C]
     ref = cimle(lambda z: model.decoder.suffix(hidden, z, mask).gather(1, rows), target, k=k,
                 noise_shape=model.noise_shape(N_MASK), generator=gen(3), select=select)
+    if decode == "batched":  # the folded path must not fall back on vmap
+        monkeypatch.setattr(torch.func, "vmap", lambda *a, **kw: pytest.fail("vmap in the batched decode"))
     new = model(imgs, mask, generator=gen(3)).selection
     assert torch.equal(new.index, ref.index)
     torch.testing.assert_close(new.distances, ref.distances, rtol=1e-5, atol=1e-7)

@@ -68,8 +68,9 @@ def _paired_ratios(m: Measured) -> dict:
 def _at_batch_512(m: Measured) -> dict:
     """Whether the config's selection would fit a 40 or 80 GB card at batch 512: computed, not run."""
     c = m.plan.cfg.cimle
-    want = (c.k, min(c.chunk or c.k, c.k))  # chunk None: all k samples in one call
-    at = [r["peak_bytes"] for r in m.selection_rows if (r["k"], r["effective_chunk"]) == want]
+    # chunk None: all k samples in one call; "auto" depends on the card's free memory, which the grid does not know
+    want = None if c.chunk == "auto" else (c.k, min(c.chunk or c.k, c.k))
+    at = [r["peak_bytes"] for r in m.selection_rows if want and (r["k"], r["effective_chunk"]) == want]
     est = at[0] / m.plan.batch * 512 if at and at[0] is not None else None
     fits = {f"fits_{n}GB": None if est is None else est <= n * GIB for n in (40, 80)}
     return {"k": c.k, "chunk": c.chunk, "bytes": est, **fits,

@@ -17,7 +17,7 @@ from study.data.masking import mask_indices
 from study.losses import cimle, least_squares, per_example_squared_error
 from study.methods.model import build_model
 from study.train.step import train_step, training_state
-from study.utils.device import autocast, seed_everything
+from study.utils.device import autocast, samples_that_fit, seed_everything
 from study.utils.errors import UserError
 
 HF_VARIANT = "transformers ViTMAE"  # the row name of transformers' model
@@ -64,6 +64,9 @@ class _HFModel(nn.Module):
     def no_weight_decay(self) -> set[str]:  # our decay rule: none on tokens and embeddings
         skip = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed")
         return {name for name, _ in self.named_parameters() if name.endswith(skip)}
+
+    def draw(self, *_, **__) -> dict:  # the training step's draws: transformers' model draws its own
+        return {}
 
     def forward(self, imgs: Tensor, mask: Tensor, **_) -> SimpleNamespace:
         return SimpleNamespace(loss=self.hf(pixel_values=imgs).loss)
@@ -151,8 +154,10 @@ class Components:
         with torch.no_grad(), autocast(self.tr.cfg.precision, self.tr.device):
             per_example_squared_error(self.decode(self.z), self.target)
 
-    def selection(self, k: int, chunk: int | None) -> Callable[[], None]:
+    def selection(self, k: int, chunk: int | str | None) -> Callable[[], None]:
         gen, shape = torch.Generator().manual_seed(5), self.tr.model.noise_shape(self.ids.num_masked)
+        if chunk == "auto":  # as the objective resolves it, from the free memory before the step
+            chunk = samples_that_fit(k, self.tr.model.decoder.sample_bytes(*self.ids.masked.shape), self.tr.device)
 
         def run() -> None:
             with torch.no_grad(), autocast(self.tr.cfg.precision, self.tr.device):

@@ -289,7 +289,8 @@ def ids_from_mask(mask: Tensor, num_masked: int | None = None) -> tuple[Tensor, 
     ``num_masked``: the patches masked per row, where the caller knows it (a
     :class:`MaskGenerator`'s ``num_masked``); without it the count is read
     from the mask, a host sync on CUDA. The check that every row masks as
-    many runs on CPU tensors only, so that a CUDA step makes no host sync.
+    many runs on CPU tensors only, so that a CUDA step makes no host sync, and
+    outside compiled graphs, which cannot branch on a tensor's value.
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = masked), got {getattr(mask, 'dtype', type(mask))}")
@@ -299,7 +300,7 @@ def ids_from_mask(mask: Tensor, num_masked: int | None = None) -> tuple[Tensor, 
     counts = mask.sum(dim=1) if num_masked is None or on_cpu else None  # off the CPU with a count: not needed
     if num_masked is None:
         num_masked = int(counts[0]) if mask.shape[0] else 0
-    if on_cpu and bool((counts != num_masked).any()):
+    if on_cpu and not torch.compiler.is_compiling() and bool((counts != num_masked).any()):
         raise ValueError(
             f"every mask row must mask the same number of patches ({num_masked}), got counts "
             f"{sorted(set(counts.tolist()))}"

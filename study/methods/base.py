@@ -8,7 +8,7 @@ parameters without gradient; it never reads the objective's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ class Context:
     target: Tensor  # [B, N, p*p*C]
     generator: torch.Generator | None
     k: int | None  # samples this step (cIMLE), as the caller asked; None: the objective's own default
+    draws: dict[str, Any] = field(default_factory=dict)  # the objective's :meth:`Objective.draw` for this step
 
 
 class Objective:
@@ -65,6 +66,12 @@ class Objective:
     def lr_scale(self, parameter_name: str) -> float:
         """The learning-rate multiplier of a model parameter (by its name in ``model.named_parameters()``)."""
         return 1.0
+
+    def draw(self, model: nn.Module, batch: int, num_masked: int, k: int | None, generator: torch.Generator | None,
+             device: torch.device) -> dict[str, Any]:
+        """What the step's :meth:`loss` draws from ``generator``, drawn beforehand, in the order it would be: a
+        compiled step runs :meth:`loss` on these (a generator inside a compiled graph breaks it)."""
+        return {}
 
     def loss(self, model: nn.Module, ctx: Context) -> PretrainOutput:
         """The step's loss; ``model`` is the :class:`study.models.MaskedAutoencoder` (its decoder, its

@@ -109,27 +109,48 @@ class MaskedAutoencoder(nn.Module):
         return self.decoder.noise_shape(num_masked)
 
     def forward(self, imgs: Tensor, mask: Tensor, generator: torch.Generator | None = None,
-                k: int | None = None, num_masked: int | None = None) -> PretrainOutput:
+                k: int | None = None, num_masked: int | None = None, draws: dict | None = None) -> PretrainOutput:
         """``imgs [B, C, H, W]``, ``mask [B, N]`` bool -> loss and detached stats.
 
         ``k``: cIMLE's samples per step (None: the objective's default, ``cimle.k``). ``num_masked``: the masked
-        patches per image where the mask generator knows it (saves reading it from the mask, a host sync)."""
+        patches per image where the mask generator knows it (saves reading it from the mask, a host sync).
+        ``draws``: :meth:`draw`'s result for this step, drawn beforehand (None: drawn here from ``generator``)."""
         ids = mask_indices(mask, self.num_patches, num_masked)
+        if draws is None:
+            draws = self.draw(imgs.shape[0], ids.num_masked, generator, k, imgs.device)
         latent = self.encoder(imgs, ids.keep)  # [B, 1+N_vis, D]
         hidden = self.decoder.prefix(latent, ids.restore)  # [B, 1+N, Dd]
         target = self.target(imgs)  # [B, N, p*p*C]
         if self.sign_flip.p > 0:
-            target = target * self.flip_signs(target, generator)
-        context = Context(imgs, mask, ids, hidden, target, generator, None if k is None else int(k))
+            target = target * self._signs(draws["sign_flip"]).to(target.dtype)
+        context = Context(imgs, mask, ids, hidden, target, generator, None if k is None else int(k), draws)
         return self.method.loss(self, context)
+
+    def draw(self, batch: int, num_masked: int, generator: torch.Generator | None, k: int | None = None,
+             device: torch.device | str = "cpu") -> dict:
+        """Everything a step draws from ``generator``, in the order :meth:`forward` uses it: the target's sign
+        flips, then the objective's draws. A step that draws them before calling a compiled model keeps the
+        generator out of its graph (a generator there breaks it) and gets the same numbers."""
+        draws = {}
+        if self.sign_flip.p > 0:
+            draws["sign_flip"] = self._sign_draw(batch, self.num_patches, generator, torch.device(device))
+        draws.update(self.method.draw(self, batch, num_masked, k, generator, torch.device(device)))
+        return draws
+
+    def _sign_draw(self, batch: int, patches: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        rows = patches if self.sign_flip.scope == "patch" else 1
+        draw = torch.rand((batch, rows, 1), generator=generator,
+                          device=generator.device if generator is not None else device)
+        return draw.to(device)
+
+    def _signs(self, draw: Tensor) -> Tensor:
+        return torch.where(draw < self.sign_flip.p, -1.0, 1.0)
 
     def flip_signs(self, target: Tensor, generator: torch.Generator | None) -> Tensor:
         """``[B, N, 1]`` (scope patch) or ``[B, 1, 1]`` (scope image) of -1 with probability ``data.sign_flip.p``
         else +1, drawn from the step's generator (the loss reads only the masked patches' signs)."""
-        rows = target.shape[1] if self.sign_flip.scope == "patch" else 1
-        draw = torch.rand((target.shape[0], rows, 1), generator=generator,
-                          device=generator.device if generator is not None else target.device)
-        return torch.where(draw.to(target.device) < self.sign_flip.p, -1.0, 1.0).to(target.dtype)
+        draw = self._sign_draw(target.shape[0], target.shape[1], generator, target.device)
+        return self._signs(draw).to(target.dtype)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from study.methods import register
@@ -34,9 +35,14 @@ class MaskedVAE(Objective):
     def lr_scale(self, parameter_name: str) -> float:
         return self.cfg.mvae.lr_factor if parameter_name.startswith(PREFIX + ".") else 1.0
 
+    def draw(self, model, batch, num_masked, k, generator, device):
+        like = torch.empty((), device=device)  # float32, as the latents' noise was always drawn
+        return {"eps": randn_like_on((batch, num_masked, self.cfg.noise.dim), generator, like)}
+
     def loss(self, model, ctx: Context) -> PretrainOutput:
         mu, logvar = getattr(model, PREFIX)(ctx.imgs, ctx.ids.masked)  # [B, N_mask, dim]
-        eps = randn_like_on(tuple(mu.shape), ctx.generator, mu.float())  # [B, N_mask, dim]
+        draws = ctx.draws or self.draw(model, mu.shape[0], mu.shape[1], ctx.k, ctx.generator, mu.device)
+        eps = draws["eps"]  # [B, N_mask, dim]
         z = mu + (0.5 * logvar).exp() * eps.to(mu.dtype)  # [B, N_mask, dim]
         pred = model.decoder.suffix(ctx.hidden, z, ctx.mask)  # [B, N, p*p*C]
         recon = least_squares(pred, ctx.target, ctx.mask)

@@ -35,7 +35,8 @@ except ImportError:  # pragma: no cover - older/newer torch without the hook
 
 def explicit_attention_wanted(x: Tensor) -> bool:
     """Whether the explicit matmul path should run for input ``x`` (see the module docstring)."""
-    if _in_transform(x):
+    # a compiled graph cannot call the functorch check; the compiled step decodes its samples batched, not vmapped
+    if not torch.compiler.is_compiling() and _in_transform(x):
         return True
     if x.device.type != "cpu":
         return False

@@ -151,15 +151,15 @@ class TokenHead(nn.Sequential):
 
     def sampler(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """``x [B, M, Dd]`` (the masked tokens) -> ``decode(z) -> [B, M, p*p*C]`` for ``z [B, M, dz]`` (token
-        scope) or ``[B, dz]`` (image scope). The first layer splits as ``W_x x + W_z z + b``; the part that
+        scope) or ``[B, dz]`` (image scope), or ``[c, B, ...]`` for ``z [c, B, ...]``. The first layer splits as ``W_x x + W_z z + b``; the part that
         reads ``x`` (Dd of its Dd + dz inputs) is computed here, once for every sample of ``z``."""
         first, act, second = self
         w_x, w_z = first.weight.split([x.shape[-1], self.noise_dim], dim=1)
         shared = F.linear(x, w_x, first.bias)  # [B, M, hidden]
 
-        def decode(z: Tensor) -> Tensor:
-            noise = F.linear(z.to(shared.dtype), w_z)  # [B, M, hidden] | [B, hidden]
-            return second(act(shared + (noise if self.token else noise[:, None, :])))  # [B, M, p*p*C]
+        def decode(z: Tensor) -> Tensor:  # also z [c, B, ...]: c samples at once, broadcast against shared
+            noise = F.linear(z.to(shared.dtype), w_z)  # [..., B, M, hidden] | [..., B, hidden]
+            return second(act(shared + (noise if self.token else noise.unsqueeze(-2))))  # [..., B, M, p*p*C]
 
         return decode
 
@@ -264,6 +264,35 @@ class MAEDecoder(nn.Module):
         if self.decoder_head is not None:  # the noise enters in the head: no block after the split
             return self.decoder_head.sampler(self._blocks_after_noise(hidden, None, mask, masked))
         return lambda z: self.decoder_pred(self._blocks_after_noise(hidden, z, mask, masked), z, mask, cls_first=False)
+
+    def folded_sampler(self, hidden: Tensor, mask: Tensor, masked: Tensor) -> Callable[[Tensor], Tensor]:
+        """``decode(z [c, B, ...]) -> [c, B, N_mask, p*p*C]``: :meth:`masked_sampler` of c samples in one call,
+        the samples folded into the batch (``hidden``, ``mask`` and ``masked`` repeated c times, sample-major),
+        so that the blocks are ordinary batched modules: fused attention kernels and autocast apply, which
+        ``torch.func.vmap`` over :meth:`masked_sampler` does not give."""
+        if self.decoder_head is not None:  # the head broadcasts its shared part against the samples itself
+            return self.masked_sampler(hidden, mask, masked)
+
+        def decode(z: Tensor) -> Tensor:
+            c = z.shape[0]
+            hidden_c, mask_c, masked_c = (t.expand(c, *t.shape).flatten(0, 1) for t in (hidden, mask, masked))
+            return self.masked_sampler(hidden_c, mask_c, masked_c)(z.flatten(0, 1)).unflatten(0, (c, -1))
+
+        return decode
+
+    def sample_bytes(self, batch: int, num_masked: int, itemsize: int = 4) -> int:
+        """About the most memory one more sample of :meth:`folded_sampler` holds at once without gradient: its
+        copy of ``hidden``, the noise modulations, and one block's widest activations (qkv, attention scores
+        as a non-fused kernel keeps them, the MLP); with the noise in the head, the head's hidden layer."""
+        dim, tokens = self.decoder_embed.out_features, self.num_patches + 1
+        blocks = self.decoder_blocks[self.split:]
+        if not blocks:
+            width = self.decoder_head[0].out_features if self.decoder_head is not None else dim
+            return batch * num_masked * 2 * width * itemsize
+        heads, mlp = blocks[0].attn.num_heads, blocks[0].mlp.fc1.out_features
+        per_block = tokens * (6 * dim + heads * tokens + mlp)
+        modulations = 6 * tokens * dim * len(blocks) if self.decoder_noise_mod is not None else 0
+        return batch * (tokens * dim + modulations + per_block) * itemsize
 
     def _blocks_after_noise(self, hidden: Tensor, z: Tensor | None, mask: Tensor,
                             masked: Tensor | None = None) -> Tensor:

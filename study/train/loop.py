@@ -297,7 +297,7 @@ def _prepare_folder(cfg: Config, out: Path, start_epoch: int) -> None:
 
 
 def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device, dist_info: Dist) -> torch.nn.Module:
-    net = torch.compile(model) if cfg.compile else model
+    net = model
     if dist_info.world > 1:
         # the built-in objectives give every parameter a gradient each step (tests/test_train.py checks it),
         # so DDP need not search the graph for unused ones, which costs an extra pass per step
@@ -305,7 +305,10 @@ def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device, dist_info: 
             net, device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
             find_unused_parameters=model.method.find_unused_parameters,
         )
-    return net
+    # DDP first, then compile (PyTorch's order): dynamo's DDPOptimizer then splits the graph at DDP's gradient
+    # buckets, so that each bucket's all-reduce overlaps the rest of the backward; the step draws its noise
+    # before calling this (study.train.step), so the forward compiles without a graph break
+    return torch.compile(net) if cfg.compile else net
 
 
 def _end_epoch(state: TrainingState, out: Path, epoch: int, row: dict, done: Progress, tb) -> None:

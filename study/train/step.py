@@ -61,11 +61,14 @@ def train_step(state: TrainingState, imgs: torch.Tensor, *, k: int | None = None
     """
     cfg = state.cfg
     mask = state.make_mask(imgs.shape[0], generator=state.mask_noise_gen, device=state.device)  # [B, N] True = masked
+    # the step's noise is drawn here, outside what cfg.compile compiles: a generator in a graph breaks it
+    draws = state.model.draw(imgs.shape[0], state.make_mask.num_masked, state.mask_noise_gen, k, state.device)
     # gradients are all-reduced only on the micro-batch that ends an accumulation
     sync = state.net.no_sync() if state.dist_info.world > 1 and not last_micro_step else nullcontext()
     with sync:
         with autocast(cfg.precision, state.device):
-            result = state.net(imgs, mask, generator=state.mask_noise_gen, k=k, num_masked=state.make_mask.num_masked)
+            result = state.net(imgs, mask, generator=state.mask_noise_gen, k=k, num_masked=state.make_mask.num_masked,
+                               draws=draws)
         state.scaler.scale(result.loss / cfg.optim.accum_steps).backward()
     if last_micro_step:
         if cfg.optim.clip_grad is not None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from study.utils.errors import UserError
 
 __all__ = ["Dist", "init_distributed", "resolve_device", "describe_device", "host_cpu", "check_precision", "autocast",
-           "grad_scaler", "seed_everything", "cpu_threads", "NoDevice", "why_no_cuda"]
+           "grad_scaler", "seed_everything", "cpu_threads", "NoDevice", "why_no_cuda", "samples_that_fit"]
 
 
 class NoDevice(UserError, RuntimeError):
@@ -123,6 +123,16 @@ def host_cpu() -> dict:
 
 
 # --------------------------------------------------------------------------- precision
+
+
+def samples_that_fit(k: int, bytes_per_sample: int, device: torch.device, share: float = 0.5) -> int:
+    """How many of ``k`` samples of ``bytes_per_sample`` each to process at once: on CUDA as many as fit in
+    ``share`` of the free memory (the rest is left to the step's other tensors and the allocator's slack),
+    at least 1; elsewhere all ``k`` (a CPU run's memory is not measured here)."""
+    if device.type != "cuda":
+        return k
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(k, int(free * share) // max(1, bytes_per_sample)))
 
 
 def check_precision(precision: str, device: torch.device) -> None:
