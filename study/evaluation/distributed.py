@@ -11,6 +11,7 @@ refused under torchrun (:func:`check_torchrun_protocols`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -21,8 +22,8 @@ from torch.utils.data import Dataset, Subset
 from study.evaluation.setup import EvaluationError
 from study.utils.device import Dist, init_distributed
 
-__all__ = ["TORCHRUN_PROTOCOLS", "torchrun_world", "check_torchrun_protocols", "join", "per_process_batch", "shard",
-           "sum_over_processes", "wrap"]
+__all__ = ["TORCHRUN_PROTOCOLS", "torchrun_world", "check_torchrun_protocols", "join", "join_evaluation",
+           "per_process_batch", "shard", "sum_over_processes", "wrap"]
 
 TORCHRUN_PROTOCOLS = ("finetune",)
 
@@ -47,8 +48,23 @@ def check_torchrun_protocols(protocols: Sequence[str], world: int) -> None:
 
 
 def join(device_kind: str) -> Dist:
-    """This process's place: the torchrun process group (nccl on CUDA, else gloo), or a world of one."""
-    return init_distributed(device_kind)
+    """This process's place: the torchrun process group (nccl on CUDA, else gloo), or a world of one.
+
+    On CUDA each process makes its own GPU (``LOCAL_RANK``) the current one, where NCCL puts its work.
+    """
+    dist = init_distributed(device_kind)
+    if dist.world > 1 and device_kind == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+    return dist
+
+
+def join_evaluation(device_kind: str, settings, results):
+    """:func:`join`, and the evaluate settings and results table of this process: every process runs the
+    same protocol code, but only rank 0 shows progress, prints and writes rows (``results`` None elsewhere)."""
+    dist = join(device_kind)
+    if dist.main:
+        return dist, settings, results
+    return dist, dataclasses.replace(settings, progress=False, verbose=False), None
 
 
 def per_process_batch(batch_size: int, world: int) -> int:
@@ -83,4 +99,5 @@ def wrap(model: torch.nn.Module, device: torch.device, dist: Dist) -> torch.nn.M
     """``model`` in DDP across the processes (which start from rank 0's weights), or as it is alone."""
     if dist.world == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

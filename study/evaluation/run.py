@@ -32,7 +32,7 @@ from study.data.datasets import build_eval_datasets
 from study.utils.provenance import provenance
 from study.utils.errors import USER_ERRORS, UserError, WriteError, one_line
 from study.evaluation.context_completion import check_synthetic, completion_protocol
-from study.evaluation.distributed import check_torchrun_protocols, join, per_process_batch, torchrun_world
+from study.evaluation.distributed import check_torchrun_protocols, join_evaluation, per_process_batch, torchrun_world
 from study.evaluation.features import (POOLS, FeatureCache, crop_features, crop_views, default_pool, extract_features,
                                        feature_key)
 from study.evaluation.finetune import (FinetuneSettings, build_finetune_datasets, finetune, finetune_columns,
@@ -176,7 +176,7 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
     probe trains on one CPU thread unless it crops every epoch). ``on_samples`` receives the
     ``samples`` protocol's drawing of the pretrained model (the command draws it).
     A failed protocol raises :class:`ProtocolFailed` after the other protocols'
-    rows are saved; they are also on its ``rows`` (for ``results=None``).
+    rows are saved; they are also on its ``rows`` (for ``results=None``). Torchrun: :mod:`.distributed`.
     """
     s = EvaluateSettings(protocols=tuple(parse_protocols(protocols)), **settings)
     check_torchrun_protocols(s.protocols, torchrun_world())
@@ -186,9 +186,7 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
             check_table(results)  # now, not after every protocol has run
         cache = cache or FeatureCache(feature_cache)  # a --feature-cache that is a file fails here
         cfg, state, fmt = load_for_evaluation(checkpoint, config, overrides)
-        dist = join(eval_device(s.device, cfg).type)
-        if not dist.main:  # every process runs the same protocol code; rank 0 alone prints and writes rows
-            s, results = dataclasses.replace(s, progress=False, verbose=False), None
+        dist, s, results = join_evaluation(eval_device(s.device, cfg).type, s, results)
         require_labels(cfg, s.protocols)
         decoder_protos = [p for p in s.protocols if p in DECODER_PROTOCOLS]
         if decoder_protos:
