@@ -369,7 +369,7 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
     bar = tqdm(total=total_steps, desc="finetune", disable=not (progress and dist.main and interactive()),
                leave=False, dynamic_ncols=True)
     for epoch in range(s.epochs):
-        model.train()
+        net.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
         total, count = 0.0, 0
