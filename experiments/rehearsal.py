@@ -3,7 +3,8 @@
 ``make rehearsal`` runs what a first day of GPU time would, at the poster's model
 size (ViT-T/16, 224 px) on a few images: a fake ImageNet-1k tree, build-in100 and
 pack; pretraining of every objective on the pack; a 2-process torchrun run killed
-after its first checkpoint and resumed; every protocol that reads an image folder;
+after its first checkpoint and resumed; every protocol that reads an image folder, and
+a 2-process torchrun finetune;
 both ImageNet-100 sweeps shrunk to 2 points with their notebooks; and ``submit``
 through a fake SLURM. Every command runs as a user would type it, in a fresh
 process, so what breaks is what would break on the cluster; the log of all of them
@@ -164,6 +165,24 @@ class Rehearsal:
                              f"and DINO's), probe steps {steps} (want >= 8), finetune seeds {ft_seeds} (want 0, 1), "
                              f"commit {rows[0]['git_commit']!r}")
 
+    def finetune_torchrun(self) -> None:
+        """The GPU finetune preset in 2 processes (gloo) for 2 steps: rows once, from rank 0, a top-1 each."""
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+        if torchrun is None:
+            raise StepFailed("torchrun is not installed next to this python")
+        results = self.work / "results" / "finetune_torchrun.csv"
+        self.sh([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "study", "evaluate", "--checkpoint",
+                 self.work / "runs" / "ls" / "checkpoint.pt", "--protocols", "finetune", "--preset", "gpu",
+                 "--finetune-epochs", "1", "--finetune-max-steps", "2", "--finetune-workers", "1",
+                 "--results", results], env={**self.env, "OMP_NUM_THREADS": "1"})
+        rows = [r for r in csv.DictReader(open(results)) if r["metric"] == "finetune_top1"]
+        encoders = sorted(r["encoder"] for r in rows)
+        values = [float(r["value"]) for r in rows]
+        if encoders != ["pretrained", "random"] or {r["finetune_processes"] for r in rows} != {"2"} \
+                or not all(0 <= v <= 1 for v in values):
+            raise StepFailed(f"torchrun finetune rows: encoders {encoders} (want pretrained, random once each), "
+                             f"processes {[r['finetune_processes'] for r in rows]} (want 2), top-1 {values}")
+
     def sweeps(self) -> None:
         for name, fixed in (("mask_strength_in100", {}),
                             ("efficiency_in100", {"snapshot_epochs": [1, 2], "epochs": 2})):
@@ -228,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     steps = [("data: fake ImageNet, build-in100, pack", r.data), ("pretrain ls, cimle, mvae", r.pretrain),
              ("torchrun 2 processes, killed and resumed", r.torchrun), ("evaluate, every protocol", r.evaluate),
+             ("finetune under torchrun, 2 processes", r.finetune_torchrun),
              ("both in100 sweeps, 2 points each, reports", r.sweeps), ("submit under a fake sbatch", r.submit)]
     try:
         for name, fn in steps:

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from study.utils.args import positive_float, positive_int, seed_list
+from study.utils.args import nonnegative_int, positive_float, positive_int, seed_list
 from study.utils.errors import run_command
 from study.evaluation.features import POOLS
 from study.evaluation.knn import DEFAULT_KS
@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-seeds", type=seed_list, default=None, metavar="S[,S...]",
                         help="one finetune per seed, a finetune_top1 row each with its finetune_seed, e.g. 0,1,2 "
                              "(default: one, seeded with the checkpoint's pretraining seed)")
+    parser.add_argument("--finetune-workers", type=nonnegative_int, default=None, metavar="N",
+                        help="DataLoader workers of each finetune process, i.e. each GPU under torchrun (default: "
+                             "the config's data.num_workers)")
+    parser.add_argument("--finetune-max-steps", type=positive_int, default=None, metavar="N",
+                        help="stop each finetune after N optimizer steps (smoke runs; the lr schedule still spans "
+                             "its epochs)")
     parser.add_argument("--linear-epochs", type=positive_int, default=None,
                         help="override the preset's linear-probe epochs")
     parser.add_argument("--linear-min-steps", type=positive_int, default=None,
@@ -100,20 +106,22 @@ def _run(args: argparse.Namespace) -> int:
     linear = finetune = None
     probe = {name: value for name, value in (("epochs", args.linear_epochs), ("augment", args.linear_augment or None),
                                              ("min_steps", args.linear_min_steps)) if value is not None}
-    if probe or args.finetune_epochs is not None or args.finetune_seeds is not None:
+    ft_flags = (args.finetune_epochs, args.finetune_seeds, args.finetune_workers)
+    if probe or any(v is not None for v in ft_flags):
         if preset == "auto":
             cfg, _, _ = load_for_evaluation(args.checkpoint, args.config, args.overrides)
             preset = "gpu" if eval_device(args.device, cfg).type == "cuda" else "cpu"
         if probe:
             linear = linear_probe_settings(preset, **probe)
-        if args.finetune_epochs is not None or args.finetune_seeds is not None:
+        if any(v is not None for v in ft_flags):
             finetune = _finetune_settings(args, preset)
     evaluate(args.checkpoint, protocols, args.results, config=args.config, overrides=args.overrides,
              feature_cache=args.feature_cache, threads=args.threads,
              on_samples=lambda drawing: _draw_samples(drawing, args.checkpoint, figures),
              pool=args.pool, knn_ks=args.knn_ks, knn_temperature=args.knn_temperature, preset=preset,
              linear=linear, finetune=finetune, random_baseline=not args.no_random_baseline,
-             device=args.device, batch_size=args.batch_size, progress=not args.quiet, verbose=not args.quiet)
+             device=args.device, batch_size=args.batch_size, finetune_max_steps=args.finetune_max_steps,
+             progress=not args.quiet, verbose=not args.quiet)
     return 0
 
 
@@ -124,8 +132,9 @@ def _ks(text: str) -> tuple[int, ...]:
 
 def _finetune_settings(args: argparse.Namespace, preset: str):
     """The preset's finetune settings with the --finetune-* flags; gpu picks its recipe by the encoder's width."""
-    changes = {name: value for name, value in (("epochs", args.finetune_epochs), ("seeds", args.finetune_seeds))
-               if value is not None}
+    flags = (("epochs", args.finetune_epochs), ("seeds", args.finetune_seeds),
+             ("num_workers", getattr(args, "finetune_workers", None)))
+    changes = {name: value for name, value in flags if value is not None}
     width = None
     if preset == "gpu":
         cfg, _, _ = load_for_evaluation(args.checkpoint, args.config, args.overrides)

@@ -25,17 +25,18 @@ from timm.data import Mixup, create_transform
 from timm.data.auto_augment import AugmentOp
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from study.utils.console import interactive
 from study.data.datasets import RobustImageFolder, build_datasets, build_eval_datasets
+from study.evaluation.distributed import per_process_batch, shard, sum_over_processes, wrap
 from study.evaluation.setup import EvaluationError
-from study.utils.device import autocast, grad_scaler, seed_everything
+from study.utils.device import Dist, autocast, grad_scaler, seed_everything
 from study.train.optim import linear_scaled_lr, warmup_cosine
 
 __all__ = ["FinetuneSettings", "FINETUNE_PRESETS", "FinetuneResult", "ViTClassifier", "finetune",
-           "finetune_settings", "set_drop_path", "set_pos_embed_training", "finetune_optimizer",
+           "finetune_settings", "finetune_columns", "set_drop_path", "set_pos_embed_training", "finetune_optimizer",
            "build_finetune_datasets", "finetune_train_transform"]
 
 
@@ -64,6 +65,8 @@ class FinetuneSettings:
     train_pos_embed: bool = True
     # one finetune per seed; empty: one, seeded with the checkpoint's pretraining seed
     seeds: tuple[int, ...] = ()
+    # DataLoader workers of each process (each GPU); None: the config's data.num_workers
+    num_workers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "blr"):
@@ -74,6 +77,9 @@ class FinetuneSettings:
                                   "layer decay off")
         if not 0 <= self.drop_path < 1:
             raise EvaluationError(f"finetune drop_path must be in [0, 1), got {self.drop_path}")
+        if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                             or self.num_workers < 0):
+            raise EvaluationError(f"finetune num_workers must be an integer >= 0, got {self.num_workers!r}")
         object.__setattr__(self, "seeds", _checked_seeds(self.seeds))
 
 
@@ -89,7 +95,8 @@ def _checked_seeds(seeds) -> tuple[int, ...]:
     return items
 
 
-# Finetuning runs in one process: batch_size is the whole batch.
+# batch_size is the global batch: under torchrun each of the N processes takes batch_size / N images per
+# step (a batch_size that N does not divide is refused) and the lr follows the global batch, as in MAE.
 # vit-b: MAE's ViT-B/16 finetune (He et al. 2022, appendix A.1 table 9, and the official FINETUNE.md command).
 # vit-t: MAE-Lite's ViT-Tiny finetune (Wang et al., "A Closer Look at Self-Supervised Lightweight Vision
 #   Transformers", ICML 2023), github.com/wangsr126/MAE-Lite projects/eval_tools/finetuning_exp.py (the
@@ -123,6 +130,18 @@ def finetune_settings(preset: str = "cpu", *, embed_dim: int | None = None, **ch
     if preset not in FINETUNE_PRESETS:
         raise EvaluationError(f"unknown finetune preset {preset!r}; valid: {sorted([*FINETUNE_PRESETS, 'gpu'])}")
     return dataclasses.replace(FINETUNE_PRESETS[preset], **changes)
+
+
+def finetune_columns(s: FinetuneSettings, max_steps: int | None, world: int = 1) -> dict:
+    """The result columns of a finetune's settings: ``ft_<field>``, ``ft_max_steps``, ``finetune_processes``."""
+    # no ft_seeds: a seed's rows should not differ by which other seeds ran beside it; no ft_num_workers:
+    # how the images are loaded is not part of the recipe
+    out = {f"ft_{f.name}": (str(v) if isinstance(v, tuple) else v)
+           for f in dataclasses.fields(s) if f.name not in ("seeds", "num_workers") for v in [getattr(s, f.name)]}
+    out["ft_max_steps"] = max_steps
+    if world > 1:  # one-process rows stay as they were: no value there means one process
+        out["finetune_processes"] = world
+    return out
 
 
 def set_drop_path(encoder: nn.Module, rate: float) -> None:
@@ -256,20 +275,24 @@ def build_finetune_datasets(cfg, settings: FinetuneSettings) -> tuple[Dataset, D
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device, num_workers: int, precision: str) -> float:
+def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device, num_workers: int, precision: str,
+              dist: Dist = Dist()) -> float:
+    """Top-1 over the whole of ``dataset``: each process counts its shard, the counts are summed."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(shard(dataset, dist), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     correct = total = 0
     for imgs, y in loader:
         with autocast(precision, device):
             logits = model(imgs.to(device))
         correct += (logits.argmax(1).cpu() == torch.as_tensor(y)).sum().item()
         total += len(y)
+    correct, total = sum_over_processes([correct, total], device, dist)
     return correct / max(total, 1)
 
 
-def _batch_size(s: FinetuneSettings, n_train: int) -> int:
-    batch = min(s.batch_size, n_train)
+def _batch_size(s: FinetuneSettings, n_train: int, world: int = 1) -> int:
+    """Images per process and step: the global batch's share, at most the process's share of the images."""
+    batch = min(per_process_batch(s.batch_size, world), n_train // world)
     use_mix = s.mixup > 0 or s.cutmix > 0
     if use_mix and batch % 2:
         batch -= 1  # timm's batch-mode mixup needs an even batch
@@ -293,17 +316,34 @@ def finetune_optimizer(model: ViTClassifier, s: FinetuneSettings, batch: int) ->
                                layer_decay=s.layer_decay, betas=s.betas)
 
 
+def _train_loader(train_set: Dataset, batch: int, seed: int, workers: int, device: torch.device,
+                  dist: Dist) -> tuple[DataLoader, DistributedSampler | None]:
+    """The training batches of this process, and the sampler to position each epoch (None in a world of one)."""
+    # persistent: the workers (the ImageNet configs' 8 per process) start once, not once per epoch
+    common = dict(batch_size=batch, drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+                  persistent_workers=workers > 0)
+    if dist.world == 1:
+        return DataLoader(train_set, shuffle=True, generator=torch.Generator().manual_seed(seed), **common), None
+    sampler = DistributedSampler(train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    # the generator seeds the workers' augmentation: one stream per process
+    return DataLoader(train_set, sampler=sampler, generator=torch.Generator().manual_seed(seed + dist.rank),
+                      **common), sampler
+
+
 def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
              settings: FinetuneSettings | None = None, *, pool: str = "mean", device: str | torch.device = "cpu",
              seed: int = 0, num_workers: int = 0, precision: str = "fp32", progress: bool = True,
-             max_steps: int | None = None) -> FinetuneResult:
+             max_steps: int | None = None, dist: Dist | None = None) -> FinetuneResult:
     """Finetune ``encoder`` with a new head; return val top-1 after the last epoch.
 
     ``encoder`` is modified in place (drop path, weights); a position embedding that
     ``settings.train_pos_embed`` makes trainable (or fixed) is a copy, the old tensor left as it was.
     ``max_steps`` stops early (tests, smoke runs); the lr schedule still spans ``settings.epochs``.
+    ``dist``: this process's place in a torchrun job (every process calls this alike); ``settings.num_workers``,
+    when set, replaces ``num_workers``.
     """
-    s = settings or FINETUNE_PRESETS["cpu"]
+    s, dist = settings or FINETUNE_PRESETS["cpu"], dist or Dist()
     device = torch.device(device)
     pool = s.pool or pool
     t0 = time.perf_counter()
@@ -312,22 +352,26 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
     set_pos_embed_training(encoder, s.train_pos_embed)
     model = ViTClassifier(encoder, num_classes, pool=pool).to(device)
 
-    batch = _batch_size(s, len(train_set))
-    base_lr = linear_scaled_lr(s.blr, batch)
-    optimizer = finetune_optimizer(model, s, batch)
+    batch = _batch_size(s, len(train_set), dist.world)
+    base_lr = linear_scaled_lr(s.blr, batch * dist.world)
+    optimizer = finetune_optimizer(model, s, batch * dist.world)
     mixup, criterion = _mixup_and_loss(s, num_classes)
     scaler = grad_scaler(precision, device)
-    loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed), num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    net = wrap(model, device, dist)
+    if dist.world > 1:  # DDP gave every process rank 0's weights; mixup and drop path now draw per process
+        seed_everything(seed + dist.rank)
+    workers = num_workers if s.num_workers is None else s.num_workers
+    loader, sampler = _train_loader(train_set, batch, seed, workers, device, dist)
     steps = len(loader)
     total_steps = s.epochs * steps if max_steps is None else min(max_steps, s.epochs * steps)
     losses: list[float] = []
     done = 0
-    bar = tqdm(total=total_steps, desc="finetune", disable=not (progress and interactive()), leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="finetune", disable=not (progress and dist.main and interactive()),
+               leave=False, dynamic_ncols=True)
     for epoch in range(s.epochs):
-        model.train()
+        net.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         total, count = 0.0, 0
         for step, (imgs, y) in enumerate(loader):
             lr = warmup_cosine(epoch + step / steps, base_lr, s.epochs, s.warmup_epochs, s.min_lr)
@@ -338,7 +382,7 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
             if mixup is not None:
                 imgs, y = mixup(imgs, y)
             with autocast(precision, device):
-                loss = criterion(model(imgs), y)
+                loss = criterion(net(imgs), y)
             if not torch.isfinite(loss):
                 bar.close()
                 raise FloatingPointError(f"finetune loss is not finite at epoch {epoch + 1}, step {step + 1}; "
@@ -355,10 +399,11 @@ def finetune(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_class
             bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
             if done >= total_steps:
                 break
+        total, count = sum_over_processes([total, count], device, dist)  # the epoch's loss over every process
         if count:
             losses.append(total / count)
         if done >= total_steps:
             break
     bar.close()
-    top1 = _evaluate(model, val_set, max(batch, 256), device, num_workers, precision)
+    top1 = _evaluate(model, val_set, max(batch, 256), device, workers, precision, dist)
     return FinetuneResult(top1=top1, losses=losses, seconds=time.perf_counter() - t0)

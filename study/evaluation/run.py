@@ -32,9 +32,11 @@ from study.data.datasets import build_eval_datasets
 from study.utils.provenance import provenance
 from study.utils.errors import USER_ERRORS, UserError, WriteError, one_line
 from study.evaluation.context_completion import check_synthetic, completion_protocol
+from study.evaluation.distributed import check_torchrun_protocols, join_evaluation, per_process_batch, torchrun_world
 from study.evaluation.features import (POOLS, FeatureCache, crop_features, crop_views, default_pool, extract_features,
                                        feature_key)
-from study.evaluation.finetune import FinetuneSettings, build_finetune_datasets, finetune, finetune_settings
+from study.evaluation.finetune import (FinetuneSettings, build_finetune_datasets, finetune, finetune_columns,
+                                       finetune_settings)
 from study.evaluation.knn import checked_ks, knn_accuracy, resolve_ks
 from study.evaluation.linear_probe import LinearProbeSettings, linear_probe_settings, probe_plan, train_linear_probe
 from study.evaluation.samples import SamplesDrawing, samples_protocol
@@ -42,7 +44,7 @@ from study.evaluation.setup import (ENCODERS, EvaluationError, NonFiniteFeatures
                                     eval_device, load_for_evaluation, require_labels, require_study_format,
                                     resolve_checkpoint)
 from study.evaluation.results import append_rows, check_table, save_rows_aside
-from study.utils.device import cpu_threads
+from study.utils.device import Dist, cpu_threads
 
 __all__ = ["PROTOCOLS", "DECODER_PROTOCOLS", "DEFAULT_RESULTS", "EvaluateSettings", "evaluate", "parse_protocols",
            "run_params", "EvaluationError", "ResultsNotSaved", "ProtocolFailed", "ProtocolUserError"]
@@ -174,22 +176,24 @@ def evaluate(checkpoint: str | Path, protocols: str | Iterable[str] = ("knn", "l
     probe trains on one CPU thread unless it crops every epoch). ``on_samples`` receives the
     ``samples`` protocol's drawing of the pretrained model (the command draws it).
     A failed protocol raises :class:`ProtocolFailed` after the other protocols'
-    rows are saved; they are also on its ``rows`` (for ``results=None``).
+    rows are saved; they are also on its ``rows`` (for ``results=None``). Torchrun: :mod:`.distributed`.
     """
     s = EvaluateSettings(protocols=tuple(parse_protocols(protocols)), **settings)
+    check_torchrun_protocols(s.protocols, torchrun_world())
     checkpoint = resolve_checkpoint(checkpoint)  # a run folder stands for its checkpoint.pt
     with cpu_threads(threads):
         if results is not None:
             check_table(results)  # now, not after every protocol has run
         cache = cache or FeatureCache(feature_cache)  # a --feature-cache that is a file fails here
         cfg, state, fmt = load_for_evaluation(checkpoint, config, overrides)
+        dist, s, results = join_evaluation(eval_device(s.device, cfg).type, s, results)
         require_labels(cfg, s.protocols)
         decoder_protos = [p for p in s.protocols if p in DECODER_PROTOCOLS]
         if decoder_protos:
             require_study_format(fmt, decoder_protos)
         if "completion" in s.protocols:
             check_synthetic(cfg)
-        run = _Evaluation(checkpoint, cfg, state, fmt, s, cache)
+        run = _Evaluation(checkpoint, cfg, state, fmt, s, cache, dist)
         if s.verbose:
             print(f"evaluating {checkpoint}: {', '.join(s.protocols)}"
                   + (f" -> {results}" if results is not None else ""), flush=True)
@@ -223,14 +227,16 @@ class _Evaluation:
     """One checkpoint's evaluation: the resolved device and presets, and the rows as they come."""
 
     def __init__(self, checkpoint, cfg: Config, state: dict, fmt: str, s: EvaluateSettings,
-                 cache: FeatureCache) -> None:
+                 cache: FeatureCache, dist: Dist = Dist()) -> None:
         if s.pool is None:  # resolved once: every protocol, finetune's default pool included, reads this one
             s = dataclasses.replace(s, pool=default_pool(cfg.data.name))
         self.checkpoint, self.cfg, self.state, self.fmt, self.s, self.cache = checkpoint, cfg, state, fmt, s, cache
-        self.device = eval_device(s.device, cfg)
+        self.dist, self.device = dist, eval_device(s.device, cfg, dist.local_rank)
         self.preset = s.preset if s.preset != "auto" else ("gpu" if self.device.type == "cuda" else "cpu")
         self.linear = s.linear or linear_probe_settings(self.preset)
         self.finetune = s.finetune or finetune_settings(self.preset, embed_dim=cfg.model.embed_dim)
+        if "finetune" in s.protocols:  # a batch the processes cannot share is refused before any work
+            per_process_batch(self.finetune.batch_size, dist.world)
         self.base = run_params(cfg, state, fmt, checkpoint)
         self.base.update(evaluated_at=_dt.datetime.now().isoformat(timespec="seconds"),
                          eval_device=self.device.type, preset=self.preset)
@@ -356,10 +362,7 @@ class _Evaluation:
         ft_train, ft_val = build_finetune_datasets(self.cfg, ft)
         c = _num_classes(ft_train)
         ft_pool = ft.pool or s.pool
-        # no ft_seeds column: a seed's rows should not differ by which other seeds ran beside it
-        extra = {f"ft_{f.name}": (str(v) if isinstance(v, tuple) else v)
-                 for f in dataclasses.fields(ft) if f.name != "seeds" for v in [getattr(ft, f.name)]}
-        extra["ft_max_steps"] = s.finetune_max_steps
+        extra = finetune_columns(ft, s.finetune_max_steps, self.dist.world)
         for enc_name in s.encoders:
             # "seed" stays the pretraining seed (it also draws the random-init encoder); "finetune_seed"
             # draws the head, the batches and the augmentation
@@ -368,7 +371,7 @@ class _Evaluation:
                 encoder = build_encoders(self.cfg, self.state, self.fmt, (enc_name,))[enc_name]
                 res = finetune(encoder, ft_train, ft_val, c, ft, pool=ft_pool, device=self.device, seed=ft_seed,
                                num_workers=self.cfg.data.num_workers, precision=self.cfg.precision,
-                               progress=s.progress, max_steps=s.finetune_max_steps)
+                               progress=s.progress, max_steps=s.finetune_max_steps, dist=self.dist)
                 row_extra = {**extra, "finetune_seed": ft_seed}
                 self.row("finetune", enc_name, "finetune_top1", res.top1, ft_pool, row_extra)
                 self.row("finetune", enc_name, "finetune_seconds", res.seconds, ft_pool, row_extra)

@@ -151,6 +151,6 @@ def load_models(checkpoint: str | Path, which: Sequence[str] = ("pretrained",), 
     return cfg, state, build_models(cfg, state, fmt, which)
 
 
-def eval_device(device: str | None, cfg: Config) -> torch.device:
-    """``--device`` if given, else the config's (``auto``: CUDA when there is one)."""
-    return resolve_device(device or cfg.device)
+def eval_device(device: str | None, cfg: Config, local_rank: int = 0) -> torch.device:
+    """``--device`` if given, else the config's (``auto``: CUDA when there is one; the ``local_rank``-th GPU)."""
+    return resolve_device(device or cfg.device, local_rank)
