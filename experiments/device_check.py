@@ -12,8 +12,7 @@ Steps, each timed and written into one JSON file:
   5. a step of every objective under torch.cuda.set_sync_debug_mode("error"): no host sync
   6. torch.compile beside eager: compilation time and step time (LS, cIMLE)
   7. a one-epoch finetune of step 3's LS run (gpu preset): finetune images/s
-and the projected cost of the poster's run (800 epochs of 126,689 images) from step 3's rates; the bench's
-rows include the cIMLE selection's memory at batch 512, computed, against 40 and 80 GB cards.
+and the poster run's projected cost from step 3's rates (the bench adds selection memory at batch 512).
 """
 
 from __future__ import annotations
