@@ -25,8 +25,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # The ImageNet-100 path on an ImageNet-shaped fake, on CPU: fake tree, build-in100, pack, pretrain every
-# objective, torchrun killed and resumed, every protocol, both in100 sweeps at 2 points, submit under a
-# fake sbatch (experiments/rehearsal.py; its log in runs/rehearsal/rehearsal.log).
+# objective with the k-NN monitor, torchrun killed and resumed, every protocol, a 2-process finetune, both
+# in100 sweeps at 2 points, submit and sweep --submit under a fake sbatch (experiments/rehearsal.py; its log
+# in runs/rehearsal/rehearsal.log).
 rehearsal: $(STAMP)
 	$(BIN)/python experiments/rehearsal.py --work runs/rehearsal
 

@@ -183,20 +183,45 @@ class Rehearsal:
             raise StepFailed(f"torchrun finetune rows: encoders {encoders} (want pretrained, random once each), "
                              f"processes {[r['finetune_processes'] for r in rows]} (want 2), top-1 {values}")
 
+    def sweep_file(self, name: str, src: dict, grid: dict, fixed: dict) -> Path:
+        """A shipped in100 sweep at the rehearsal's CPU scale, written into the work folder."""
+        sweep = {**src, "name": name, "config": str(IN100), "results": f"results/{name}.csv",
+                 "run_notebook": str(ROOT / src.get("run_notebook", "notebooks/run.py")),
+                 "report_notebook": str(ROOT / src["report_notebook"]),
+                 "runs_dir": "runs", "grid": grid, "gpus": None, "parallel": 1,
+                 "parameters": {**src.get("parameters", {}), "finetune_epochs": 1},
+                 "fixed": {**src.get("fixed", {}), **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in CPU)},
+                           "data.root": str(self.work / "imagenet100"),
+                           "data.packed": str(self.work / "imagenet100-packed"), "epochs": 1, **fixed}}
+        path = self.work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+        return path
+
+    def sweep_submit(self) -> None:
+        """One point of the mask-strength sweep sent to the fake SLURM as a job array, merged by the next run."""
+        src = yaml.safe_load((ROOT / "experiments" / "sweeps" / "mask_strength_in100.yaml").read_text())
+        path = self.sweep_file("submitted_in100", {**src, "protocols": ["knn"]},
+                               {"objective": ["ls"], "mask.ratio": src["grid"]["mask.ratio"][1:2]}, {})
+        fake = ROOT / "tests" / "fake_slurm"
+        state = self.work / "slurm-array-state"
+        env = {**self.env, "PATH": f"{fake}{os.pathsep}{self.env['PATH']}", "FAKE_SLURM_STATE": str(state)}
+        self.study("sweep", path.name, "--submit", cwd=self.work, env=env)
+        deadline = time.time() + 300
+        while not list(state.glob("*/rc")):
+            if time.time() > deadline:
+                raise StepFailed("the submitted sweep task did not end within 5 minutes")
+            time.sleep(0.5)
+        self.study("sweep", path.name, "--no-report", cwd=self.work)
+        rows = list(csv.DictReader(open(self.work / "results" / "submitted_in100.csv")))
+        if not any(r["metric"] == "knn_top1" for r in rows):
+            raise StepFailed("the array task's k-NN rows did not reach the sweep's table")
+
     def sweeps(self) -> None:
         for name, fixed in (("mask_strength_in100", {}),
                             ("efficiency_in100", {"snapshot_epochs": [1, 2], "epochs": 2})):
             src = yaml.safe_load((ROOT / "experiments" / "sweeps" / f"{name}.yaml").read_text())
             grid = {key: values[:1] if key != "objective" else values for key, values in src["grid"].items()}
-            sweep = {**src, "config": str(IN100), "run_notebook": str(ROOT / src.get("run_notebook", "notebooks/run.py")),
-                     "report_notebook": str(ROOT / src["report_notebook"]), "results": f"results/{name}.csv",
-                     "runs_dir": "runs", "grid": grid, "gpus": None, "parallel": 1,
-                     "parameters": {**src.get("parameters", {}), "finetune_epochs": 1},
-                     "fixed": {**src.get("fixed", {}), **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in CPU)},
-                               "data.root": str(self.work / "imagenet100"),
-                               "data.packed": str(self.work / "imagenet100-packed"), "epochs": 1, **fixed}}
-            path = self.work / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+            path = self.sweep_file(name, src, grid, fixed)
             # run from the work folder: the sweep's results, runs and reports land there, not in the repository
             self.study("sweep", path.name, cwd=self.work)
             rows = list(csv.DictReader(open(self.work / "results" / f"{name}.csv")))
@@ -248,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = [("data: fake ImageNet, build-in100, pack", r.data), ("pretrain ls, cimle, mvae", r.pretrain),
              ("torchrun 2 processes, killed and resumed", r.torchrun), ("evaluate, every protocol", r.evaluate),
              ("finetune under torchrun, 2 processes", r.finetune_torchrun),
-             ("both in100 sweeps, 2 points each, reports", r.sweeps), ("submit under a fake sbatch", r.submit)]
+             ("both in100 sweeps, 2 points each, reports", r.sweeps), ("submit under a fake sbatch", r.submit),
+             ("sweep --submit under a fake sbatch", r.sweep_submit)]
     try:
         for name, fn in steps:
             r.step(name, fn)

@@ -43,10 +43,10 @@ def test_resume_drops_the_redone_epochs(tmp_path, monkeypatch):
 
     save = study.train.loop.save_checkpoint
 
-    def killed_at_third_checkpoint(path, state):
+    def killed_at_third_checkpoint(path, state, **kwargs):
         if "optimizer" in state and state["epoch"] == 2:
             raise KeyboardInterrupt  # epoch 3 is in metrics.jsonl and TensorBoard, not in the checkpoint
-        save(path, state)
+        save(path, state, **kwargs)
 
     cfg = load_config(None, TINY + ["epochs=3", "logging.tensorboard=true"])
     monkeypatch.setattr(study.train.loop, "save_checkpoint", killed_at_third_checkpoint)

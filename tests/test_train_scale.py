@@ -54,8 +54,8 @@ def test_checkpoint_every_n_epochs_and_after_the_last(tmp_path, monkeypatch):
 
     written = []
     real = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, obj: (written.append((path.name, obj["epoch"])),
-                                                                     real(path, obj)))
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, obj, **kw: (written.append((path.name, obj["epoch"])),
+                                                                           real(path, obj, **kw)))
     pretrain(load_config(None, tiny_overrides("epochs=5", "checkpoint_every=2")), tmp_path / "run", progress=False)
     assert written == [("checkpoint.pt", 1), ("checkpoint.pt", 3), ("checkpoint.pt", 4)]
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

@@ -8,6 +8,7 @@ A DataLoader worker hands each batch to the training process through shared memo
 from __future__ import annotations
 
 import os
+import random
 import shutil
 
 import numpy as np
@@ -42,11 +43,21 @@ def loader_shm_bytes(dataset, batch_size: int, workers: int, processes: int = 1)
     """What ``processes`` loaders of ``workers`` each hold in shared memory at once: a batch per prefetch slot."""
     if workers == 0:
         return 0
-    if getattr(dataset, "batched", False):  # a pack is handed index lists and returns whole batches
-        batch = item_bytes(dataset[[0]]) * batch_size
-    else:
-        batch = item_bytes(dataset[0]) * batch_size
+    batch = item_bytes(_first_item(dataset)) * batch_size
     return batch * workers * PREFETCH_FACTOR * processes
+
+
+def _first_item(dataset):
+    """The dataset's first item, read without moving any global RNG: the training that follows must draw what it
+    would without this check (a random crop here would shift every later draw of the run)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            # a pack is handed index lists and returns whole batches
+            return dataset[[0]] if getattr(dataset, "batched", False) else dataset[0]
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _mib(size: int) -> str:
