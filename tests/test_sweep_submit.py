@@ -35,3 +35,12 @@ def test_pending_points_run_as_an_array_and_the_next_run_merges_them(slurm, tmp_
 
     assert cli_main(["sweep", str(path), "--submit", "--seeds", "0"]) == 0
     assert "nothing to submit" in capsys.readouterr().out
+
+
+def test_without_slurm_the_sweep_says_to_run_here(tmp_path, capsys, monkeypatch):
+    from conftest import one_error_line
+    import study.cli.submit as submit
+
+    monkeypatch.setattr(submit, "slurm_available", lambda: False)
+    code = cli_main(["sweep", str(_write_sweep(tmp_path)), "--submit", "--seeds", "0"])
+    one_error_line(capsys, code, "needs SLURM", "without --submit")

@@ -70,19 +70,22 @@ def slurm_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
-def _require_slurm() -> None:
-    """Without sbatch submitit would fall back to starting the job's processes here, detached: refuse."""
+LOCAL_PRETRAIN = "run 'python -m study pretrain' or 'torchrun -m study pretrain' instead"
+
+
+def _require_slurm(local: str = LOCAL_PRETRAIN) -> None:
+    """Without sbatch submitit would fall back to starting the job's processes here, detached: refuse, naming
+    the ``local`` way to run the same work."""
     if not slurm_available():
-        raise UserError("submit needs SLURM, and sbatch/srun are not on this machine; run 'python -m study "
-                        "pretrain' or 'torchrun -m study pretrain' instead")
+        raise UserError(f"submit needs SLURM, and sbatch/srun are not on this machine; {local}")
 
 
 def _executor(folder: Path, name: str, nodes: int, gpus_per_node: int, cpus_per_task: int, timeout_min: int,
-              slurm: dict):
+              slurm: dict, local: str = LOCAL_PRETRAIN):
     """A submitit SLURM executor (refused without sbatch: no fallback to local processes)."""
     import submitit
 
-    _require_slurm()
+    _require_slurm(local)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     named = {f"slurm_{key}": value for key, value in slurm.items() if key != "options"}
     named["slurm_additional_parameters"] = slurm.get("options")
@@ -122,5 +125,5 @@ def submit_sweep(jobs: list, *, gpus_per_point: int = 0, cpus_per_task: int | No
               else first.path(first.runs_dir) / first.name / "slurm" / "%j")
     cfg = load_config(first.path(first.config))
     executor = _executor(folder, f"sweep-{first.name}", 1, gpus_per_point, cpus_per_task or cfg.data.num_workers + 1,
-                         timeout_min, slurm)
+                         timeout_min, slurm, local="run the sweep here without --submit")
     return executor.map_array(run_point, [sweep for sweep, _ in jobs], [point for _, point in jobs]), folder
