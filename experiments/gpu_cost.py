@@ -28,7 +28,7 @@ from study.methods.model import build_model  # noqa: E402
 from study.train.step import train_step, training_state  # noqa: E402
 from study.utils.args import OneLineParser, positive_int  # noqa: E402
 from study.utils.device import seed_everything  # noqa: E402
-from study.utils.errors import run_command  # noqa: E402
+from study.utils.errors import run_parsed  # noqa: E402
 from study.utils.io import atomic_write_text  # noqa: E402
 
 CONFIGS = ("experiments/configs/in100-vit-t.yaml", "experiments/configs/in100-vit-t-lite.yaml")
@@ -209,22 +209,18 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # a mistake in the flags (one line already printed), or --help
-        return exc.code if isinstance(exc.code, int) else 2
+    return run_parsed(build_parser(), argv, _run)
 
-    def run() -> int:
-        rows = cost_rows(args)
-        table = format_table(rows)
-        print(table)
-        atomic_write_text(args.out, to_csv(rows))
-        # the table beside the CSV, so that a page quoting it can be checked against the run that made it
-        atomic_write_text(args.out.with_suffix(".md"), table + "\n")
-        print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-        return 0
 
-    return run_command(run, debug=args.debug)
+def _run(args: argparse.Namespace) -> int:
+    rows = cost_rows(args)
+    table = format_table(rows)
+    print(table)
+    atomic_write_text(args.out, to_csv(rows))
+    # the table beside the CSV, so that a page quoting it can be checked against the run that made it
+    atomic_write_text(args.out.with_suffix(".md"), table + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
 
 
 if __name__ == "__main__":

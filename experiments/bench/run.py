@@ -18,7 +18,7 @@ from experiments.bench.report import Measured, build_report, combine_precisions,
 from experiments.bench.settings import Plan, build_parser, make_plans
 from experiments.bench.variants import cost_components, define_variants, import_transformers
 from study.config import load_config
-from study.utils.errors import run_command
+from study.utils.errors import run_parsed
 from study.utils.io import atomic_write_text
 
 # (M, K, N) of the matmul peak: two squares and the in100 decoder's MLP at batch 32 (32 x 197 tokens, 512 -> 2048)
@@ -122,17 +122,13 @@ def run_bench(plans: list[Plan]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # a mistake in the flags (one line already printed), or --help
-        return exc.code if isinstance(exc.code, int) else 2
+    return run_parsed(build_parser(), argv, _run)
 
-    def run() -> int:
-        res = run_bench(make_plans(load_config(args.config, args.overrides), args))
-        print(format_table(res))
-        if args.out:
-            atomic_write_text(args.out, json.dumps(res, indent=2) + "\n")
-            print(f"wrote {args.out}")
-        return 0
 
-    return run_command(run, debug=args.debug)
+def _run(args) -> int:
+    res = run_bench(make_plans(load_config(args.config, args.overrides), args))
+    print(format_table(res))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from study.utils.args import OneLineParser, config_value, int_at_least, nonnegative_int, positive_int, seed_list
 from study.config import load_config
-from study.utils.errors import UserError, run_command
+from study.utils.errors import UserError, run_command, run_parsed
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -251,12 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from study.data.imagenet100 import main as build_in100
 
         return run_command(lambda: build_in100(argv[1:]), debug=debug)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # a mistake in the flags (one line already printed), or --help
-        return exc.code if isinstance(exc.code, int) else 2
-    args.debug = debug
-    return run_command(lambda: args.func(args), debug=debug)
+
+    def run(args: argparse.Namespace) -> int:
+        args.debug = debug
+        return args.func(args)
+
+    return run_parsed(build_parser(), argv, run, debug=debug)
 
 
 if __name__ == "__main__":

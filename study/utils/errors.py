@@ -13,12 +13,14 @@ file size limit, read-only or failing file system) is the user's to fix too:
 
 from __future__ import annotations
 
+import argparse
+
 import errno
 import sys
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["UserError", "USER_ERRORS", "WRITE_ERRNOS", "WriteError", "is_write_failure", "one_line", "run_command",
+__all__ = ["UserError", "USER_ERRORS", "WRITE_ERRNOS", "WriteError", "is_write_failure", "one_line", "run_command", "run_parsed",
            "write_error"]
 
 
@@ -118,3 +120,14 @@ def run_command(func: Callable[[], int], *, debug: bool = False) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def run_parsed(parser: argparse.ArgumentParser, argv: list[str] | None, func: Callable[[argparse.Namespace], int],
+               *, debug: bool | None = None) -> int:
+    """Parse ``argv`` and run ``func(args)`` through :func:`run_command` (``debug``: default ``args.debug``). A
+    mistake in the flags (its one line already printed) or ``--help`` returns argparse's exit status."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    return run_command(lambda: func(args), debug=getattr(args, "debug", False) if debug is None else debug)
