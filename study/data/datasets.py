@@ -46,6 +46,7 @@ __all__ = [
     "TensorImageDataset",
     "build_datasets",
     "build_eval_datasets",
+    "fixed_subset_indices",
     "check_images",
     "DataError",
     "dataset_channels",
@@ -280,8 +281,9 @@ def _folders(cfg: "Config", train_tf, val_tf) -> tuple[Dataset, Dataset]:
     return full.subset(tr.tolist(), train_tf), full.subset(va.tolist(), val_tf)
 
 
-def _subset_indices(n: int, size: int) -> list[int]:
-    """A fixed random choice of ``size`` of ``n`` training images (the same for every seed), sorted."""
+def fixed_subset_indices(n: int, size: int) -> list[int]:
+    """A fixed random choice of ``size`` of ``n`` images (the same for every seed), sorted: ``data.subset``'s
+    training images and the k-NN monitor's."""
     if size > n:
         raise DataError(f"data.subset={size} is larger than the training split ({n} images); lower it or set "
                         "data.subset=null")
@@ -301,7 +303,7 @@ def _build(cfg: "Config", train_augment: bool) -> tuple[Dataset, Dataset]:
         if train_augment and cfg.data.packed:  # the same images, decoded once and cropped on the device
             train = packed_train_set(cfg, train)
         if cfg.data.subset is not None:
-            train = train.subset(_subset_indices(len(train), cfg.data.subset))
+            train = train.subset(fixed_subset_indices(len(train), cfg.data.subset))
         return train, val
     raise ValueError(f"unknown data.name {name!r}")
 

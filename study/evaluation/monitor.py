@@ -14,20 +14,17 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from study.config import Config
-from study.data.datasets import build_eval_datasets
+from study.data.datasets import build_eval_datasets, fixed_subset_indices
 from study.evaluation.features import default_pool, extract_features
 from study.evaluation.knn import knn_accuracy
 from study.train.loop import EpochHook
 
 __all__ = ["KnnMonitor", "monitor_hooks"]
 
-SUBSET_SEED = 0  # the same images for every run, seed and objective
-
 
 def _fixed_subset(dataset, size: int) -> Subset:
-    n = len(dataset)
-    picked = torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[:min(size, n)]
-    return Subset(dataset, picked.sort().values.tolist())
+    """The same images for every run, seed and objective (all of them when the split is smaller)."""
+    return Subset(dataset, fixed_subset_indices(len(dataset), min(size, len(dataset))))
 
 
 class KnnMonitor:
