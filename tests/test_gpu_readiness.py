@@ -17,7 +17,9 @@ from study.data.masking import build_mask_generator
 from study.data.packed import DeviceCrops
 from study.methods.model import build_model
 from study.losses import cimle
-from study.train.optim import adamw
+from study.train.optim import adamw, lr_at, param_groups, set_lr
+from study.train.step import TrainingState, train_step
+from study.utils.device import Dist, grad_scaler
 
 OBJECTIVES = {
     "ls": ["objective=ls"],
@@ -47,6 +49,72 @@ def test_a_step_off_the_cpu_makes_the_expected_host_syncs(objective):
         out = model(imgs, mask, num_masked=make_mask.num_masked)  # as study.train.loop passes it
         out.loss.backward()
     assert sum(counter.hits.values()) == EXPECTED_SYNCS_PER_STEP[objective], dict(counter.hits)
+
+
+class _MetaGenerator(torch.Generator):
+    """A CPU generator that says it is on the meta device, as the loop's generator is on the training device: the
+    study's draws then happen on meta (which accepts any generator) and are not copied from the host."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("meta")
+
+
+def _meta_state(cfg) -> TrainingState:
+    """``training_state`` on the meta device. Two parts differ, because meta has no generator and no fused AdamW
+    kernel: the mask/noise generator is :class:`_MetaGenerator`, and the optimizer is for-each SGD, which keeps no
+    step count; fused AdamW's own step is counted by the AdamW test below."""
+    device = torch.device("meta")
+    model = build_model(cfg).to(device)
+    return TrainingState(cfg=cfg, model=model, net=model, optimizer=torch.optim.SGD(param_groups(model, cfg), lr=1.0,
+                         momentum=0.9, foreach=True), scaler=grad_scaler(cfg.precision, device),
+                         make_mask=build_mask_generator(cfg.mask, cfg.patch_grid),
+                         mask_noise_gen=_MetaGenerator().manual_seed(0), device=device, dist_info=Dist(), base_lr=1e-3)
+
+
+# host syncs of a whole step per mask kind. Block masks are left out: BEiT's loop runs in numpy on the host, from a
+# seed read off the device (one .item(), which meta cannot answer) and uploaded from pageable memory, so they cost
+# two syncs a step on a GPU (docs/scale.md)
+SYNCS_PER_MASK_KIND = {"random": 0, "noise": 0}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_a_whole_training_step_with_augmentation_makes_no_host_sync(objective):
+    assert _whole_step_syncs(OBJECTIVES[objective]) == {}
+
+
+@pytest.mark.parametrize("kind", list(SYNCS_PER_MASK_KIND))
+def test_a_whole_step_s_host_syncs_per_mask_kind(kind):
+    extra = ["mask.filter=red"] if kind == "noise" else []
+    hits = _whole_step_syncs(["objective=ls", f"mask.kind={kind}", *extra])
+    assert sum(hits.values()) == SYNCS_PER_MASK_KIND[kind], hits
+
+
+def _whole_step_syncs(extra: list[str]) -> dict[str, int]:
+    """What study.train.loop does per step after the upload: the pack's crops, the lr, mask and noise draws, forward,
+    backward, clipping, the optimizer step and the loss and stats sums. The first step creates the optimizer state
+    and copies the crops' normalisation once; the second is counted."""
+    cfg = load_config(None, tiny_overrides(*extra, "model.img_size=16", "model.in_chans=3", "optim.clip_grad=1.0"))
+    state, crops = _meta_state(cfg), DeviceCrops(cfg.model.img_size)
+    pixels = torch.zeros(8, 24, 24, 3, dtype=torch.uint8, device="meta")  # [B, S, S, 3]: a packed batch
+    sizes = torch.tensor([[24, 24], [20, 24], [24, 18], [12, 12]] * 2).to("meta")  # [B, 2]
+    loss_sum, stats_sum = torch.zeros((), device="meta"), {}
+
+    def loop_step(step: int) -> None:
+        nonlocal loss_sum
+        imgs = crops((pixels, sizes), state.mask_noise_gen)  # [B, 3, H, W]
+        set_lr(state.optimizer, lr_at(step / 10, cfg, state.base_lr))
+        result = train_step(state, imgs)
+        loss_sum = loss_sum + result.loss.detach()
+        for key, value in result.stats.items():
+            stats_sum[key] = stats_sum.get(key, 0.0) + value.detach().float()
+
+    loop_step(0)
+    counter = SyncCounter()
+    with counter:
+        loop_step(1)
+    assert loss_sum.device.type == "meta" and state.optimizer.state  # the step ran through the optimizer
+    return dict(counter.hits)
 
 
 def test_the_pack_s_crops_on_the_device_make_no_host_sync():

@@ -139,6 +139,7 @@ class MaskGenerator:
         self._block_proposals = BLOCK_PROPOSALS
         self._pad_shape = (NOISE_PAD * gh, NOISE_PAD * gw)
         self._filter = noise_filter(filter, self._pad_shape) if kind == "noise" and filter != "white" else None
+        self._filters: dict[torch.device, Tensor] = {}
 
     def __repr__(self) -> str:
         extra = {"noise": f", filter={self.filter!r}", "block": f", block_min_patches={self.block_min_patches}"}
@@ -185,7 +186,9 @@ class MaskGenerator:
             return self._top_k_mask(torch.randn(b, self.num_patches, generator=generator, device=dev))
         ph, pw = self._pad_shape
         white = torch.randn(b, ph, pw, generator=generator, device=dev)
-        spec = torch.fft.rfft2(white) * self._filter.to(dev)
+        if dev not in self._filters:  # copied once per device: a copy from host memory each step would block
+            self._filters[dev] = self._filter.to(dev)
+        spec = torch.fft.rfft2(white) * self._filters[dev]
         field = torch.fft.irfft2(spec, s=(ph, pw))[:, :gh, :gw]  # [B, gh, gw]
         return self._top_k_mask(field.reshape(b, self.num_patches))
 
