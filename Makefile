@@ -99,20 +99,26 @@ reports: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --report-only
 
 # Training-step benchmarks (needs the bench extra: transformers): every committed results/bench file
-# (in100-vit-t-head-cpu: cIMLE with the noise in the head against LS on that same model; cpu-small at
-# ratio 0.9: LS, cIMLE k = 8 with the noise at the decoder input and in the head, each against its cost
-# model). About 35 minutes on 2 cores; run it on an otherwise idle machine (other jobs distort every
+# (each file's cIMLE rows against LS on the same model, LS fed the noise module at z = 0: in100-vit-t-head-cpu
+# with the noise in the head; cpu-small at ratio 0.9 with the noise at the decoder input, cpu-small-head in
+# the head, cpu-small-token per token in the head). About 35 minutes on 2 cores; run it on an otherwise idle machine (other jobs distort every
 # timing). A CPU without bf16 units (AVX2 only: a bf16 matmul there runs at about 1 GFLOP/s) takes
 # hours at bf16: `make bench BENCH_PRECISIONS=fp32`.
 BENCH := OMP_NUM_THREADS=2 $(BIN)/python -m experiments.bench
 BENCH_PRECISIONS ?= fp32,bf16
 bench: $(STAMP)
 	$(BENCH) --config experiments/configs/cpu-small.yaml --set mask.ratio=0.9 --precision $(BENCH_PRECISIONS) --k 1,8 \
-	    --late-blocks 0,head --selection-k 8 --selection-chunk 1,8 --out results/bench/cpu-small.json
+	    --selection-k 8 --selection-chunk 1,8 --out results/bench/cpu-small.json
+	$(BENCH) --config experiments/configs/cpu-small.yaml --set mask.ratio=0.9 --set noise.block=head \
+	    --precision $(BENCH_PRECISIONS) --k 1,8 --no-transformers --selection-k 8 --selection-chunk 1,8 \
+	    --out results/bench/cpu-small-head.json
+	$(BENCH) --config experiments/configs/cpu-small.yaml --set mask.ratio=0.9 --set noise.block=head --set noise.scope=token \
+	    --set cimle.select=token --precision $(BENCH_PRECISIONS) --k 1,8 --no-transformers --selection-k 8 \
+	    --selection-chunk 1,8 --out results/bench/cpu-small-token.json
 	$(BENCH) --config experiments/configs/in100-vit-t.yaml --set device=cpu --precision $(BENCH_PRECISIONS) --batch 32 \
 	    --k 1,8 --steps 5 --warmup 1 --selection-k 8 --selection-chunk 1,8 --out results/bench/in100-vit-t-cpu.json
 	$(BENCH) --config experiments/configs/in100-vit-t.yaml --set device=cpu --set noise.block=head --precision $(BENCH_PRECISIONS) \
-	    --batch 32 --k 8 --steps 5 --warmup 1 --no-transformers --no-late-noise --selection-k 8 --selection-chunk 1 \
+	    --batch 32 --k 8 --steps 5 --warmup 1 --no-transformers --selection-k 8 --selection-chunk 1 \
 	    --out results/bench/in100-vit-t-head-cpu.json
 	OMP_NUM_THREADS=2 $(BIN)/python experiments/profile_step.py --config experiments/configs/in100-vit-t.yaml \
 	    --set device=cpu --batch 32 --precision $(BENCH_PRECISIONS) --out results/bench/in100-vit-t-cpu-profile.txt

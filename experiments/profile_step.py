@@ -22,9 +22,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from experiments.bench.memory import quiet_stderr_fd  # noqa: E402
-from experiments.bench.settings import with_changes  # noqa: E402
 from experiments.bench.variants import Trainer  # noqa: E402
-from study.config import load_config  # noqa: E402
+from study.config import load_config, with_overrides  # noqa: E402
 from study.utils.errors import run_command  # noqa: E402
 from study.utils.io import atomic_write_text  # noqa: E402
 from study.utils.device import resolve_device  # noqa: E402
@@ -36,7 +35,7 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::li
 
 
 def profile_precision(cfg, precision: str, batch: int, steps: int, k: int | None, rows: int) -> str:
-    cfg = with_changes(cfg, precision=precision, optim={"batch_size": batch})
+    cfg = with_overrides(cfg, f"precision={precision}", f"optim.batch_size={batch}")
     device = resolve_device(cfg.device)
     m = cfg.model
     imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=torch.Generator().manual_seed(0))

@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from experiments.bench.settings import with_changes  # noqa: E402
 from experiments.bench.variants import Trainer  # noqa: E402
-from study.config import load_config  # noqa: E402
+from study.config import load_config, with_overrides  # noqa: E402
 from study.utils.device import host_cpu, resolve_device  # noqa: E402
 from study.utils.errors import run_command  # noqa: E402
 
@@ -35,7 +34,7 @@ ROWS = [("ls", "auto", False), ("ls", "auto", True), ("cimle", "auto", False), (
 
 def build_row(cfg, objective: str, decode: str, compiled: bool) -> tuple[Callable[[], torch.Tensor], float, float]:
     """The row's step, the seconds of its first call (for ``compile``: the compilation) and its loss."""
-    cfg = with_changes(cfg, objective=objective, cimle={"decode": decode})
+    cfg = with_overrides(cfg, f"objective={objective}", f"cimle.decode={decode}")
     device = resolve_device(cfg.device)
     m = cfg.model
     imgs = torch.randn(cfg.optim.batch_size, m.in_chans, m.img_size, m.img_size,

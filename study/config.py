@@ -24,23 +24,9 @@ from study.utils.io import atomic_write_text
 from study.utils.yaml_keys import load_yaml
 
 __all__ = [
-    "num_masked",
-    "Config",
-    "ConfigError",
-    "ModelConfig",
-    "NoiseConfig",
-    "CIMLEConfig",
-    "MVAEConfig",
-    "MaskConfig",
-    "SyntheticConfig",
-    "DataConfig",
-    "OptimConfig",
-    "LoggingConfig",
-    "MonitorConfig",
-    "load_config",
-    "config_from_dict",
-    "config_to_dict",
-    "save_config",
+    "num_masked", "Config", "ConfigError", "ModelConfig", "NoiseConfig", "CIMLEConfig", "MVAEConfig", "MaskConfig",
+    "SyntheticConfig", "DataConfig", "OptimConfig", "LoggingConfig", "MonitorConfig", "load_config",
+    "config_from_dict", "config_to_dict", "save_config", "with_overrides",
 ]
 
 
@@ -492,6 +478,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(exc)})") from None
         _set_dotted(data, key.strip(), value)
     return data
+
+
+def with_overrides(cfg: Config, *items: str) -> Config:
+    """``cfg`` with ``key.sub=value`` items applied and checked as ``--set`` does (``"objective=ls"``)."""
+    return config_from_dict(apply_overrides(config_to_dict(cfg), items))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from experiments.bench.settings import Block, Plan, block_order
+from experiments.bench.settings import Plan
 from experiments.bench.variants import HF_VARIANT, Trainer, Variant, import_transformers
 from study.config import config_to_dict
 from study.utils.device import host_cpu
+from study.utils.provenance import provenance
 
 PAIRED_NOTE = ("paired_wall: median over rounds of the ratio within each round (variants of a round run "
                "back to back, so slow load changes cancel)")
@@ -30,10 +31,9 @@ class Measured:
 
     plan: Plan
     variants: dict[str, Variant]
-    cimles: dict[Block, Trainer]  # our cIMLE model per noise block
-    late_spec: list[tuple[Block, str]]  # (noise block, row name) of the late-noise rows
+    cimle: Trainer
     tasks: dict[str, Callable[[], Any]]  # the cost-model parts
-    selection: Callable[[int, int], Callable[[], None]]  # one selection call at (k, chunk), the config's block
+    selection: Callable[[int, int], Callable[[], None]]  # one selection call at (k, chunk)
     memos: dict[str, tuple[dict, float]]  # per variant: the memory step's peak memory and loss
     times: dict[str, list[float]] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
@@ -56,11 +56,10 @@ def _paired(num: list[float], den: list[float]) -> float | None:
 
 
 def _paired_ratios(m: Measured) -> dict:
-    r, blk, ks = {name.strip("[]"): v for name, v in m.times.items()}, m.plan.cfg.noise.block, m.plan.args.k
-    model = {k: [e + d + k * f for e, d, f in zip(r["E_fb"], r[f"D_fb@{blk}"], r[f"D_f@{blk}"])] for k in ks}
+    r, ks = {name.strip("[]"): v for name, v in m.times.items()}, m.plan.args.k
+    model = {k: [e + d + k * f for e, d, f in zip(r["E_fb"], r["D_fb"], r["D_f"])] for k in ks}
     out = {"cimle_vs_cost_model": {str(k): _paired(r[f"cimle k={k}"], model[k]) for k in ks},
            "cimle_vs_ls": {str(k): _paired(r[f"cimle k={k}"], r["ls"]) for k in ks},
-           "late_noise_vs_ls": {str(b): _paired(r[name], r["ls"]) for b, name in m.late_spec},
            "mvae_vs_ls": _paired(r["mvae"], r["ls"])}
     return out | ({"ours_vs_transformers": _paired(r["ls"], r[HF_VARIANT])} if HF_VARIANT in r else {})
 
@@ -83,7 +82,7 @@ def _rows(m: Measured, comp: dict[str, float]) -> list[dict]:
     """One row per variant, the cIMLE rows also against their cost model."""
     peak, rows = m.matmul_peak["flop_per_s"], []
     for name, v in m.variants.items():
-        (memo, loss), t, flops, b = m.memos[name], m.times[name], m.flops[name], v.row["noise_block"]
+        (memo, loss), t, flops = m.memos[name], m.times[name], m.flops[name]
         rows.append({"name": name, **v.row, "step_s": median(t), "step_s_min": min(t), "step_s_all": t,
                      "images_per_s": m.plan.batch / median(t), "vs_ls": ratio(median(t), median(m.times["ls"])),
                      "flops": flops, "achieved_flop_per_s": flops / median(t), "peak_share": flops / median(t) / peak,
@@ -91,7 +90,7 @@ def _rows(m: Measured, comp: dict[str, float]) -> list[dict]:
                      "static_bytes": memo["static_bytes"], "memory_method": memo["method"],
                      "loss": loss, "loss_finite": bool(math.isfinite(loss))})
         if v.row["objective"] == "cimle":
-            model = comp["E_fb"] + comp[f"D_fb@{b}"] + v.row["k"] * comp[f"D_f@{b}"]
+            model = comp["E_fb"] + comp["D_fb"] + v.row["k"] * comp["D_f"]
             rows[-1] |= {"cost_model_s": model, "vs_cost_model": ratio(median(t), model)}
     return rows
 
@@ -109,8 +108,8 @@ def _count(model: torch.nn.Module) -> dict:
 def _environment(m: Measured) -> dict:
     device = m.plan.device
     return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(), "cpu": host_cpu(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "threads": torch.get_num_threads(),
+            else platform.processor() or platform.machine(), "cpu": host_cpu(), **provenance(),
+            "platform": platform.platform(), "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "cpu_count": os.cpu_count(), "load_average_before_timing": m.load_before,
             "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
@@ -120,26 +119,25 @@ def build_report(m: Measured, wall_seconds: float) -> dict:
     plan, block, kmax, ks = m.plan, m.plan.cfg.noise.block, m.plan.args.k[-1], m.plan.args.k
     comp = {n: median(m.times[f"[{n}]"]) for n in m.tasks}
     rows = _rows(m, comp)
-    by_name, hf, blocks = {r["name"]: r for r in rows}, m.variants.get(HF_VARIANT), sorted(m.cimles, key=block_order)
-    sel, sel_model = f"selection k={kmax}@{block}", (kmax + 1) * comp[f"D_f@{block}"]
-    params = {"ours_ls": _count(m.variants["ls"].trainer.model), "ours_cimle": _count(m.cimles[block].model),
+    by_name, hf = {r["name"]: r for r in rows}, m.variants.get(HF_VARIANT)
+    sel, sel_model = f"selection k={kmax}", (kmax + 1) * comp["D_f"]
+    params = {"ours_ls": _count(m.variants["ls"].trainer.model), "ours_cimle": _count(m.cimle.model),
               "ours_mvae": _count(m.variants["mvae"].trainer.model)}
     return {
         "schema": 1, "config_path": plan.args.config, "config": config_to_dict(plan.cfg),
         "settings": {"batch": plan.batch, "steps": plan.args.steps, "warmup": plan.args.warmup, "ks": ks,
-                     "precision": plan.cfg.precision, "transformers": hf is not None, "late_k": kmax,
-                     "late_blocks": plan.late, "selection_ks": plan.args.selection_k,
-                     "selection_chunks": plan.args.selection_chunk, "selection_block": block,
+                     "precision": plan.cfg.precision, "transformers": hf is not None, "noise_block": block,
+                     "selection_ks": plan.args.selection_k, "selection_chunks": plan.args.selection_chunk,
                      "selection_timing": sel in comp, "timing": "round-robin over variants; median of warm rounds",
                      "images": "synthetic N(0, 1), fixed batch", "wall_seconds": wall_seconds},
         "environment": _environment(m), "rows": rows,
-        "components": {"E_fb_s": comp["E_fb"], "D_fb_s": {str(b): comp[f"D_fb@{b}"] for b in blocks},
-                       "D_f_s": {str(b): comp[f"D_f@{b}"] for b in blocks}, "selection": None if sel not in comp else {
+        "components": {"E_fb_s": comp["E_fb"], "D_fb_s": comp["D_fb"], "D_f_s": comp["D_f"],
+                       "selection": None if sel not in comp else {
                            "k": kmax, "noise_block": block, "chunk": plan.cfg.cimle.chunk, "seconds": comp[sel],
                            "model_s": sel_model, "vs_model": ratio(comp[sel], sel_model)},
                        "all_s": {n: m.times[f"[{n}]"] for n in m.tasks}},
         "cost_model": "E_fb + D_fb + k * D_f (no optimizer step, mask or target)",
-        "ls_vs_cost_model": ratio(by_name["ls"]["step_s"], comp["E_fb"] + comp[f"D_fb@{block}"]),
+        "ls_vs_cost_model": ratio(by_name["ls"]["step_s"], comp["E_fb"] + comp["D_fb"]),
         "ours_vs_transformers": ratio(by_name["ls"]["step_s"], hf and by_name[HF_VARIANT]["step_s"]),
         "robust_ratios": {"paired_wall": _paired_ratios(m), "note": PAIRED_NOTE},
         "selection_memory": {"noise_block": block, "batch": plan.batch, "rows": m.selection_rows, "method": "peak "
@@ -184,8 +182,7 @@ def _precision_lines(p: str, rep: dict) -> list[str]:
               f"{_num(r['peak_bytes'], '.1f', 2**-20):>9} {r['vs_ls']:6.2f} {_num(r.get('vs_cost_model'), '.2f'):>8} "
               f"{r['flops'] / 1e9:8.2f} {100 * r['peak_share']:6.1f}%" for r in rep["rows"]]
     rr = rep["robust_ratios"]["paired_wall"]
-    vs_ls = {**{f"cimle k={k}": v for k, v in rr["cimle_vs_ls"].items()}, "mvae": rr["mvae_vs_ls"],
-             **{f"late noise at {b}": v for b, v in rr["late_noise_vs_ls"].items()}}
+    vs_ls = {**{f"cimle k={k}": v for k, v in rr["cimle_vs_ls"].items()}, "mvae": rr["mvae_vs_ls"]}
     lines.append("paired per round: / LS " + ", ".join(f"{n} {_num(v)}" for n, v in vs_ls.items()) + "; cimle / cost "
                  "model " + ", ".join(f"k={k} {_num(v)}" for k, v in rr["cimle_vs_cost_model"].items())
                  + f"; ours / transformers {_num(rr.get('ours_vs_transformers'))}")

@@ -83,14 +83,14 @@ def _prepare(plan: Plan) -> Measured:
     m = plan.cfg.model
     imgs = torch.randn(plan.batch, m.in_chans, m.img_size, m.img_size,  # [B, C, H, W]
                        generator=torch.Generator().manual_seed(plan.cfg.seed)).to(plan.device)
-    variants, cimles, late_spec = define_variants(plan, imgs)
-    tasks, main = cost_components(plan, cimles)
+    variants, cimle_trainer = define_variants(plan, imgs)
+    tasks, comps = cost_components(plan, cimle_trainer)
     log("bench: memory, one step per variant")
     memos = {}
     for name, v in variants.items():
         memo, loss = measure_memory(v.step, plan.device, v.trainer.model, v.trainer.optimizer, imgs)
         memos[name] = (memo, float(loss))
-    return Measured(plan, variants, cimles, late_spec, tasks, main.selection, memos)
+    return Measured(plan, variants, cimle_trainer, tasks, comps.selection, memos)
 
 
 def run_bench(plans: list[Plan]) -> dict:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from study.config import Config
+from study.config import Config, with_overrides
 from study.utils.args import OneLineParser, nonnegative_int, positive_int
 from study.utils.device import resolve_device
 from study.utils.errors import UserError
-
-Block = int | str  # a decoder block index, or "head": the token-wise head after the last attention
-
 
 def int_list(text: str) -> list[int]:
     try:
@@ -35,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                       description="time training steps: LS, cIMLE at each k, the Masked VAE, transformers' ViTMAE")
     p.add_argument("--config", default=None, help="YAML file, e.g. experiments/configs/cpu-small.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set noise.block=head (repeatable)")
+                   help="override a config value, e.g. --set noise.block=head: the cIMLE rows' noise placement, "
+                   "LS fed the same module at z = 0 (repeatable)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--precision", type=_names, help="precisions timed in the same rounds (default: the config's)")
     p.add_argument("--k", type=int_list, default=[1, 2, 4, 8, 16], help="cIMLE k values (default 1,2,4,8,16)")
@@ -44,9 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed rounds first")
     p.add_argument("--out", help="JSON file to write (atomically)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' ViTMAEForPreTraining")
-    p.add_argument("--late-blocks", type=_names, help="noise blocks of the late-noise rows (cIMLE at the largest k): "
-                   "indices or 'head' (default: 0, decoder_depth - 1 and head)")
-    p.add_argument("--no-late-noise", action="store_true", help="skip the late-noise rows")
     p.add_argument("--selection-k", type=int_list, default=[4, 8, 16], help="k of the selection-memory grid")
     p.add_argument("--selection-chunk", type=int_list, default=[1, 2, 4, 8], help="chunks of that grid")
     p.add_argument("--no-selection-timing", action="store_true", help="do not time the selection alone")
@@ -55,27 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class Plan:
-    """A run at one precision; ``args.k`` is sorted, its largest the k of the late-noise rows."""
+    """A run at one precision; ``args.k`` is sorted."""
 
     cfg: Config
     device: torch.device
-    late: list[Block]
     args: argparse.Namespace
 
     @property
     def batch(self) -> int:
         return self.cfg.optim.batch_size
-
-
-def with_changes(cfg: Config, **sections) -> Config:
-    """``with_changes(cfg, objective="ls", noise={"block": 3})``: a copy with those fields replaced."""
-    top = {k: v for k, v in sections.items() if not isinstance(v, dict)}
-    nested = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items() if isinstance(v, dict)}
-    return dataclasses.replace(cfg, **top, **nested)
-
-
-def block_order(block: Block) -> tuple[int, int]:
-    return (1, 0) if block == "head" else (0, int(block))
 
 
 def make_plans(cfg: Config, args: argparse.Namespace) -> list[Plan]:
@@ -86,13 +68,6 @@ def make_plans(cfg: Config, args: argparse.Namespace) -> list[Plan]:
     if "fp16" in precisions and device.type != "cuda":
         raise UserError("--precision fp16 needs CUDA; use fp32 and/or bf16 on CPU")
     # every step is a whole optimizer step at the bench's batch, whatever accumulation the config asks for
-    cfg = with_changes(cfg, compile=False, optim={"batch_size": args.batch or cfg.optim.batch_size,
-                                                  "accum_steps": 1, "effective_batch": None})
-    depth, late = cfg.model.decoder_depth, []
-    for text in [] if args.no_late_noise else args.late_blocks or ["0", str(depth - 1), "head"]:
-        block = text if text == "head" else int(text) if text.isdigit() else -1
-        if block != "head" and not 0 <= block <= depth:
-            raise UserError(f"late noise blocks must be 'head' or in [0, decoder_depth={depth}], got {text}")
-        if block not in late:
-            late.append(block)
-    return [Plan(with_changes(cfg, precision=p), device, sorted(late, key=block_order), args) for p in precisions]
+    cfg = with_overrides(cfg, "compile=false", f"optim.batch_size={args.batch or cfg.optim.batch_size}",
+                         "optim.accum_steps=1", "optim.effective_batch=null")
+    return [Plan(with_overrides(cfg, f"precision={p}"), device, args) for p in precisions]

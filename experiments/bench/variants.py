@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from experiments.bench.settings import Block, Plan, block_order, with_changes
-from study.config import Config
+from experiments.bench.settings import Plan
+from study.config import Config, with_overrides
 from study.data.masking import mask_indices
 from study.losses import cimle, least_squares, per_example_squared_error
 from study.methods.model import build_model
@@ -93,27 +93,23 @@ class Variant:
     trainer: Trainer
 
 
-def define_variants(plan: Plan, imgs: Tensor) -> tuple[dict[str, Variant], dict[Block, Trainer], list]:
-    """The timed rows by name, our cIMLE trainer per noise block, and (noise block, row name) of the late-noise rows
-    (cIMLE at the largest k; the row at the config's block is the cIMLE row at that k)."""
-    cfg, block, kmax = plan.cfg, plan.cfg.noise.block, plan.args.k[-1]
+def define_variants(plan: Plan, imgs: Tensor) -> tuple[dict[str, Variant], Trainer]:
+    """The timed rows by name, and the cIMLE trainer (the cost model's parts run on it)."""
+    cfg, block = plan.cfg, plan.cfg.noise.block
 
-    def ours(objective: str, **changes) -> Trainer:
-        return Trainer(with_changes(cfg, objective=objective, **changes), plan.device, imgs)
+    def ours(objective: str) -> Trainer:
+        return Trainer(with_overrides(cfg, f"objective={objective}"), plan.device, imgs)
 
-    def row(tr: Trainer, objective: str, k: int | None = None, b: Block | None = None) -> Variant:
+    def row(tr: Trainer, objective: str, k: int | None = None, b: int | str | None = block) -> Variant:
         extra = {"chunk": cfg.cimle.chunk} if objective == "cimle" else {}
         return Variant(tr.step_fn(k), {"objective": objective, "k": k, "noise_block": b, **extra}, tr)
 
-    ls, cimles, mvae = ours("ls"), {block: ours("cimle")}, ours("mvae")
-    cimles |= {b: ours("cimle", noise={"block": b}) for b in plan.late if b not in cimles}
-    variants = {"ls": row(ls, "ls")} | {f"cimle k={k}": row(cimles[block], "cimle", k, block) for k in plan.args.k}
-    variants["mvae"] = row(mvae, "mvae", b=block)
-    late_spec = [(b, f"cimle k={kmax}" if b == block else f"cimle k={kmax} block={b}") for b in plan.late]
-    variants |= {name: row(cimles[b], "cimle", kmax, b) for b, name in late_spec if name not in variants}
+    ls, cimle_trainer, mvae = ours("ls"), ours("cimle"), ours("mvae")
+    variants = {"ls": row(ls, "ls")} | {f"cimle k={k}": row(cimle_trainer, "cimle", k) for k in plan.args.k}
+    variants["mvae"] = row(mvae, "mvae")
     if not plan.args.no_transformers:
-        variants[HF_VARIANT] = row(Trainer(cfg, plan.device, imgs, build=transformers_mae), "ls (transformers)")
-    return variants, cimles, late_spec
+        variants[HF_VARIANT] = row(Trainer(cfg, plan.device, imgs, build=transformers_mae), "ls (transformers)", b=None)
+    return variants, cimle_trainer
 
 
 class Components:
@@ -167,13 +163,10 @@ class Components:
         return run
 
 
-def cost_components(plan: Plan, cimles: dict[Block, Trainer]) -> tuple[dict[str, Callable[[], Any]], Components]:
-    """The cost-model tasks by name, and the components at the config's block (for the selection-memory grid)."""
-    block, kmax = plan.cfg.noise.block, plan.args.k[-1]
-    comps = {b: Components(cimles[b]) for b in sorted(cimles, key=block_order)}
-    tasks: dict[str, Callable[[], Any]] = {"E_fb": comps[block].encoder_fb}
-    for b, c in comps.items():
-        tasks[f"D_fb@{b}"], tasks[f"D_f@{b}"] = c.decoder_fb, c.decoder_f
+def cost_components(plan: Plan, trainer: Trainer) -> tuple[dict[str, Callable[[], Any]], Components]:
+    """The cost-model tasks by name, and their components (for the selection-memory grid)."""
+    comps = Components(trainer)
+    tasks: dict[str, Callable[[], Any]] = {"E_fb": comps.encoder_fb, "D_fb": comps.decoder_fb, "D_f": comps.decoder_f}
     if not plan.args.no_selection_timing:
-        tasks[f"selection k={kmax}@{block}"] = comps[block].selection(kmax, plan.cfg.cimle.chunk)
-    return tasks, comps[block]
+        tasks[f"selection k={plan.args.k[-1]}"] = comps.selection(plan.args.k[-1], plan.cfg.cimle.chunk)
+    return tasks, comps
