@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 def tiny_overrides(*extra: str, size: int = 8, width: int = 8, decoder_width: int | None = None,
                    per_class: int = 20, k: int = 2) -> list[str]:
@@ -85,3 +87,10 @@ sweep = ""
 point = ""
 
 """
+
+
+def sigint_as_ctrl_c() -> None:
+    """A ``preexec_fn``: SIGINT back to its default in a child that a test interrupts. A suite started in the
+    background by a non-interactive shell (``make test &``) hands its children SIGINT ignored, and Python then
+    keeps it ignored, as ``nohup`` asks, so Ctrl-C would never reach the command under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
