@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import signal
 
+# A suite started in the background by a non-interactive shell (`make test &`) inherits SIGINT ignored, and every
+# command it starts would keep it ignored (Python leaves an inherited SIG_IGN alone, as nohup asks), so the tests
+# that press Ctrl-C on a command would wait for nothing. Ctrl-C as in a terminal, for this process and, through
+# exec's reset to the default, for every process it starts.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def tiny_overrides(*extra: str, size: int = 8, width: int = 8, decoder_width: int | None = None,
                    per_class: int = 20, k: int = 2) -> list[str]:
@@ -87,10 +94,3 @@ sweep = ""
 point = ""
 
 """
-
-
-def sigint_as_ctrl_c() -> None:
-    """A ``preexec_fn``: SIGINT back to its default in a child that a test interrupts. A suite started in the
-    background by a non-interactive shell (``make test &``) hands its children SIGINT ignored, and Python then
-    keeps it ignored, as ``nohup`` asks, so Ctrl-C would never reach the command under test."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_sets, one_error_line, sigint_as_ctrl_c, tiny_overrides
+from conftest import as_sets, one_error_line, tiny_overrides
 from study.cli import main as cli_main
 from study.train.run_lock import LOCK_NAME, RunLock, RunLocked
 
@@ -25,7 +25,7 @@ def _start_long_run(out: Path) -> subprocess.Popen:
            *as_sets(tiny_overrides("epochs=1000000", "checkpoint_every=1000000"))]
     # niced: its training loop would otherwise slow the start of the processes that compete for its folder
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: (os.nice(19), sigint_as_ctrl_c()))
+                            preexec_fn=lambda: os.nice(19))
     deadline = time.time() + 120
     while not (out / LOCK_NAME).is_file() or not (out / LOCK_NAME).read_text().startswith(f"{proc.pid} "):
         assert proc.poll() is None, proc.stderr.read()

@@ -14,7 +14,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from conftest import SWEEP_PARAMETERS, sigint_as_ctrl_c
+from conftest import SWEEP_PARAMETERS
 from study.config import ConfigError
 from study.studies.sweep import expand, load_sweep, run_sweep
 
@@ -74,8 +74,7 @@ def _start(tmp_path: Path, *args: str, hold: bool) -> subprocess.Popen:
     if hold:
         env["HOLD_POINTS"] = "1"
     return subprocess.Popen([sys.executable, "-m", "study", "sweep", str(tmp_path / "sweep.yaml"), *args],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_as_ctrl_c)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_kernels(tmp_path: Path, count: int, proc: subprocess.Popen) -> None:

@@ -6,6 +6,8 @@ import re
 import pandas as pd
 import submitit
 
+import study.cli.submit as submit
+from conftest import one_error_line
 from test_submit import _wait_until, slurm  # noqa: F401 - slurm is the fixture
 from test_sweep import _write_sweep
 from study.cli import main as cli_main
@@ -38,9 +40,6 @@ def test_pending_points_run_as_an_array_and_the_next_run_merges_them(slurm, tmp_
 
 
 def test_without_slurm_the_sweep_says_to_run_here(tmp_path, capsys, monkeypatch):
-    from conftest import one_error_line
-    import study.cli.submit as submit
-
     monkeypatch.setattr(submit, "slurm_available", lambda: False)
     code = cli_main(["sweep", str(_write_sweep(tmp_path)), "--submit", "--seeds", "0"])
     one_error_line(capsys, code, "needs SLURM", "without --submit")
