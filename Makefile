@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -m pip install $(PIP_QUIET) -c $(CONSTRAINTS) -e '.[dev,bench,tensorboard]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/python -m pip install $(PIP_QUIET) -c $(CONSTRAINTS) -e '.[dev,export,tensorboard]' 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
 	$(BIN)/python -c "import study, toy, torch, torchvision, timm"
 	touch $(STAMP)
 
@@ -98,8 +98,8 @@ reports: $(STAMP)
 	$(BIN)/python -m study sweep experiments/sweeps/noise_block_cpu.yaml --report-only
 	$(BIN)/python -m study sweep experiments/sweeps/synthetic_cpu.yaml --report-only
 
-# Training-step benchmarks (needs the bench extra: transformers): every committed results/bench file
-# (each file's cIMLE rows against LS on the same model, LS fed the noise module at z = 0: in100-vit-t-head-cpu
+# Training-step benchmarks: every committed results/bench file
+# (each file's cIMLE rows against LS on the same model, tests/test_matched_models.py's twins: in100-vit-t-head-cpu
 # with the noise in the head; cpu-small at ratio 0.9 with the noise at the decoder input, cpu-small-head in
 # the head, cpu-small-token per token in the head). About 35 minutes on 2 cores; run it on an otherwise idle machine (other jobs distort every
 # timing). A CPU without bf16 units (AVX2 only: a bf16 matmul there runs at about 1 GFLOP/s) takes
@@ -110,15 +110,15 @@ bench: $(STAMP)
 	$(BENCH) --config experiments/configs/cpu-small.yaml --set mask.ratio=0.9 --precision $(BENCH_PRECISIONS) --k 1,8 \
 	    --selection-k 8 --selection-chunk 1,8 --out results/bench/cpu-small.json
 	$(BENCH) --config experiments/configs/cpu-small.yaml --set mask.ratio=0.9 --set noise.block=head \
-	    --precision $(BENCH_PRECISIONS) --k 1,8 --no-transformers --selection-k 8 --selection-chunk 1,8 \
+	    --precision $(BENCH_PRECISIONS) --k 1,8 --selection-k 8 --selection-chunk 1,8 \
 	    --out results/bench/cpu-small-head.json
 	$(BENCH) --config experiments/configs/cpu-small.yaml --set mask.ratio=0.9 --set noise.block=head --set noise.scope=token \
-	    --set cimle.select=token --precision $(BENCH_PRECISIONS) --k 1,8 --no-transformers --selection-k 8 \
+	    --set cimle.select=token --precision $(BENCH_PRECISIONS) --k 1,8 --selection-k 8 \
 	    --selection-chunk 1,8 --out results/bench/cpu-small-token.json
 	$(BENCH) --config experiments/configs/in100-vit-t.yaml --set device=cpu --precision $(BENCH_PRECISIONS) --batch 32 \
 	    --k 1,8 --steps 5 --warmup 1 --selection-k 8 --selection-chunk 1,8 --out results/bench/in100-vit-t-cpu.json
 	$(BENCH) --config experiments/configs/in100-vit-t.yaml --set device=cpu --set noise.block=head --precision $(BENCH_PRECISIONS) \
-	    --batch 32 --k 8 --steps 5 --warmup 1 --no-transformers --selection-k 8 --selection-chunk 1 \
+	    --batch 32 --k 8 --steps 5 --warmup 1 --selection-k 8 --selection-chunk 1 \
 	    --out results/bench/in100-vit-t-head-cpu.json
 	OMP_NUM_THREADS=2 $(BIN)/python experiments/profile_step.py --config experiments/configs/in100-vit-t.yaml \
 	    --set device=cpu --batch 32 --precision $(BENCH_PRECISIONS) --out results/bench/in100-vit-t-cpu-profile.txt

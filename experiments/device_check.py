@@ -62,7 +62,7 @@ def _run(args: list[str], log: Path, timeout: float) -> float:
 
 
 def _bench(tiny: bool, work: Path, log: Path, device: str) -> dict:
-    common = ["-m", "experiments.bench", "--config", IN100, "--no-transformers", "--no-selection-timing",
+    common = ["-m", "experiments.bench", "--config", IN100, "--no-selection-timing",
               "--k", "8" if not tiny else "2"]
     if tiny:
         common += _sets(TINY_MODEL) + ["--precision", "fp32", "--batch", "8", "--steps", "1", "--warmup", "0"]

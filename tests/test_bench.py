@@ -15,7 +15,7 @@ from conftest import one_error_line
 from experiments.bench.run import main as bench_main
 from experiments.bench.run import matmul_peak, step_flops
 from experiments.bench.settings import int_list
-from experiments.bench.variants import Trainer, transformers_mae
+from experiments.bench.variants import Trainer
 from study.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +66,17 @@ def _check_common(res, ks):
     assert "cpu_time" not in res["robust_ratios"] and "cimle_vs_ls" not in res
     peak = res["efficiency"]["matmul_peak"]
     assert _is_pos(peak["flop_per_s"]) and peak["precision"] == res["settings"]["precision"]
+    # the same model: in the head LS feeds cIMLE's head z = 0; at a decoder block cIMLE adds only the bias-free
+    # noise projection, which adds exactly 0 at z = 0
+    params, cfg = res["parameters"], res["config"]
+    extra = 0 if res["settings"]["noise_block"] == "head" else cfg["noise"]["dim"] * cfg["model"]["decoder_dim"]
+    assert params["ours_cimle"]["total"] - params["ours_ls"]["total"] == extra and params["ours_ls"]["total"] > 0
 
 
-def test_bench_without_transformers(tmp_path, monkeypatch):
-    res = _run(tmp_path, monkeypatch, "--k", "1,2", "--selection-k", "2,4", "--selection-chunk", "1,2",
-               "--no-transformers")["precisions"]["fp32"]
+def test_bench_at_the_decoder_input(tmp_path, monkeypatch):
+    res = _run(tmp_path, monkeypatch, "--k", "1,2", "--selection-k", "2,4", "--selection-chunk", "1,2")
+    res = res["precisions"]["fp32"]
     _check_common(res, [1, 2])
-    assert res["ours_vs_transformers"] is None and "transformers" not in res["parameters"]
     assert {r["noise_block"] for r in res["rows"]} == {0} == {res["settings"]["noise_block"]}  # LS too, at z = 0
     sel = res["selection_memory"]
     assert {(r["k"], r["chunk"]) for r in sel["rows"]} == {(2, 1), (2, 2), (4, 1), (4, 2)}
@@ -93,11 +97,10 @@ def _keys(tree, path=""):
     return out
 
 
-def test_bench_with_transformers_writes_the_committed_format(tmp_path, monkeypatch):
-    """The options of the Makefile's cpu-small lines, at fp32 and bf16: every key of the output is one of the
-    committed results/bench files."""
-    pytest.importorskip("transformers")
-    full = _run(tmp_path, monkeypatch, "--k", "1,8", "--selection-k", "8",
+def test_bench_writes_the_committed_format(tmp_path, monkeypatch):
+    """The options of the Makefile's cpu-small lines, at fp32 and bf16, with the noise in the head: every key of
+    the output is one of the committed results/bench files."""
+    full = _run(tmp_path, monkeypatch, "--set", "noise.block=head", "--k", "1,8", "--selection-k", "8",
                 "--selection-chunk", "1,8", precision="fp32,bf16")
     committed = set().union(*(_keys(json.loads(f.read_text())) for f in (ROOT / "results" / "bench").glob("*.json")))
     assert _keys(full) - committed == set()
@@ -105,19 +108,14 @@ def test_bench_with_transformers_writes_the_committed_format(tmp_path, monkeypat
         _check_common(full["precisions"][precision], [1, 8])
     speedups = full["across_precisions"]["speedup"]["bf16"]
     assert full["across_precisions"]["reference"] == "fp32"
-    assert {"ls", "transformers ViTMAE"} <= set(speedups) and all(
+    assert {"ls", "mvae", "cimle k=8"} <= set(speedups) and all(
         _is_pos(v["speedup"]) and _is_pos(v["speedup_paired"]) for v in speedups.values())
     res = full["precisions"]["fp32"]
     # the config's k = 8 and chunk (all 8 at once) are in the grid: per image, times 512
     row = next(r for r in res["selection_memory"]["rows"] if r["chunk"] == 8)
     est = res["selection_memory"]["at_batch_512"]
     assert est["bytes"] == pytest.approx(row["peak_bytes"] / 4 * 512) and est["fits_80GB"] is True
-    assert _is_pos(res["ours_vs_transformers"])
-    assert _is_pos(res["robust_ratios"]["paired_wall"]["ours_vs_transformers"])
-    assert res["transformers"]["used"] and res["transformers"]["attn_implementation"] == "sdpa"
-    p = res["parameters"]
-    assert p["ours_ls"]["total"] == p["transformers"]["total"]  # same architecture, same tensors
-    assert p["ours_ls"]["groups"] == p["transformers"]["groups"]
+    assert {r["noise_block"] for r in res["rows"]} == {"head"}
 
 
 def test_int_list():
@@ -142,22 +140,6 @@ def test_cimle_step_passes_k_per_call():
     assert tr.cfg is cfg and tr.model.method.cfg.cimle.k == 3 and not hasattr(tr.model, "cfg")
 
 
-def test_transformers_model_steps_through_train_step_with_our_decay_rule():
-    """transformers' model is stepped by study.train.step.train_step too; no decay on biases, norms, tokens."""
-    pytest.importorskip("transformers")
-    cfg = load_config(None, TINY)
-    imgs = torch.randn(2, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
-    tr = Trainer(cfg, torch.device("cpu"), imgs, build=transformers_mae)
-    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    assert torch.isfinite(tr.step_fn()())
-    assert any(not torch.equal(before[n], p) for n, p in tr.model.named_parameters())
-    names = {id(p): n for n, p in tr.model.named_parameters()}
-    decayed = {names[id(p)] for g in tr.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    expected = {n for n, p in tr.model.named_parameters() if p.requires_grad and p.ndim > 1
-                and not n.endswith(("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed"))}
-    assert decayed == expected and not any(n.endswith(".bias") for n in decayed)
-
-
 def test_step_flops_counts_forward_and_backward_matmuls_and_cpu_attention():
     layer = torch.nn.Linear(8, 4, bias=False)
     x = torch.randn(16, 8, requires_grad=True)
@@ -175,7 +157,7 @@ def test_matmul_peak_is_measured_at_the_precision():
 
 
 def test_bench_refuses_fp16_on_cpu(capsys):
-    argv = [*[a for item in TINY for a in ("--set", item)], "--precision", "fp32,fp16", "--no-transformers"]
+    argv = [*[a for item in TINY for a in ("--set", item)], "--precision", "fp32,fp16"]
     one_error_line(capsys, bench_main(argv), "fp16 needs CUDA")
 
 
@@ -184,7 +166,7 @@ def test_bench_refuses_fp16_on_cpu(capsys):
                                         (["--set", "noise.block=9"], "noise.block"),
                                         (["--precision", "fp8"], "--precision")])
 def test_a_bench_mistake_is_one_error_line(capsys, argv, word):
-    one_error_line(capsys, bench_main([*[a for item in TINY for a in ("--set", item)], "--no-transformers", *argv]),
+    one_error_line(capsys, bench_main([*[a for item in TINY for a in ("--set", item)], *argv]),
                    word)
 
 

@@ -57,7 +57,7 @@ def test_constraints_pin_every_dependency_inside_pyproject_ranges():
 
 def test_makefile_installs_from_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
-    assert "-c $(CONSTRAINTS) -e '.[dev,bench,tensorboard]'" in makefile and "CONSTRAINTS := constraints.txt" in makefile
+    assert "-c $(CONSTRAINTS) -e '.[dev,export,tensorboard]'" in makefile and "CONSTRAINTS := constraints.txt" in makefile
 
 
 def test_timm_is_pinned_to_the_tested_range():

@@ -1,4 +1,4 @@
-"""Training-step benchmark: LS, cIMLE at several k and the Masked VAE, against transformers' ViTMAE.
+"""Training-step benchmark: LS, cIMLE at several k and the Masked VAE on the same model.
 
     python -m experiments.bench --config experiments/configs/cpu-small.yaml --k 1,8 --out /tmp/bench.json
 

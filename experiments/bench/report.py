@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from experiments.bench.settings import Plan
-from experiments.bench.variants import HF_VARIANT, Trainer, Variant, import_transformers
+from experiments.bench.variants import Trainer, Variant
 from study.config import config_to_dict
 from study.utils.device import host_cpu
 from study.utils.provenance import provenance
@@ -21,8 +21,6 @@ from study.utils.provenance import provenance
 PAIRED_NOTE = ("paired_wall: median over rounds of the ratio within each round (variants of a round run "
                "back to back, so slow load changes cancel)")
 GIB = 2**30
-_GROUPS = {"encoder.": "encoder", "decoder.decoder_noise": "noise input", "decoder.": "decoder",
-           "variational_encoder.": "variational encoder", "hf.vit.": "encoder", "hf.decoder.": "decoder"}
 
 
 @dataclass
@@ -58,10 +56,9 @@ def _paired(num: list[float], den: list[float]) -> float | None:
 def _paired_ratios(m: Measured) -> dict:
     r, ks = {name.strip("[]"): v for name, v in m.times.items()}, m.plan.args.k
     model = {k: [e + d + k * f for e, d, f in zip(r["E_fb"], r["D_fb"], r["D_f"])] for k in ks}
-    out = {"cimle_vs_cost_model": {str(k): _paired(r[f"cimle k={k}"], model[k]) for k in ks},
-           "cimle_vs_ls": {str(k): _paired(r[f"cimle k={k}"], r["ls"]) for k in ks},
-           "mvae_vs_ls": _paired(r["mvae"], r["ls"])}
-    return out | ({"ours_vs_transformers": _paired(r["ls"], r[HF_VARIANT])} if HF_VARIANT in r else {})
+    return {"cimle_vs_cost_model": {str(k): _paired(r[f"cimle k={k}"], model[k]) for k in ks},
+            "cimle_vs_ls": {str(k): _paired(r[f"cimle k={k}"], r["ls"]) for k in ks},
+            "mvae_vs_ls": _paired(r["mvae"], r["ls"])}
 
 
 def _at_batch_512(m: Measured) -> dict:
@@ -96,13 +93,10 @@ def _rows(m: Measured, comp: dict[str, float]) -> list[dict]:
 
 
 def _count(model: torch.nn.Module) -> dict:
-    out: dict = {"total": 0, "trainable": 0, "frozen": 0, "groups": {}}
-    for name, p in model.named_parameters():
-        label = next((lab for pre, lab in _GROUPS.items() if name.startswith(pre)), name.split(".")[0])
-        for key in ("total", "trainable" if p.requires_grad else "frozen"):
-            out[key] += p.numel()
-        out["groups"][label] = out["groups"].get(label, 0) + p.numel()
-    return out
+    """Parameters: LS and cIMLE on the same model (cIMLE's extra at a decoder block is the bias-free noise
+    projection, which adds exactly 0 at z = 0)."""
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
 def _environment(m: Measured) -> dict:
@@ -119,14 +113,14 @@ def build_report(m: Measured, wall_seconds: float) -> dict:
     plan, block, kmax, ks = m.plan, m.plan.cfg.noise.block, m.plan.args.k[-1], m.plan.args.k
     comp = {n: median(m.times[f"[{n}]"]) for n in m.tasks}
     rows = _rows(m, comp)
-    by_name, hf = {r["name"]: r for r in rows}, m.variants.get(HF_VARIANT)
+    by_name = {r["name"]: r for r in rows}
     sel, sel_model = f"selection k={kmax}", (kmax + 1) * comp["D_f"]
     params = {"ours_ls": _count(m.variants["ls"].trainer.model), "ours_cimle": _count(m.cimle.model),
               "ours_mvae": _count(m.variants["mvae"].trainer.model)}
     return {
         "schema": 1, "config_path": plan.args.config, "config": config_to_dict(plan.cfg),
         "settings": {"batch": plan.batch, "steps": plan.args.steps, "warmup": plan.args.warmup, "ks": ks,
-                     "precision": plan.cfg.precision, "transformers": hf is not None, "noise_block": block,
+                     "precision": plan.cfg.precision, "noise_block": block,
                      "selection_ks": plan.args.selection_k, "selection_chunks": plan.args.selection_chunk,
                      "selection_timing": sel in comp, "timing": "round-robin over variants; median of warm rounds",
                      "images": "synthetic N(0, 1), fixed batch", "wall_seconds": wall_seconds},
@@ -138,16 +132,12 @@ def build_report(m: Measured, wall_seconds: float) -> dict:
                        "all_s": {n: m.times[f"[{n}]"] for n in m.tasks}},
         "cost_model": "E_fb + D_fb + k * D_f (no optimizer step, mask or target)",
         "ls_vs_cost_model": ratio(by_name["ls"]["step_s"], comp["E_fb"] + comp["D_fb"]),
-        "ours_vs_transformers": ratio(by_name["ls"]["step_s"], hf and by_name[HF_VARIANT]["step_s"]),
         "robust_ratios": {"paired_wall": _paired_ratios(m), "note": PAIRED_NOTE},
         "selection_memory": {"noise_block": block, "batch": plan.batch, "rows": m.selection_rows, "method": "peak "
                              "bytes during the call above the level at its start (CUDA allocator; CPU: torch.profiler)",
                              "what": "one study.losses.cimle call under torch.no_grad on a fixed decoder prefix",
                              "at_batch_512": _at_batch_512(m)},
-        "parameters": params | ({} if hf is None else {"transformers": _count(hf.trainer.model)}),
-        "transformers": {"used": False} if hf is None else {
-            "used": True, "version": import_transformers().__version__, "step_s": by_name[HF_VARIANT]["step_s"],
-            "attn_implementation": hf.trainer.model.hf.config._attn_implementation},
+        "parameters": params,
         "efficiency": {"matmul_peak": m.matmul_peak, "note": "FLOPs counted by torch.utils.flop_counter over one "
                        "step (forward + backward; matmuls, convolutions, attention; 2 per multiply-add); peak = best "
                        "large matmul at this precision, measured in the same run (experiments.bench.run)"},
@@ -174,8 +164,7 @@ def _precision_lines(p: str, rep: dict) -> list[str]:
     where = env["device_name"] if env["device"] != "cpu" else (
         f"{cpu['model_name']}, {'+'.join(cpu['features']) or 'no AVX2'}, torch ISA {cpu['torch_cpu_capability']}")
     lines = [f"=== {p} on {env['device']} ({where}), {env['threads']} threads, batch {rep['settings']['batch']}; "
-             f"matmul peak {peak['flop_per_s'] / 1e12:.3f} TFLOP/s; "
-             f"ours / transformers {_num(rep['ours_vs_transformers'])}",
+             f"matmul peak {peak['flop_per_s'] / 1e12:.3f} TFLOP/s",
              f"{'variant':<28} {'step ms':>9} {'img/s':>8} {'peak MiB':>9} {'vs LS':>6} {'vs model':>8} "
              f"{'GFLOP':>8} {'of peak':>7}"]
     lines += [f"{r['name']:<28} {1e3 * r['step_s']:9.2f} {r['images_per_s']:8.1f} "
@@ -184,8 +173,7 @@ def _precision_lines(p: str, rep: dict) -> list[str]:
     rr = rep["robust_ratios"]["paired_wall"]
     vs_ls = {**{f"cimle k={k}": v for k, v in rr["cimle_vs_ls"].items()}, "mvae": rr["mvae_vs_ls"]}
     lines.append("paired per round: / LS " + ", ".join(f"{n} {_num(v)}" for n, v in vs_ls.items()) + "; cimle / cost "
-                 "model " + ", ".join(f"k={k} {_num(v)}" for k, v in rr["cimle_vs_cost_model"].items())
-                 + f"; ours / transformers {_num(rr.get('ours_vs_transformers'))}")
+                 "model " + ", ".join(f"k={k} {_num(v)}" for k, v in rr["cimle_vs_cost_model"].items()))
     if (s := rep["components"]["selection"]) is not None:
         lines.append(f"selection k={s['k']} alone: {1e3 * s['seconds']:.2f} ms = {_num(s['vs_model'])} x (k+1) D_f")
     lines += [f"selection k={r['k']} chunk={r['chunk']}: peak {_num(r['peak_bytes'], '.1f', 2**-20)} MiB"

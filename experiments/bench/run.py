@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from experiments.bench.memory import log, measure_memory, sync
 from experiments.bench.report import Measured, build_report, combine_precisions, format_table
 from experiments.bench.settings import Plan, build_parser, make_plans
-from experiments.bench.variants import cost_components, define_variants, import_transformers
+from experiments.bench.variants import cost_components, define_variants
 from study.config import load_config
 from study.utils.errors import run_parsed
 from study.utils.io import atomic_write_text
@@ -96,8 +96,6 @@ def _prepare(plan: Plan) -> Measured:
 def run_bench(plans: list[Plan]) -> dict:
     """The JSON-ready result of every plan's precision."""
     t_start, args, device = time.perf_counter(), plans[0].args, plans[0].device
-    if not args.no_transformers:
-        import_transformers()  # fail before any work when the bench extra is missing
     runs = [_prepare(plan) for plan in plans]
     log("bench: FLOPs, one step per variant")  # the same operations at every precision: counted once
     flops = {name: step_flops(v.step) for name, v in runs[0].variants.items()}

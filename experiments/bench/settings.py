@@ -28,11 +28,11 @@ def _names(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m experiments.bench",
-                      description="time training steps: LS, cIMLE at each k, the Masked VAE, transformers' ViTMAE")
+                      description="time training steps: LS, cIMLE at each k, the Masked VAE")
     p.add_argument("--config", default=None, help="YAML file, e.g. experiments/configs/cpu-small.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set noise.block=head: the cIMLE rows' noise placement, "
-                   "LS fed the same module at z = 0 (repeatable)")
+                   "LS on the same model (repeatable)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--precision", type=_names, help="precisions timed in the same rounds (default: the config's)")
     p.add_argument("--k", type=int_list, default=[1, 2, 4, 8, 16], help="cIMLE k values (default 1,2,4,8,16)")
@@ -40,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=20, help="timed rounds (one step of every variant each)")
     p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed rounds first")
     p.add_argument("--out", help="JSON file to write (atomically)")
-    p.add_argument("--no-transformers", action="store_true", help="skip transformers' ViTMAEForPreTraining")
     p.add_argument("--selection-k", type=int_list, default=[4, 8, 16], help="k of the selection-memory grid")
     p.add_argument("--selection-chunk", type=int_list, default=[1, 2, 4, 8], help="chunks of that grid")
     p.add_argument("--no-selection-timing", action="store_true", help="do not time the selection alone")

@@ -1,15 +1,14 @@
-"""What the benchmark times: the training loop's own step of each model (transformers' ViTMAE behind our model's
-call, so that the comparison runs the same step) and the parts of the cIMLE cost model ``E_fb + D_fb + k * D_f``."""
+"""What the benchmark times: the training loop's own step of each objective's model and the parts of the cIMLE
+cost model ``E_fb + D_fb + k * D_f``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from experiments.bench.settings import Plan
 from study.config import Config, with_overrides
@@ -18,19 +17,15 @@ from study.losses import cimle, least_squares, per_example_squared_error
 from study.methods.model import build_model
 from study.train.step import train_step, training_state
 from study.utils.device import autocast, samples_that_fit, seed_everything
-from study.utils.errors import UserError
-
-HF_VARIANT = "transformers ViTMAE"  # the row name of transformers' model
 
 
 class Trainer:
-    """A model with the training loop's state on a fixed batch; ``build``: ours or :func:`transformers_mae`."""
+    """A model with the training loop's state on a fixed batch."""
 
-    def __init__(self, cfg: Config, device: torch.device, imgs: Tensor, compile_model: bool = False,
-                 build: Callable[[Config], nn.Module] = build_model) -> None:
+    def __init__(self, cfg: Config, device: torch.device, imgs: Tensor, compile_model: bool = False) -> None:
         self.cfg, self.device, self.imgs = cfg, device, imgs
         seed_everything(cfg.seed)
-        self.state = training_state(cfg, build(cfg).to(device), device)
+        self.state = training_state(cfg, build_model(cfg).to(device), device)
         self.model, self.optimizer, self.make_mask = self.state.model, self.state.optimizer, self.state.make_mask
         self.model.train()
         if compile_model:
@@ -43,47 +38,6 @@ class Trainer:
 
     def step_fn(self, k: int | None = None) -> Callable[[], Tensor]:
         return lambda: train_step(self.state, self.imgs, k=k).loss.detach()
-
-
-def import_transformers():
-    try:  # here, not at the top: transformers is optional (the bench extra) and slow to import
-        import transformers
-    except ImportError as exc:
-        raise UserError("the comparison with Hugging Face needs transformers: pip install -e '.[bench]' "
-                                 f"(or pass --no-transformers) [{exc}]") from exc
-    return transformers
-
-
-class _HFModel(nn.Module):
-    """transformers' model behind our model's call (it masks with its own noise: the step's mask goes unused)."""
-
-    def __init__(self, hf: nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-
-    def no_weight_decay(self) -> set[str]:  # our decay rule: none on tokens and embeddings
-        skip = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed")
-        return {name for name, _ in self.named_parameters() if name.endswith(skip)}
-
-    def draw(self, *_, **__) -> dict:  # the training step's draws: transformers' model draws its own
-        return {}
-
-    def forward(self, imgs: Tensor, mask: Tensor, **_) -> SimpleNamespace:
-        return SimpleNamespace(loss=self.hf(pixel_values=imgs).loss)
-
-
-def transformers_mae(cfg: Config) -> nn.Module:
-    tf, m = import_transformers(), cfg.model
-    hf_cfg = tf.ViTMAEConfig(
-        hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
-        intermediate_size=int(m.embed_dim * m.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, image_size=m.img_size, patch_size=m.patch_size,
-        num_channels=m.in_chans, qkv_bias=True, decoder_num_attention_heads=m.decoder_heads,
-        decoder_hidden_size=m.decoder_dim, decoder_num_hidden_layers=m.decoder_depth,
-        decoder_intermediate_size=int(m.decoder_dim * m.mlp_ratio), mask_ratio=cfg.mask.ratio,
-        norm_pix_loss=m.norm_pix_loss)
-    hf_cfg._attn_implementation = "sdpa"
-    return _HFModel(tf.ViTMAEForPreTraining(hf_cfg))
 
 
 @dataclass
@@ -100,15 +54,13 @@ def define_variants(plan: Plan, imgs: Tensor) -> tuple[dict[str, Variant], Train
     def ours(objective: str) -> Trainer:
         return Trainer(with_overrides(cfg, f"objective={objective}"), plan.device, imgs)
 
-    def row(tr: Trainer, objective: str, k: int | None = None, b: int | str | None = block) -> Variant:
+    def row(tr: Trainer, objective: str, k: int | None = None) -> Variant:
         extra = {"chunk": cfg.cimle.chunk} if objective == "cimle" else {}
-        return Variant(tr.step_fn(k), {"objective": objective, "k": k, "noise_block": b, **extra}, tr)
+        return Variant(tr.step_fn(k), {"objective": objective, "k": k, "noise_block": block, **extra}, tr)
 
     ls, cimle_trainer, mvae = ours("ls"), ours("cimle"), ours("mvae")
     variants = {"ls": row(ls, "ls")} | {f"cimle k={k}": row(cimle_trainer, "cimle", k) for k in plan.args.k}
     variants["mvae"] = row(mvae, "mvae")
-    if not plan.args.no_transformers:
-        variants[HF_VARIANT] = row(Trainer(cfg, plan.device, imgs, build=transformers_mae), "ls (transformers)", b=None)
     return variants, cimle_trainer
 
 

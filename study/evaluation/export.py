@@ -266,7 +266,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, *, config: str | P
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise ExportError("checking a transformers export needs transformers: pip install -e '.[bench]' "
+            raise ExportError("checking a transformers export needs transformers: pip install -e '.[export]' "
                               "(or pass --no-verify)") from None
     encoder, cfg = load_encoder(checkpoint, config, overrides)
     pool = pool or default_pool(cfg.data.name)
